@@ -1,0 +1,10 @@
+"""Blob services. ``BUILTIN_TYPES`` is the only list of this kind's built-in type tags."""
+
+from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+
+__all__ = ["BlobService", "BlobReader", "BlobWriter", "ChunkMeta", "BUILTIN_TYPES"]
+
+BUILTIN_TYPES: dict[str, str] = {
+    "combined": "castore_di.blobservice.combined:CombinedBlobServiceConfig",
+    "memory": "castore_di.blobservice.memory:MemoryBlobServiceConfig",
+}

@@ -1,0 +1,346 @@
+"""The BlobService interface, its readers and writers.
+
+Contract every backend keeps:
+
+* Blobs are addressed by the BLAKE3 digest of their full contents. Chunking is a storage
+  and transport concern and never changes a digest.
+* ``has``/``open_read``/``chunks`` report absence as ``False``/``None``, never as an error.
+  They also work for the digests of chunks that ``chunks`` listed.
+* ``open_read`` returns a seekable reader. Bytes are verified against their digest (or
+  chunk digest) before they are returned; a mismatch raises
+  :class:`~castore_di.errors.IntegrityError`, never silently wrong data.
+* ``open_write`` does no I/O until data arrives. ``close()`` returns the digest; calling
+  it again returns the same digest; after a failed close, closing again raises the same
+  error. Nothing becomes visible under a digest before ``close()`` succeeded, and an
+  aborted or interrupted write leaves nothing behind under a digest.
+* Construction does no I/O; ``close()`` on the service releases what it opened and does
+  not close the services it was given.
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from types import TracebackType
+
+import attrs
+import blake3
+
+from castore_di.digests import B3Digest, blake3_digest
+from castore_di.errors import ClosedError, IntegrityError, StorageError
+
+__all__ = [
+    "BlobService",
+    "BlobReader",
+    "BlobWriter",
+    "BytesReader",
+    "ChunkedReader",
+    "ChunkMeta",
+    "HashingWriter",
+    "READ_BLOCK",
+]
+
+READ_BLOCK = 1 << 20  # default block size for streaming reads and copies
+
+
+@attrs.frozen(slots=True)
+class ChunkMeta:
+    """One chunk of a blob: its digest and length."""
+
+    digest: B3Digest = attrs.field(converter=B3Digest)
+    size: int
+
+
+class BlobReader(abc.ABC):
+    """An async, seekable reader of one blob. Use it as an async context manager."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """The blob's total length in bytes."""
+
+    @abc.abstractmethod
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all remaining with ``n < 0``); ``b""`` at the end."""
+
+    @abc.abstractmethod
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move to a position (``SEEK_SET``/``SEEK_CUR``/``SEEK_END``); beyond the end is an error."""
+
+    @abc.abstractmethod
+    def tell(self) -> int:
+        """The current position."""
+
+    async def close(self) -> None:
+        """Release resources; reading afterwards raises :class:`ClosedError`."""
+
+    async def readall(self) -> bytes:
+        return await self.read(-1)
+
+    async def iter_blocks(self, block_size: int = READ_BLOCK) -> AsyncIterator[bytes]:
+        """Yield the rest of the blob in blocks of at most ``block_size`` bytes."""
+        while True:
+            block = await self.read(block_size)
+            if not block:
+                return
+            yield block
+
+    async def __aenter__(self) -> "BlobReader":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _seek_target(self, offset: int, whence: int) -> int:
+        if whence == io.SEEK_SET:
+            target = offset
+        elif whence == io.SEEK_CUR:
+            target = self.tell() + offset
+        elif whence == io.SEEK_END:
+            target = self.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if target < 0:
+            raise ValueError(f"seek to negative position {target}")
+        if target > self.size:
+            raise ValueError(f"seek beyond end of blob ({target} > {self.size})")
+        return target
+
+
+class BytesReader(BlobReader):
+    """A reader over bytes already in memory (and already verified)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._closed:
+            raise ClosedError("reader is closed")
+        end = len(self._data) if n < 0 else min(len(self._data), self._pos + n)
+        out = bytes(self._data[self._pos : end])
+        self._pos = end
+        return out
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = self._seek_target(offset, whence)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    async def close(self) -> None:
+        self._closed = True
+
+
+class ChunkedReader(BlobReader):
+    """A reader over a list of chunks, fetched one at a time and each verified.
+
+    ``fetch(chunk_digest)`` returns the chunk's bytes or ``None``; bytes that do not hash to
+    the chunk digest raise :class:`IntegrityError` naming the blob and the chunk. Seeking
+    fetches only the chunk that holds the target position.
+    """
+
+    def __init__(
+        self,
+        blob: B3Digest,
+        chunks: Sequence[ChunkMeta],
+        fetch: Callable[[B3Digest], Awaitable[bytes | None]],
+    ) -> None:
+        if not chunks:
+            raise ValueError("ChunkedReader needs at least one chunk")
+        self._blob = blob
+        self._chunks = list(chunks)
+        self._fetch = fetch
+        self._offsets: list[int] = []
+        total = 0
+        for c in self._chunks:
+            self._offsets.append(total)
+            total += c.size
+        self._size = total
+        self._pos = 0
+        self._cur_index = -1
+        self._cur: bytes = b""
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def tell(self) -> int:
+        return self._pos
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = self._seek_target(offset, whence)
+        return self._pos
+
+    def _index_of(self, pos: int) -> int:
+        import bisect
+
+        return bisect.bisect_right(self._offsets, pos) - 1
+
+    async def _load(self, index: int) -> bytes:
+        if index != self._cur_index:
+            meta = self._chunks[index]
+            data = await self._fetch(meta.digest)
+            if data is None:
+                raise StorageError(f"blob {self._blob}: chunk #{index} {meta.digest} is missing")
+            if len(data) != meta.size or blake3_digest(data) != meta.digest:
+                raise IntegrityError(f"blob {self._blob}: chunk #{index} {meta.digest} is corrupted")
+            self._cur_index, self._cur = index, data
+        return self._cur
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._closed:
+            raise ClosedError("reader is closed")
+        want = self._size - self._pos if n < 0 else min(n, self._size - self._pos)
+        parts: list[bytes] = []
+        while want > 0:
+            index = self._index_of(self._pos)
+            data = await self._load(index)
+            start = self._pos - self._offsets[index]
+            piece = data[start : start + want]
+            parts.append(piece)
+            self._pos += len(piece)
+            want -= len(piece)
+        return b"".join(parts)
+
+    async def close(self) -> None:
+        self._closed = True
+        self._cur = b""
+
+
+class BlobWriter(abc.ABC):
+    """An async writer of one blob; ``close()`` returns its digest.
+
+    Used as an async context manager it closes on success and aborts on an exception.
+    Subclasses implement ``_write``, ``_finish`` and ``_abort``; this class keeps the state
+    machine (write after close, double close, close after a failed close).
+    """
+
+    def __init__(self) -> None:
+        self._digest: B3Digest | None = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    @property
+    def digest(self) -> B3Digest | None:
+        """The digest once ``close()`` succeeded."""
+        return self._digest
+
+    async def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._done:
+            raise ClosedError("writer is already closed")
+        if data:
+            await self._write(bytes(data) if not isinstance(data, bytes) else data)
+        return len(data)
+
+    async def close(self) -> B3Digest:
+        if self._digest is not None:
+            return self._digest
+        if self._error is not None:
+            raise self._error
+        if self._done:
+            raise ClosedError("writer was aborted")
+        self._done = True
+        try:
+            self._digest = await self._finish()
+        except BaseException as e:
+            self._error = e
+            try:
+                await self._abort()
+            finally:
+                raise
+        return self._digest
+
+    async def abort(self) -> None:
+        """Discard what was written; nothing becomes visible under a digest."""
+        if self._done:
+            return
+        self._done = True
+        await self._abort()
+
+    @abc.abstractmethod
+    async def _write(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def _finish(self) -> B3Digest: ...
+
+    async def _abort(self) -> None:
+        return None
+
+    async def __aenter__(self) -> "BlobWriter":
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            await self.abort()
+
+
+class HashingWriter(BlobWriter):
+    """Base for writers that hash as they go: ``self._hasher`` sees every byte written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hasher = blake3.blake3()
+        self._length = 0
+
+    def _hash(self, data: bytes) -> None:
+        self._hasher.update(data)
+        self._length += len(data)
+
+    def _hashed_digest(self) -> B3Digest:
+        return B3Digest(self._hasher.digest())
+
+
+class BlobService(abc.ABC):
+    """A content-addressed store of blobs (see the module docstring for the contract)."""
+
+    @abc.abstractmethod
+    async def has(self, digest: B3Digest) -> bool:
+        """Whether the blob (or a chunk listed by ``chunks``) is present."""
+
+    @abc.abstractmethod
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        """A seekable, verifying reader, or ``None`` when the blob is absent."""
+
+    @abc.abstractmethod
+    def open_write(self) -> BlobWriter:
+        """A writer for a new blob. No I/O happens before the first write."""
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        """The blob's chunk list; ``[]`` when present but not chunked; ``None`` when absent."""
+        return [] if await self.has(digest) else None
+
+    async def close(self) -> None:
+        """Release connections and files this service opened. Idempotent."""
+
+    # -- conveniences built on the primitives ------------------------------------------
+
+    async def put(self, data: bytes) -> B3Digest:
+        """Store ``data`` in one call and return its digest."""
+        writer = self.open_write()
+        try:
+            await writer.write(data)
+        except BaseException:
+            await writer.abort()
+            raise
+        return await writer.close()
+
+    async def read_bytes(self, digest: B3Digest) -> bytes | None:
+        """The whole blob in memory (verified), or ``None`` when absent."""
+        reader = await self.open_read(digest)
+        if reader is None:
+            return None
+        async with reader:
+            return await reader.read()

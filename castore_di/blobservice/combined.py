@@ -1,0 +1,70 @@
+"""A local store in front of a remote one (``type: combined``, fields ``local``, ``remote``).
+
+Reads try ``local`` first, then ``remote``. Unlike the reference, a blob read from
+``remote`` is copied into ``local`` (``populate_local``, on by default) and verified
+against its digest on the way, so the next read is local; set it to ``false`` for the
+reference's read-only behaviour. Writes go to ``local`` only; ``remote`` is never written.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+
+from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from castore_di.composition.config import BlobServiceConfig, reference
+from castore_di.digests import B3Digest
+from castore_di.errors import IntegrityError
+
+__all__ = ["CombinedBlobService", "CombinedBlobServiceConfig"]
+
+
+class CombinedBlobService(BlobService):
+    def __init__(self, local: BlobService, remote: BlobService, *, populate_local: bool = True) -> None:
+        self.local = local
+        self.remote = remote
+        self.populate_local = populate_local
+
+    async def has(self, digest: B3Digest) -> bool:
+        return await self.local.has(digest) or await self.remote.has(digest)
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        reader = await self.local.open_read(digest)
+        if reader is not None or not self.populate_local:
+            return reader if reader is not None else await self.remote.open_read(digest)
+        remote = await self.remote.open_read(digest)
+        if remote is None:
+            return None
+        writer = self.local.open_write()
+        try:
+            async with remote:
+                async for block in remote.iter_blocks():
+                    await writer.write(block)
+            got = await writer.close()
+        except BaseException:
+            await writer.abort()
+            raise
+        if got != digest:
+            raise IntegrityError(f"blob {digest}: remote returned bytes hashing to {got}")
+        return await self.local.open_read(digest)
+
+    def open_write(self) -> BlobWriter:
+        return self.local.open_write()
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        local = await self.local.chunks(digest)
+        return local if local is not None else await self.remote.chunks(digest)
+
+
+@attrs.frozen(kw_only=True)
+class CombinedBlobServiceConfig(BlobServiceConfig):
+    """``local`` (written and read first) in front of ``remote`` (read on a local miss)."""
+
+    type_tag: ClassVar[str] = "combined"
+    local: str = reference("blobservices", doc="read first; all writes go here")
+    remote: str = reference("blobservices", doc="read when local misses; never written")
+    populate_local: bool = True
+
+    def build(self, local: BlobService, remote: BlobService) -> CombinedBlobService:
+        return CombinedBlobService(local, remote, populate_local=self.populate_local)

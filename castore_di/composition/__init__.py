@@ -1,0 +1,77 @@
+"""Composition: registry, strict config structuring, graph validation, container building."""
+
+from __future__ import annotations
+
+from castore_di.composition.config import (
+    BlobServiceConfig,
+    DirectoryServiceConfig,
+    ServiceConfig,
+    reference,
+    reference_fields,
+)
+from castore_di.composition.container import CastoreContainer, build_container
+from castore_di.composition.graph import CompositionGraph, Instance, build_graph
+from castore_di.composition.loader import ConfigSource, read_config
+from castore_di.composition.registry import Registry, default_registry
+
+__all__ = [
+    "BlobServiceConfig",
+    "CastoreContainer",
+    "CompositionGraph",
+    "ConfigSource",
+    "DirectoryServiceConfig",
+    "Instance",
+    "Registry",
+    "ServiceConfig",
+    "build_container",
+    "build_graph",
+    "default_registry",
+    "load_container",
+    "load_graph",
+    "blob_service_from_addr",
+    "directory_service_from_addr",
+    "container_from_addrs",
+    "read_config",
+    "reference",
+    "reference_fields",
+]
+
+
+def load_graph(source: ConfigSource, registry: Registry | None = None) -> CompositionGraph:
+    """Read and validate a config; returns the instance graph without building anything."""
+    return build_graph(read_config(source), registry)
+
+
+def load_container(source: ConfigSource, registry: Registry | None = None) -> CastoreContainer:
+    """Read a config (a YAML/JSON/TOML path or a mapping) and return its container.
+
+    The whole config is validated first (types, fields, references, cycles); services are
+    created on first use of their providers.
+    """
+    return build_container(load_graph(source, registry))
+
+
+def container_from_addrs(
+    blob: str | None = None, directory: str | None = None, registry: Registry | None = None
+) -> CastoreContainer:
+    """A container whose ``default`` instances are built from URLs (``memory://`` …)."""
+    config: dict[str, dict[str, str]] = {}
+    if blob is not None:
+        config["blobservices"] = {"default": blob}
+    if directory is not None:
+        config["directoryservices"] = {"default": directory}
+    return build_container(build_graph(config, registry))
+
+
+def blob_service_from_addr(url: str, registry: Registry | None = None) -> "BlobService":
+    """One blob service from a URL, e.g. ``memory://`` or ``grpc+http://host:port``."""
+    return container_from_addrs(blob=url, registry=registry).blob_service()
+
+
+def directory_service_from_addr(url: str, registry: Registry | None = None) -> "DirectoryService":
+    """One directory service from a URL."""
+    return container_from_addrs(directory=url, registry=registry).directory_service()
+
+
+from castore_di.blobservice.base import BlobService  # noqa: E402
+from castore_di.directoryservice.base import DirectoryService  # noqa: E402

@@ -1,0 +1,104 @@
+"""The one strict cattrs converter that structures config classes.
+
+Unknown keys are rejected; scalars are not coerced (the string ``"false"`` is not a bool,
+``0.9`` is not an int); every problem is reported with its path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import pathlib
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from castore_di.errors import ConfigError, UnknownFieldError
+
+__all__ = ["converter", "structure_config", "suggest"]
+
+T = TypeVar("T")
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _strict(expected: type, *accepted: type) -> Any:
+    accepted = accepted or (expected,)
+
+    def hook(value: Any, _type: Any) -> Any:
+        if type(value) not in accepted:
+            raise ConfigError(f"expected {expected.__name__}, got {_describe(value)}")
+        return expected(value) if expected is not type(value) else value
+
+    return hook
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    conv.register_structure_hook(str, _strict(str))
+    conv.register_structure_hook(int, _strict(int))
+    conv.register_structure_hook(bool, _strict(bool))
+    conv.register_structure_hook(float, _strict(float, float, int))
+    conv.register_structure_hook(pathlib.Path, lambda v, _t: pathlib.Path(_strict(str)(v, str)))
+    return conv
+
+
+converter = _make_converter()
+
+
+def suggest(word: str, known: list[str] | tuple[str, ...] | set[str]) -> str:
+    """`` (known: a, b)`` or ``; did you mean 'x'?`` to end an error message."""
+    close = difflib.get_close_matches(word, list(known), n=1)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f" (known: {', '.join(sorted(known)) or 'none'})"
+
+
+def _flatten(exc: BaseException, path: str, cls: type | None, out: list[ConfigError]) -> None:
+    if isinstance(exc, ClassValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            _flatten(sub, f"{path}.{note.name}", None, out)
+        for sub in without:
+            _flatten(sub, path, getattr(exc, "cl", cls), out)
+    elif isinstance(exc, IterableValidationError):
+        with_notes_i, without_i = exc.group_exceptions()
+        for sub, note in with_notes_i:
+            _flatten(sub, f"{path}[{note.index!r}]", None, out)
+        for sub in without_i:
+            _flatten(sub, path, None, out)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        known = [f.name for f in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
+        for key in sorted(exc.extra_fields):
+            out.append(UnknownFieldError(f"unknown field {key!r}{suggest(key, known)}", path=path))
+    elif isinstance(exc, KeyError):
+        out.append(ConfigError(f"required field missing", path=path))
+    elif isinstance(exc, ConfigError):
+        out.append(ConfigError(exc.detail, path=f"{path}.{exc.path}" if exc.path else path))
+    else:
+        out.append(ConfigError(str(exc) or type(exc).__name__, path=path))
+
+
+def structure_config(data: Mapping[str, Any], cls: type[T], path: str) -> T:
+    """Structure ``data`` into ``cls``; raise one :class:`ConfigError` naming the path."""
+    try:
+        return converter.structure(dict(data), cls)
+    except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as e:
+        errors: list[ConfigError] = []
+        _flatten(e, path, cls, errors)
+        first = errors[0]
+        if len(errors) > 1:
+            rest = "; ".join(str(x) for x in errors[1:])
+            err = type(first)(f"{first.detail} (also: {rest})", path=first.path)
+        else:
+            err = first
+        err.errors = errors  # type: ignore[attr-defined]
+        raise err from e
+    except (ValueError, TypeError) as e:  # attrs validators run in __init__
+        if isinstance(e, ConfigError):
+            raise ConfigError(e.detail, path=f"{path}.{e.path}" if e.path else path) from e
+        raise ConfigError(str(e), path=path) from e

@@ -1,0 +1,129 @@
+"""The registry: per service kind, ``type`` tag -> config class, imported on first use.
+
+Built-in types are listed (as dotted paths) in ``castore_di.blobservice.BUILTIN_TYPES`` and
+``castore_di.directoryservice.BUILTIN_TYPES``; third-party types come from the entry-point
+group ``castore_di.services`` (name ``<kind>.<tag>``, value ``module:ConfigClass``) or from
+:meth:`Registry.register`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import threading
+from collections.abc import Mapping
+from typing import Union
+
+from castore_di.composition.config import KINDS, ServiceConfig, url_tag
+from castore_di.composition.converter import suggest
+from castore_di.errors import ConfigError, MissingDependencyError, UnknownTypeError
+
+__all__ = ["Registry", "default_registry", "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "castore_di.services"
+
+_Target = Union[str, type[ServiceConfig]]
+
+
+class Registry:
+    """Maps ``(kind, tag)`` to config classes; lookups import lazily and cache."""
+
+    def __init__(self) -> None:
+        self._targets: dict[str, dict[str, _Target]] = {k: {} for k in KINDS}
+        self._lock = threading.Lock()
+
+    def register(self, kind: str, tag: str, target: _Target, *, replace: bool = False) -> None:
+        """Register a config class (or its ``module:Class`` path) under ``kind``/``tag``."""
+        if kind not in self._targets:
+            raise ConfigError(f"unknown service kind {kind!r}{suggest(kind, KINDS)}")
+        if not tag or "+" in tag or ":" in tag:
+            raise ConfigError(f"invalid type tag {tag!r}")
+        with self._lock:
+            if tag in self._targets[kind] and not replace:
+                raise ConfigError(f"type {tag!r} is already registered for {kind}")
+            self._targets[kind][tag] = target
+
+    def register_many(self, kind: str, types: Mapping[str, _Target]) -> None:
+        for tag, target in types.items():
+            self.register(kind, tag, target)
+
+    def tags(self, kind: str) -> list[str]:
+        return sorted(self._targets[kind])
+
+    def resolve(self, kind: str, tag: object, path: str | None = None) -> type[ServiceConfig]:
+        """The config class for ``tag``; an unknown tag lists the known ones."""
+        known = self._targets[kind]
+        if not isinstance(tag, str) or tag not in known:
+            shown = tag if isinstance(tag, str) else repr(tag)
+            raise UnknownTypeError(f"unknown type {shown!r}{suggest(str(tag), list(known))}", path=path)
+        target = known[tag]
+        if isinstance(target, str):
+            cls = _import(target, path)
+            if not (isinstance(cls, type) and issubclass(cls, ServiceConfig)) or cls.kind != kind:
+                raise ConfigError(f"{target} is not a {kind} config class", path=path)
+            with self._lock:
+                self._targets[kind][tag] = cls
+            return cls
+        return target
+
+    def resolve_url(self, kind: str, url: str, path: str | None = None) -> ServiceConfig:
+        """A config from a URL: the scheme up to ``+`` picks the type."""
+        try:
+            tag = url_tag(url)
+        except ConfigError as e:
+            raise ConfigError(e.detail, path=path) from None
+        cls = self.resolve(kind, tag, path)
+        try:
+            return cls.from_url(url)
+        except ConfigError as e:
+            raise type(e)(e.detail, path=path) from e
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"invalid URL {url!r}: {e}", path=path) from e
+
+    def load_entry_points(self) -> None:
+        """Register third-party types from the ``castore_di.services`` entry-point group."""
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            kind, sep, tag = ep.name.partition(".")
+            if not sep or kind not in self._targets:
+                raise ConfigError(
+                    f"entry point {ep.name!r} in {ENTRY_POINT_GROUP}: name must be '<kind>.<tag>' "
+                    f"with kind one of {', '.join(KINDS)}"
+                )
+            self.register(kind, tag, ep.value, replace=True)
+
+    def copy(self) -> "Registry":
+        new = Registry()
+        for kind, types in self._targets.items():
+            new._targets[kind] = dict(types)
+        return new
+
+
+def _import(target: str, path: str | None) -> object:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise MissingDependencyError(f"cannot import {module_name}: {e}", path=path) from e
+    try:
+        return getattr(module, attr)
+    except AttributeError as e:
+        raise ConfigError(f"{module_name} has no attribute {attr!r}", path=path) from e
+
+
+_default: Registry | None = None
+_default_lock = threading.Lock()
+
+
+def default_registry() -> Registry:
+    """The process-wide registry: built-in types plus installed entry points."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            from castore_di import blobservice, directoryservice
+
+            reg = Registry()
+            reg.register_many("blobservices", blobservice.BUILTIN_TYPES)
+            reg.register_many("directoryservices", directoryservice.BUILTIN_TYPES)
+            reg.load_entry_points()
+            _default = reg
+        return _default

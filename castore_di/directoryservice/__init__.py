@@ -1,0 +1,10 @@
+"""Directory services. ``BUILTIN_TYPES`` is the only list of this kind's built-in type tags."""
+
+from castore_di.directoryservice.base import DirectoryPutter, DirectoryService
+
+__all__ = ["DirectoryService", "DirectoryPutter", "BUILTIN_TYPES"]
+
+BUILTIN_TYPES: dict[str, str] = {
+    "cache": "castore_di.directoryservice.cache:CacheDirectoryServiceConfig",
+    "memory": "castore_di.directoryservice.memory:MemoryDirectoryServiceConfig",
+}

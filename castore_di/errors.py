@@ -1,0 +1,190 @@
+"""The exception tree of castore_di.
+
+Every error the library raises derives from :class:`CastoreError`. Each concrete error
+also derives from the builtin a caller would naturally catch: configuration and
+validation errors are :class:`ValueError`, storage failures are :class:`OSError`,
+lookups of unknown names are :class:`LookupError` as well where that fits.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CastoreError",
+    "ConfigError",
+    "UnknownTypeError",
+    "UnknownFieldError",
+    "BadReferenceError",
+    "UnknownInstanceError",
+    "CycleError",
+    "InstantiationError",
+    "MissingDependencyError",
+    "DigestError",
+    "ValidationError",
+    "InvalidNameError",
+    "InvalidSymlinkTargetError",
+    "InvalidNodeError",
+    "WrongSortingError",
+    "DuplicateNameError",
+    "SizeOverflowError",
+    "ClosureError",
+    "IntegrityError",
+    "StorageError",
+    "ClosedError",
+    "LockedError",
+    "UnsupportedOperationError",
+]
+
+
+class CastoreError(Exception):
+    """Root of every error raised by castore_di."""
+
+
+# --- configuration and composition -------------------------------------------------
+
+
+class ConfigError(CastoreError, ValueError):
+    """A configuration or composition problem.
+
+    ``path`` names the offending place (``blobservices.default.remote``) where one is known;
+    the message always starts with it.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        self.path = path
+        self.detail = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class UnknownTypeError(ConfigError):
+    """A ``type`` tag (or URL scheme) that no registered backend claims."""
+
+
+class UnknownFieldError(ConfigError):
+    """A config key that the backend's config class does not have."""
+
+
+class BadReferenceError(ConfigError):
+    """Base of errors about references between instances."""
+
+
+class UnknownInstanceError(BadReferenceError, LookupError):
+    """A reference to an instance that the config does not define."""
+
+
+class CycleError(BadReferenceError):
+    """Instances that reference each other in a loop; ``cycle`` lists the loop."""
+
+    def __init__(self, message: str, cycle: list[str]) -> None:
+        self.cycle = cycle
+        super().__init__(message)
+
+
+class InstantiationError(ConfigError):
+    """A service's construction failed; the instance is named, the cause chained."""
+
+
+class MissingDependencyError(ConfigError, ImportError):
+    """A backend's optional library is not installed; the message names the extra."""
+
+
+# --- data model -------------------------------------------------------------------
+
+
+class DigestError(CastoreError, ValueError):
+    """A digest of the wrong length or an unparsable digest string."""
+
+
+class ValidationError(CastoreError, ValueError):
+    """Data that breaks a castore validation rule. ``code`` names the rule."""
+
+    code: str = "invalid"
+
+
+class InvalidNameError(ValidationError):
+    """A node name that is empty, ``.``, ``..``, too long, or holds ``/`` or NUL."""
+
+    def __init__(self, name: bytes, code: str, reason: str) -> None:
+        self.name = name
+        self.code = code
+        self.reason = reason
+        super().__init__(f"invalid name {name!r}: {reason}")
+
+
+class InvalidSymlinkTargetError(ValidationError):
+    """A symlink target that is empty, too long or holds NUL."""
+
+    def __init__(self, target: bytes, code: str, reason: str) -> None:
+        self.target = target
+        self.code = code
+        self.reason = reason
+        super().__init__(f"invalid symlink target {target!r}: {reason}")
+
+
+class InvalidNodeError(ValidationError):
+    """A node whose payload is invalid (digest length, symlink target)."""
+
+    def __init__(self, name: bytes, code: str, reason: str) -> None:
+        self.name = name
+        self.code = code
+        self.reason = reason
+        super().__init__(f"invalid node with name {name!r}: {reason}")
+
+
+class WrongSortingError(ValidationError):
+    """A list of nodes that is not sorted by name."""
+
+    code = "wrong_sorting"
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        super().__init__(f"{name!r} is not sorted")
+
+
+class DuplicateNameError(ValidationError):
+    """A name that occurs twice within or across the node lists."""
+
+    code = "duplicate_name"
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        super().__init__(f"{name!r} is a duplicate name")
+
+
+class SizeOverflowError(ValidationError):
+    """A directory whose total size exceeds 2**64 - 1."""
+
+    code = "size_overflow"
+
+    def __init__(self) -> None:
+        super().__init__("total size exceeds u64::MAX")
+
+
+class ClosureError(ValidationError):
+    """A directory closure that is incomplete, out of order or inconsistent."""
+
+    def __init__(self, message: str, code: str = "closure") -> None:
+        self.code = code
+        super().__init__(message)
+
+
+# --- storage ----------------------------------------------------------------------
+
+
+class IntegrityError(CastoreError, OSError):
+    """Stored or received bytes that do not match their digest."""
+
+
+class StorageError(CastoreError, OSError):
+    """A backend failed to store or retrieve data."""
+
+
+class ClosedError(CastoreError, ValueError):
+    """An operation on a writer, reader, putter or service that is already closed."""
+
+
+class LockedError(StorageError):
+    """Another process holds the store's write lock."""
+
+
+class UnsupportedOperationError(CastoreError, ValueError):
+    """An operation the backend does not offer (e.g. ``put`` of a non-root on a batch store)."""

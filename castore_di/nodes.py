@@ -1,0 +1,306 @@
+"""The castore data model: nodes and validated, immutable Directory messages.
+
+A :class:`Directory` maps names (bytes) to nodes. Its digest is the BLAKE3 of the
+canonical protobuf encoding of ``tvix.castore.v1.Directory``, so digests match every
+other implementation of the protocol byte for byte.
+
+``size`` follows the protocol's definition: the number of entries plus, for each child
+directory, that child's size. (tvix at HEAD counts every entry twice; we do not.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Union
+
+import attrs
+
+from castore_di.digests import B3_LEN, B3Digest, blake3_digest
+from castore_di.errors import (
+    DuplicateNameError,
+    InvalidNameError,
+    InvalidNodeError,
+    InvalidSymlinkTargetError,
+    SizeOverflowError,
+    ValidationError,
+    WrongSortingError,
+)
+from castore_di.proto import castore_pb2
+
+__all__ = [
+    "FileNode",
+    "DirectoryNode",
+    "SymlinkNode",
+    "Node",
+    "Directory",
+    "MAX_NAME_LEN",
+    "MAX_TARGET_LEN",
+    "U64_MAX",
+    "validate_name",
+    "validate_symlink_target",
+    "node_to_proto",
+    "node_from_proto",
+]
+
+MAX_NAME_LEN = 255
+MAX_TARGET_LEN = 4095
+U64_MAX = 2**64 - 1
+
+
+def validate_name(name: bytes | str) -> bytes:
+    """Return ``name`` as bytes, or raise :class:`InvalidNameError` (rules checked in order)."""
+    if isinstance(name, str):
+        name = name.encode("utf-8", "surrogateescape")
+    if not name:
+        raise InvalidNameError(name, "empty", "cannot be empty")
+    if name == b"..":
+        raise InvalidNameError(name, "parent", "cannot be '..'")
+    if name == b".":
+        raise InvalidNameError(name, "curdir", "cannot be '.'")
+    if len(name) > MAX_NAME_LEN:
+        raise InvalidNameError(name, "too_long", f"cannot be over {MAX_NAME_LEN} bytes long")
+    if b"\0" in name:
+        raise InvalidNameError(name, "null", "cannot contain null bytes")
+    if b"/" in name:
+        raise InvalidNameError(name, "slashes", "cannot contain slashes")
+    return bytes(name)
+
+
+def validate_symlink_target(target: bytes | str) -> bytes:
+    """Return ``target`` as bytes, or raise :class:`InvalidSymlinkTargetError`."""
+    if isinstance(target, str):
+        target = target.encode("utf-8", "surrogateescape")
+    if not target:
+        raise InvalidSymlinkTargetError(target, "empty", "cannot be empty")
+    if len(target) > MAX_TARGET_LEN:
+        raise InvalidSymlinkTargetError(target, "too_long", f"cannot be over {MAX_TARGET_LEN} bytes long")
+    if b"\0" in target:
+        raise InvalidSymlinkTargetError(target, "null", "cannot contain null bytes")
+    return bytes(target)
+
+
+def _u64(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if type(value) is not int or not 0 <= value <= U64_MAX:
+        raise ValidationError(f"{attribute.name} must be an integer in [0, 2**64), got {value!r}")
+
+
+@attrs.frozen(slots=True)
+class FileNode:
+    """A regular file: the BLAKE3 digest of its contents, its size, its executable bit."""
+
+    digest: B3Digest = attrs.field(converter=B3Digest)
+    size: int = attrs.field(validator=_u64)
+    executable: bool = False
+
+
+@attrs.frozen(slots=True)
+class DirectoryNode:
+    """A child directory: the digest of its Directory message and its (spec) size."""
+
+    digest: B3Digest = attrs.field(converter=B3Digest)
+    size: int = attrs.field(validator=_u64)
+
+
+@attrs.frozen(slots=True)
+class SymlinkNode:
+    """A symbolic link; the target is kept as given (absolute and ``..`` allowed)."""
+
+    target: bytes = attrs.field(converter=validate_symlink_target)
+
+
+Node = Union[FileNode, DirectoryNode, SymlinkNode]
+
+
+class Directory:
+    """An immutable, validated directory: a sorted map from names to nodes.
+
+    Construct it from a mapping or from ``(name, node)`` pairs; names may be ``bytes`` or
+    ``str``. Invalid names, duplicates and a size over ``2**64 - 1`` raise subclasses of
+    :class:`~castore_di.errors.ValidationError`.
+    """
+
+    __slots__ = ("_entries", "_index", "_size", "_encoded", "_digest")
+
+    _entries: tuple[tuple[bytes, Node], ...]
+
+    def __init__(self, entries: Mapping[bytes | str, Node] | Iterable[tuple[bytes | str, Node]] = ()) -> None:
+        items = entries.items() if isinstance(entries, Mapping) else entries
+        index: dict[bytes, Node] = {}
+        size = 0
+        for raw_name, node in items:
+            name = validate_name(raw_name)
+            if not isinstance(node, (FileNode, DirectoryNode, SymlinkNode)):
+                raise ValidationError(f"entry {name!r} is not a node: {node!r}")
+            if name in index:
+                raise DuplicateNameError(name)
+            index[name] = node
+            size += 1 + (node.size if type(node) is DirectoryNode else 0)
+        if size > U64_MAX:
+            raise SizeOverflowError()
+        self._index = index
+        self._entries = tuple(sorted(index.items(), key=lambda kv: kv[0]))
+        self._size = size
+        self._encoded: bytes | None = None
+        self._digest: B3Digest | None = None
+
+    # -- mapping-like access --------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (name for name, _ in self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        if isinstance(name, str):
+            name = name.encode("utf-8", "surrogateescape")
+        return name in self._index
+
+    def __getitem__(self, name: bytes | str) -> Node:
+        if isinstance(name, str):
+            name = name.encode("utf-8", "surrogateescape")
+        return self._index[name]
+
+    def get(self, name: bytes | str) -> Node | None:
+        try:
+            return self[name]
+        except KeyError:
+            return None
+
+    def items(self) -> tuple[tuple[bytes, Node], ...]:
+        """All ``(name, node)`` pairs in name order."""
+        return self._entries
+
+    def directories(self) -> list[tuple[bytes, DirectoryNode]]:
+        return [(n, v) for n, v in self._entries if type(v) is DirectoryNode]
+
+    def files(self) -> list[tuple[bytes, FileNode]]:
+        return [(n, v) for n, v in self._entries if type(v) is FileNode]
+
+    def symlinks(self) -> list[tuple[bytes, SymlinkNode]]:
+        return [(n, v) for n, v in self._entries if type(v) is SymlinkNode]
+
+    def with_entry(self, name: bytes | str, node: Node) -> "Directory":
+        """A new Directory with ``name`` added (a duplicate name is an error)."""
+        return Directory([*self._entries, (name, node)])
+
+    @property
+    def size(self) -> int:
+        """Entries plus the sizes of child directories (the protocol's definition)."""
+        return self._size
+
+    # -- wire form --------------------------------------------------------------------
+
+    def to_proto(self) -> castore_pb2.Directory:
+        msg = castore_pb2.Directory()
+        for name, node in self._entries:
+            if type(node) is DirectoryNode:
+                msg.directories.add(name=name, digest=node.digest, size=node.size)
+            elif type(node) is FileNode:
+                msg.files.add(name=name, digest=node.digest, size=node.size, executable=node.executable)
+            else:
+                assert type(node) is SymlinkNode
+                msg.symlinks.add(name=name, target=node.target)
+        return msg
+
+    def encode(self) -> bytes:
+        """The canonical protobuf encoding (the bytes the digest is computed over)."""
+        if self._encoded is None:
+            self._encoded = self.to_proto().SerializeToString(deterministic=True)
+        return self._encoded
+
+    @property
+    def digest(self) -> B3Digest:
+        if self._digest is None:
+            self._digest = blake3_digest(self.encode())
+        return self._digest
+
+    def as_node(self) -> DirectoryNode:
+        """The node a parent uses to refer to this directory."""
+        return DirectoryNode(self.digest, self._size)
+
+    @classmethod
+    def from_proto(cls, msg: castore_pb2.Directory) -> "Directory":
+        """Validate a protobuf Directory; checks run in the reference's order."""
+        # 1. per-list ordering and duplicates
+        for lst in (msg.directories, msg.files, msg.symlinks):
+            prev = b""
+            for n in lst:
+                if n.name < prev:
+                    raise WrongSortingError(n.name)
+                if n.name == prev:
+                    validate_name(n.name)  # an empty first name is an invalid name
+                    raise DuplicateNameError(n.name)
+                prev = n.name
+        # 2. per-node payload, then name
+        pairs: list[tuple[bytes, Node]] = []
+        for d in msg.directories:
+            if len(d.digest) != B3_LEN:
+                raise InvalidNodeError(d.name, "invalid_digest_length", f"invalid digest length: {len(d.digest)}")
+            pairs.append((validate_name(d.name), DirectoryNode(d.digest, d.size)))
+        for f in msg.files:
+            if len(f.digest) != B3_LEN:
+                raise InvalidNodeError(f.name, "invalid_digest_length", f"invalid digest length: {len(f.digest)}")
+            pairs.append((validate_name(f.name), FileNode(f.digest, f.size, f.executable)))
+        for s in msg.symlinks:
+            try:
+                target = validate_symlink_target(s.target)
+            except InvalidSymlinkTargetError as e:
+                raise InvalidNodeError(s.name, "invalid_symlink_target", f"invalid symlink target: {e.reason}") from e
+            pairs.append((validate_name(s.name), SymlinkNode(target)))
+        # 3. across lists (duplicates, size overflow)
+        return cls(pairs)
+
+    @classmethod
+    def decode(cls, data: bytes) -> "Directory":
+        """Parse and validate protobuf bytes (unknown fields are dropped)."""
+        msg = castore_pb2.Directory()
+        try:
+            msg.ParseFromString(data)
+        except Exception as e:  # protobuf raises DecodeError (a plain Exception subclass)
+            raise ValidationError(f"cannot decode Directory message: {e}") from e
+        return cls.from_proto(msg)
+
+    # -- value semantics ----------------------------------------------------------------
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Directory):
+            return NotImplemented
+        return self._entries == other._entries
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __repr__(self) -> str:
+        return f"Directory({dict(self._entries)!r})"
+
+
+def node_to_proto(name: bytes, node: Node) -> castore_pb2.Node:
+    """A named ``Node`` message (the name may be empty for root nodes)."""
+    if type(node) is DirectoryNode:
+        return castore_pb2.Node(directory=castore_pb2.DirectoryNode(name=name, digest=node.digest, size=node.size))
+    if type(node) is FileNode:
+        return castore_pb2.Node(
+            file=castore_pb2.FileNode(name=name, digest=node.digest, size=node.size, executable=node.executable)
+        )
+    assert type(node) is SymlinkNode
+    return castore_pb2.Node(symlink=castore_pb2.SymlinkNode(name=name, target=node.target))
+
+
+def node_from_proto(msg: castore_pb2.Node) -> tuple[bytes, Node]:
+    """Validate a ``Node`` message; returns its (possibly empty) name and the node."""
+    kind = msg.WhichOneof("node")
+    if kind is None:
+        raise ValidationError("no node set")
+    if kind == "symlink":
+        s = msg.symlink
+        try:
+            return s.name, SymlinkNode(s.target)
+        except InvalidSymlinkTargetError as e:
+            raise InvalidNodeError(s.name, "invalid_symlink_target", f"invalid symlink target: {e.reason}") from e
+    sub = msg.directory if kind == "directory" else msg.file
+    if len(sub.digest) != B3_LEN:
+        raise InvalidNodeError(sub.name, "invalid_digest_length", f"invalid digest length: {len(sub.digest)}")
+    if kind == "directory":
+        return sub.name, DirectoryNode(sub.digest, sub.size)
+    return sub.name, FileNode(sub.digest, sub.size, msg.file.executable)

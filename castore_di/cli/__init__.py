@@ -1,0 +1,117 @@
+"""The ``castore`` command line.
+
+Global options choose the services: ``--config FILE`` (or ``CASTORE_CONFIG``) with
+``--blob-service``/``--directory-service`` instance names (``default`` otherwise), or URL
+shorthands ``--blob-service-addr``/``--directory-service-addr``. With nothing given, the
+embedded on-disk default under the user's data directory is used.
+
+Exit codes: 0 success; 1 a runtime error (storage, integrity, not found); 2 usage or
+configuration error; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+
+from castore_di.cli.context import CliContext
+from castore_di.errors import CastoreError, ConfigError
+
+__all__ = ["main", "cli", "run_async", "pass_ctx"]
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+pass_ctx = click.make_pass_decorator(CliContext)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CASTORE"})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="CASTORE_CONFIG",
+              help="Config file (YAML, JSON or TOML). Env: CASTORE_CONFIG.")
+@click.option("--blob-service", default="default", show_default=True, help="Blob service instance name.")
+@click.option("--directory-service", default="default", show_default=True, help="Directory service instance name.")
+@click.option("--blob-service-addr", help="Blob service URL, e.g. memory:// or grpc+http://127.0.0.1:8000.")
+@click.option("--directory-service-addr", help="Directory service URL.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+@click.version_option(package_name="castore_di")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, blob_service: str, directory_service: str,
+        blob_service_addr: str | None, directory_service_addr: str | None, verbose: bool) -> None:
+    """Content-addressed storage: import, export, inspect and serve castore trees."""
+    ctx.obj = CliContext(
+        config_path=config_path,
+        blob_name=blob_service,
+        directory_name=directory_service,
+        blob_addr=blob_service_addr,
+        directory_addr=directory_service_addr,
+        verbose=verbose,
+    )
+
+
+def run_async(ctx: CliContext, fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a command's coroutine; the container is closed afterwards."""
+
+    async def runner() -> T:
+        try:
+            return await fn()
+        finally:
+            await ctx.aclose()
+
+    return asyncio.run(runner())
+
+
+def _load_commands() -> None:
+    # Each command lives in its own module and registers itself on ``cli``.
+    import importlib
+
+    for name in ("check", "serve", "transfer", "inspect"):
+        try:
+            importlib.import_module(f"castore_di.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"castore_di.cli.{name}":
+                raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``castore`` console script."""
+    _load_commands()
+    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="castore", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("castore: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(EXIT_USAGE if isinstance(e, click.UsageError) else e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("castore: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except ConfigError as e:
+        _report(e, verbose)
+        sys.exit(EXIT_USAGE)
+    except (CastoreError, OSError) as e:
+        _report(e, verbose)
+        sys.exit(EXIT_ERROR)
+    except Exception as e:  # an unexpected bug: one line unless --verbose
+        _report(e, verbose, prefix=f"internal error ({type(e).__name__})")
+        sys.exit(EXIT_ERROR)
+    sys.exit(EXIT_OK)
+
+
+def _report(e: BaseException, verbose: bool, prefix: str | None = None) -> None:
+    if verbose:
+        traceback.print_exception(e)
+    message = str(e) or type(e).__name__
+    click.echo(f"castore: {prefix + ': ' if prefix else ''}{message}", err=True)
+
+

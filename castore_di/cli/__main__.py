@@ -1,0 +1,3 @@
+from castore_di.cli import main
+
+main()

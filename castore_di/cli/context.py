@@ -1,0 +1,63 @@
+"""What every command shares: the selected services, built once and closed at the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from castore_di.blobservice.base import BlobService
+from castore_di.composition import CastoreContainer, container_from_addrs, default_registry, load_container
+from castore_di.directoryservice.base import DirectoryService
+
+__all__ = ["CliContext", "default_config"]
+
+
+def default_config() -> dict[str, Any]:
+    """The config used when none is given: the embedded on-disk store (memory if unavailable)."""
+    registry = default_registry()
+    if "embedded" in registry.tags("blobservices") and "embedded" in registry.tags("directoryservices"):
+        return {
+            "blobservices": {"default": {"type": "embedded"}},
+            "directoryservices": {"default": {"type": "embedded"}},
+        }
+    return {"blobservices": {"default": {"type": "memory"}}, "directoryservices": {"default": {"type": "memory"}}}
+
+
+@attrs.define
+class CliContext:
+    config_path: str | None = None
+    blob_name: str = "default"
+    directory_name: str = "default"
+    blob_addr: str | None = None
+    directory_addr: str | None = None
+    verbose: bool = False
+    _container: CastoreContainer | None = None
+    _addr_container: CastoreContainer | None = None
+
+    def container(self) -> CastoreContainer:
+        """The container from ``--config``/``CASTORE_CONFIG``, else the default config."""
+        if self._container is None:
+            self._container = load_container(self.config_path if self.config_path else default_config())
+        return self._container
+
+    def _addrs(self) -> CastoreContainer:
+        if self._addr_container is None:
+            self._addr_container = container_from_addrs(blob=self.blob_addr, directory=self.directory_addr)
+        return self._addr_container
+
+    def blob_service(self) -> BlobService:
+        if self.blob_addr:
+            return self._addrs().blob_service()
+        return self.container().blob_service(self.blob_name)
+
+    def directory_service(self) -> DirectoryService:
+        if self.directory_addr:
+            return self._addrs().directory_service()
+        return self.container().directory_service(self.directory_name)
+
+    async def aclose(self) -> None:
+        for c in (self._addr_container, self._container):
+            if c is not None:
+                await c.aclose()
+        self._container = self._addr_container = None

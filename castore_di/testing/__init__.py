@@ -1,0 +1,1 @@
+"""Test support: conformance suites for each service kind and shared fixtures."""

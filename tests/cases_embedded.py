@@ -1,0 +1,8 @@
+"""Conformance cases for the embedded backend (see tests/cases.py)."""
+
+from __future__ import annotations
+
+from tests.cases_base import Case
+
+BLOB_CASES: list[Case] = []
+DIRECTORY_CASES: list[Case] = []

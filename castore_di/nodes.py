@@ -123,8 +123,10 @@ class Directory:
 
     _entries: tuple[tuple[bytes, Node], ...]
 
-    def __init__(self, entries: Mapping[bytes | str, Node] | Iterable[tuple[bytes | str, Node]] = ()) -> None:
-        items = entries.items() if isinstance(entries, Mapping) else entries
+    def __init__(
+        self, entries: Mapping[bytes, Node] | Mapping[str, Node] | Iterable[tuple[bytes | str, Node]] = ()
+    ) -> None:
+        items: Iterable[tuple[bytes | str, Node]] = entries.items() if isinstance(entries, Mapping) else entries
         index: dict[bytes, Node] = {}
         size = 0
         for raw_name, node in items:

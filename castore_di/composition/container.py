@@ -5,7 +5,7 @@ kind (``blobservices``, ``directoryservices``) holding one ``ThreadSafeSingleton
 per named instance, created in dependency order; reference fields become provider keyword
 arguments. Anonymous instances (URLs in reference fields) get providers that are not
 attributes. Applications inject ``Provide["blobservices.default"]``; tests override
-providers with :meth:`CastoreContainer.override`, which also resets every dependent's
+providers with :meth:`CastoreContainer.override_instance`, which also resets every dependent's
 cached instance; :meth:`CastoreContainer.aclose` closes services in reverse creation order.
 """
 
@@ -55,6 +55,9 @@ class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
 
     blobservices: providers.Container[containers.DynamicContainer]
     directoryservices: providers.Container[containers.DynamicContainer]
+    graph: CompositionGraph
+    _tracker: _Tracker
+    _all: dict[InstanceId, providers.Provider[Any]]
 
     def _setup(self, graph: CompositionGraph) -> None:
         object.__setattr__(self, "graph", graph)
@@ -77,7 +80,7 @@ class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
     def provider(self, instance_id: str) -> providers.Provider[Any]:
         """The provider of ``"<kind>.<name>"`` (anonymous instances included)."""
         try:
-            return cast("providers.Provider[Any]", self._all[instance_id])
+            return self._all[instance_id]
         except KeyError:
             raise UnknownInstanceError(
                 f"unknown instance (known: {', '.join(sorted(self._all)) or 'none'})", path=instance_id
@@ -103,7 +106,7 @@ class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
                 reset()
 
     @contextlib.contextmanager
-    def override(self, instance_id: str, replacement: Any) -> Iterator[None]:
+    def override_instance(self, instance_id: str, replacement: Any) -> Iterator[None]:
         """Override one provider; dependents created inside see the replacement.
 
         ``replacement`` is a provider or a ready object. Cached dependents are reset on

@@ -67,10 +67,10 @@ def _flatten(exc: BaseException, path: str, cls: type | None, out: list[ConfigEr
             _flatten(sub, path, getattr(exc, "cl", cls), out)
     elif isinstance(exc, IterableValidationError):
         with_notes_i, without_i = exc.group_exceptions()
-        for sub, note in with_notes_i:
-            _flatten(sub, f"{path}[{note.index!r}]", None, out)
-        for sub in without_i:
-            _flatten(sub, path, None, out)
+        for sub_i, note_i in with_notes_i:
+            _flatten(sub_i, f"{path}[{note_i.index!r}]", None, out)
+        for sub_j in without_i:
+            _flatten(sub_j, path, None, out)
     elif isinstance(exc, ForbiddenExtraKeysError):
         known = [f.name for f in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
         for key in sorted(exc.extra_fields):

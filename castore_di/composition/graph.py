@@ -105,14 +105,14 @@ def build_graph(config: Mapping[str, Any], registry: Registry | None = None) -> 
     registry = registry or default_registry()
     if not isinstance(config, Mapping):
         raise ConfigError(f"a config must be a mapping of sections, got {type(config).__name__}")
-    for section in config:
-        if section not in KINDS:
-            raise ConfigError(f"unknown section {section!r}{suggest(str(section), KINDS)}", path=str(section))
+    for key in config:
+        if key not in KINDS:
+            raise ConfigError(f"unknown section {key!r}{suggest(str(key), KINDS)}", path=str(key))
 
     instances: dict[InstanceId, Instance] = {}
     pending: list[tuple[str, str, ServiceConfig, str | None, bool]] = []
     for kind in KINDS:
-        section = config.get(kind) or {}
+        section: Any = config.get(kind) or {}
         if not isinstance(section, Mapping):
             raise ConfigError(f"expected a mapping of instance names, got {type(section).__name__}", path=kind)
         for name, raw in section.items():
@@ -126,7 +126,7 @@ def build_graph(config: Mapping[str, Any], registry: Registry | None = None) -> 
         iid = f"{kind}.{name}"
         refs: dict[str, InstanceId] = {}
         for field, ref_kind in reference_fields(type(cfg)).items():
-            value = getattr(cfg, field)
+            value: str = getattr(cfg, field)
             path = f"{iid}.{field}"
             if "://" in value:
                 sub_cfg = registry.resolve_url(ref_kind, value, path)

@@ -51,11 +51,12 @@ converter = _make_converter()
 
 
 def suggest(word: str, known: list[str] | tuple[str, ...] | set[str]) -> str:
-    """`` (known: a, b)`` or ``; did you mean 'x'?`` to end an error message."""
+    """`` (known: a, b)``, plus ``; did you mean 'x'?`` when one is close, to end a message."""
+    text = f" (known: {', '.join(sorted(known)) or 'none'})"
     close = difflib.get_close_matches(word, list(known), n=1)
     if close:
-        return f"; did you mean {close[0]!r}?"
-    return f" (known: {', '.join(sorted(known)) or 'none'})"
+        text += f"; did you mean {close[0]!r}?"
+    return text
 
 
 def _flatten(exc: BaseException, path: str, cls: type | None, out: list[ConfigError]) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "ClosedError",
     "LockedError",
     "UnsupportedOperationError",
+    "UnsupportedFileTypeError",
 ]
 
 
@@ -188,3 +189,12 @@ class LockedError(StorageError):
 
 class UnsupportedOperationError(CastoreError, ValueError):
     """An operation the backend does not offer (e.g. ``put`` of a non-root on a batch store)."""
+
+
+class UnsupportedFileTypeError(StorageError):
+    """A file the importer cannot represent (fifo, socket, device); ``path`` names it."""
+
+    def __init__(self, path: str, file_type: str) -> None:
+        self.path = path
+        self.file_type = file_type
+        super().__init__(f"unsupported file type at {path}: {file_type}")

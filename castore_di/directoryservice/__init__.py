@@ -5,6 +5,7 @@ from castore_di.directoryservice.base import DirectoryPutter, DirectoryService
 __all__ = ["DirectoryService", "DirectoryPutter", "BUILTIN_TYPES"]
 
 BUILTIN_TYPES: dict[str, str] = {
+    "bigtable": "castore_di.directoryservice.bigtable:BigtableDirectoryServiceConfig",
     "cache": "castore_di.directoryservice.cache:CacheDirectoryServiceConfig",
     "memory": "castore_di.directoryservice.memory:MemoryDirectoryServiceConfig",
 }

@@ -77,7 +77,7 @@ class BigtableEmulator:
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # "Connecting to Bigtable emulator"
-                self._admin = Client(project=PROJECT, admin=True)
+                self._admin = Client(project=PROJECT, admin=True)  # type: ignore[no-untyped-call]
         return self._admin.instance(INSTANCE)
 
     def create_table(self, family: str = FAMILY) -> str:
@@ -87,7 +87,9 @@ class BigtableEmulator:
         name = f"t{next(self._names)}"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            self._admin_instance().table(name).create(column_families={family: column_family.MaxVersionsGCRule(1)})
+            self._admin_instance().table(name).create(
+                column_families={family: column_family.MaxVersionsGCRule(1)}  # type: ignore[no-untyped-call]
+            )
         return name
 
     def data_table(self, table: str) -> Any:

@@ -7,5 +7,6 @@ __all__ = ["DirectoryService", "DirectoryPutter", "BUILTIN_TYPES"]
 BUILTIN_TYPES: dict[str, str] = {
     "bigtable": "castore_di.directoryservice.bigtable:BigtableDirectoryServiceConfig",
     "cache": "castore_di.directoryservice.cache:CacheDirectoryServiceConfig",
+    "embedded": "castore_di.directoryservice.embedded:EmbeddedDirectoryServiceConfig",
     "memory": "castore_di.directoryservice.memory:MemoryDirectoryServiceConfig",
 }

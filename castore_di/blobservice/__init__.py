@@ -7,5 +7,6 @@ __all__ = ["BlobService", "BlobReader", "BlobWriter", "ChunkMeta", "BUILTIN_TYPE
 BUILTIN_TYPES: dict[str, str] = {
     "combined": "castore_di.blobservice.combined:CombinedBlobServiceConfig",
     "embedded": "castore_di.blobservice.embedded:EmbeddedBlobServiceConfig",
+    "grpc": "castore_di.blobservice.grpc:GRPCBlobServiceConfig",
     "memory": "castore_di.blobservice.memory:MemoryBlobServiceConfig",
 }

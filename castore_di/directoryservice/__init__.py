@@ -8,5 +8,6 @@ BUILTIN_TYPES: dict[str, str] = {
     "bigtable": "castore_di.directoryservice.bigtable:BigtableDirectoryServiceConfig",
     "cache": "castore_di.directoryservice.cache:CacheDirectoryServiceConfig",
     "embedded": "castore_di.directoryservice.embedded:EmbeddedDirectoryServiceConfig",
+    "grpc": "castore_di.directoryservice.grpc:GRPCDirectoryServiceConfig",
     "memory": "castore_di.directoryservice.memory:MemoryDirectoryServiceConfig",
 }

@@ -1,0 +1,518 @@
+"""A blob service reached over gRPC (``type: grpc``, URL ``grpc+http://host:port`` …).
+
+Talks ``tvix.castore.v1.BlobService`` to our server or the reference's. Construction does
+no I/O; the channel is made on first use (see :class:`~castore_di.grpc_channel.LazyChannel`
+for ``wait-connect=1``; :meth:`GRPCBlobService.connect` connects explicitly). Stat and
+Read are retried on UNAVAILABLE with bounded backoff; Put is not (a stream cannot be
+replayed), but it first waits up to ``connect_timeout`` for the channel to be ready.
+
+Reads, by what Stat(send_chunks) reports:
+
+* several chunks: a :class:`ChunkedReader` that fetches one chunk at a time (each verified
+  against its chunk digest; a seek fetches only the chunk holding the target). Reading the
+  whole blob from the start also checks the blob digest at the end.
+* one chunk (our server describes unchunked blobs so, which also gives the size): blobs up
+  to :data:`BUFFER_LIMIT` are read whole and verified before any byte is returned; larger
+  ones stream with the digest checked incrementally and compared at EOF (an
+  :class:`IntegrityError` is raised by the read that reaches the end, so callers must read
+  to the end to get the guarantee). Seeking forward skips (and hashes) streamed bytes;
+  seeking backwards re-issues Read from the start and skips to the target: that costs up to
+  one extra transfer of the blob per backward seek.
+* no chunk list (a server that gives none, and so no size): the blob is streamed into a
+  spooled temporary file (memory up to :data:`BUFFER_LIMIT`, disk beyond) and verified
+  before the reader is returned.
+
+Writes stream: every ``write`` is sent as BlobChunk messages of at most 1 MiB (small
+writes are coalesced) into one Put call, with gRPC flow control as back-pressure; the
+digest the server returns must equal the digest of the bytes written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+import blake3
+
+from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, BytesReader, ChunkedReader, ChunkMeta, HashingWriter
+from castore_di.composition.config import BlobServiceConfig
+from castore_di.digests import B3_LEN, B3Digest, blake3_digest
+from castore_di.errors import ClosedError, IntegrityError, StorageError
+from castore_di.grpc_channel import GrpcClientConfig, LazyChannel, translate_rpc_error
+
+if TYPE_CHECKING:
+    import grpc.aio
+
+__all__ = ["GRPCBlobService", "GRPCBlobServiceConfig", "BUFFER_LIMIT", "WRITE_MESSAGE_SIZE"]
+
+BUFFER_LIMIT = 8 * 1024 * 1024  # blobs up to this size are fully verified before reading
+WRITE_MESSAGE_SIZE = 1 << 20  # BlobChunk payload per Put message
+
+_STAT = "/tvix.castore.v1.BlobService/Stat"
+_READ = "/tvix.castore.v1.BlobService/Read"
+_PUT = "/tvix.castore.v1.BlobService/Put"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _encode_chunk(data: bytes) -> bytes:
+    return b"\x0a" + _varint(len(data)) + data if data else b""
+
+
+def _decode_chunk(raw: bytes) -> bytes:
+    """``BlobChunk.data`` of a serialized message (fast path for the usual one-field form)."""
+    if not raw:
+        return b""
+    if raw[0] == 0x0A:
+        length, shift, i = 0, 0, 1
+        while i < len(raw) and i < 11:
+            b = raw[i]
+            length |= (b & 0x7F) << shift
+            i += 1
+            if not b & 0x80:
+                if i + length == len(raw):
+                    return raw[i:]
+                break
+            shift += 7
+    from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
+
+    data: bytes = pb.BlobChunk.FromString(raw).data
+    return data
+
+
+def _is_not_found(e: BaseException) -> bool:
+    import grpc
+
+    return isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.NOT_FOUND
+
+
+class GRPCBlobService(BlobService):
+    """A :class:`BlobService` client of a ``tvix.castore.v1.BlobService`` server."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self._chan = LazyChannel(url, **options)
+
+    @property
+    def url(self) -> str:
+        return self._chan.target.url
+
+    async def connect(self) -> None:
+        """Connect now (otherwise the first call does); raises StorageError if unreachable."""
+        await self._chan.connect()
+
+    async def close(self) -> None:
+        await self._chan.close()
+
+    # -- Stat --------------------------------------------------------------------------
+
+    async def _stat(self, digest: B3Digest, send_chunks: bool) -> list[ChunkMeta] | None:
+        from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
+
+        request = pb.StatBlobRequest(digest=digest, send_chunks=send_chunks).SerializeToString()
+
+        async def call() -> bytes | None:
+            channel = await self._chan.get()
+            stat = channel.unary_unary(_STAT, request_serializer=_identity, response_deserializer=_identity)
+            try:
+                response: bytes = await stat(request, timeout=self._chan.timeout)
+                return response
+            except Exception as e:
+                if _is_not_found(e):
+                    return None
+                raise
+
+        raw = await self._chan.retrying(f"Stat {digest}", call)
+        if raw is None:
+            return None
+        response = pb.StatBlobResponse.FromString(raw)
+        out: list[ChunkMeta] = []
+        for i, c in enumerate(response.chunks):
+            if len(c.digest) != B3_LEN:
+                raise StorageError(f"Stat {digest}: Invalid digest length {len(c.digest)} for chunk #{i}")
+            out.append(ChunkMeta(B3Digest(c.digest), c.size))
+        return out
+
+    async def has(self, digest: B3Digest) -> bool:
+        return await self._stat(digest, send_chunks=False) is not None
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        chunks = await self._stat(digest, send_chunks=True)
+        if chunks is not None and len(chunks) == 1 and chunks[0].digest == digest:
+            return []  # the whole blob described as its own chunk: not chunked
+        return chunks
+
+    # -- Read --------------------------------------------------------------------------
+
+    async def _open_stream(self, digest: B3Digest) -> "grpc.aio.UnaryStreamCall[bytes, bytes]":
+        from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
+
+        channel = await self._chan.get()
+        read = channel.unary_stream(_READ, request_serializer=_identity, response_deserializer=_identity)
+        call: grpc.aio.UnaryStreamCall[bytes, bytes] = read(
+            pb.ReadBlobRequest(digest=digest).SerializeToString(), timeout=self._chan.stream_timeout
+        )
+        return call
+
+    async def _read_whole(self, digest: B3Digest) -> bytes | None:
+        """All bytes of a blob or chunk via Read (retried), unverified; None if absent."""
+
+        async def call() -> bytes | None:
+            stream = await self._open_stream(digest)
+            parts: list[bytes] = []
+            try:
+                async for raw in stream:
+                    parts.append(_decode_chunk(raw))
+            except Exception as e:
+                if _is_not_found(e):
+                    return None
+                raise
+            return b"".join(parts)
+
+        return await self._chan.retrying(f"Read {digest}", call)
+
+    async def _read_verified(self, digest: B3Digest) -> bytes | None:
+        data = await self._read_whole(digest)
+        if data is not None and blake3_digest(data) != digest:
+            raise IntegrityError(f"blob {digest}: server {self.url} returned bytes that do not match the digest")
+        return data
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        chunks = await self._stat(digest, send_chunks=True)
+        if chunks is None:
+            return None
+        if len(chunks) >= 2:
+            return _VerifyingChunkedReader(digest, chunks, self._read_whole)
+        if len(chunks) == 1:
+            size = chunks[0].size
+            if size <= BUFFER_LIMIT:
+                data = await self._read_verified(digest)
+                if data is None:
+                    return None
+                return BytesReader(data)
+            return _StreamingReader(self, digest, size)
+        return await self._spool(digest)
+
+    async def _spool(self, digest: B3Digest) -> BlobReader | None:
+        """Stream a blob of unknown size into a spooled temp file, verified before returning."""
+
+        async def call() -> BlobReader | None:
+            spool = tempfile.SpooledTemporaryFile(max_size=BUFFER_LIMIT)
+            hasher = blake3.blake3()
+            try:
+                stream = await self._open_stream(digest)
+                try:
+                    async for raw in stream:
+                        data = _decode_chunk(raw)
+                        hasher.update(data)
+                        spool.write(data)
+                except Exception as e:
+                    if _is_not_found(e):
+                        spool.close()
+                        return None
+                    raise
+            except BaseException:
+                spool.close()
+                raise
+            if B3Digest(hasher.digest()) != digest:
+                spool.close()
+                raise IntegrityError(f"blob {digest}: server {self.url} returned bytes that do not match the digest")
+            size = spool.tell()
+            if size <= BUFFER_LIMIT:
+                spool.seek(0)
+                data = spool.read()
+                spool.close()
+                return BytesReader(data)
+            return _FileReader(spool, size)
+
+        return await self._chan.retrying(f"Read {digest}", call)
+
+    # -- Put ---------------------------------------------------------------------------
+
+    def open_write(self) -> BlobWriter:
+        return _GrpcBlobWriter(self)
+
+
+class _VerifyingChunkedReader(ChunkedReader):
+    """A :class:`ChunkedReader` that also checks the blob digest when read start to end."""
+
+    def __init__(self, blob: B3Digest, chunks: Sequence[ChunkMeta], fetch: Any) -> None:
+        super().__init__(blob, chunks, fetch)
+        self._hasher = blake3.blake3()
+        self._hashed = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        start = self.tell()
+        data = await super().read(n)
+        if start == self._hashed and data:
+            self._hasher.update(data)
+            self._hashed += len(data)
+            if self._hashed == self.size and B3Digest(self._hasher.digest()) != self._blob:
+                raise IntegrityError(f"blob {self._blob}: the chunks do not add up to the blob digest")
+        return data
+
+
+class _FileReader(BlobReader):
+    """A reader over a (spooled) temporary file that was verified while it was written."""
+
+    def __init__(self, file: Any, size: int) -> None:
+        self._file = file
+        self._size = size
+        self._pos = 0
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def tell(self) -> int:
+        return self._pos
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = self._seek_target(offset, whence)
+        return self._pos
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._closed:
+            raise ClosedError("reader is closed")
+        self._file.seek(self._pos)
+        data: bytes = self._file.read(self._size - self._pos if n < 0 else min(n, self._size - self._pos))
+        self._pos += len(data)
+        return data
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._file.close()
+
+
+class _StreamingReader(BlobReader):
+    """Streams a large blob of known size; the digest is checked when the stream ends."""
+
+    def __init__(self, service: GRPCBlobService, digest: B3Digest, size: int) -> None:
+        self._service = service
+        self._digest = digest
+        self._size = size
+        self._pos = 0
+        self._stream: AsyncIterator[bytes] | None = None
+        self._call: Any = None
+        self._buf = b""  # bytes of the stream starting at self._buf_off
+        self._buf_off = 0
+        self._hasher = blake3.blake3()
+        self._received = 0
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def tell(self) -> int:
+        return self._pos
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = self._seek_target(offset, whence)
+        return self._pos
+
+    async def _restart(self) -> None:
+        self._cancel()
+
+        async def open_and_first() -> tuple[Any, AsyncIterator[bytes], bytes | None]:
+            call = await self._service._open_stream(self._digest)
+            stream = call.__aiter__()
+            try:
+                first: bytes | None = await stream.__anext__()
+            except StopAsyncIteration:
+                first = None
+            return call, stream, first
+
+        self._call, self._stream, first = await self._service._chan.retrying(f"Read {self._digest}", open_and_first)
+        self._hasher = blake3.blake3()
+        self._received = 0
+        self._buf, self._buf_off = b"", 0
+        if first is None:
+            self._stream = None
+            self._check_end()
+        else:
+            self._take(_decode_chunk(first))
+
+    def _take(self, data: bytes) -> None:
+        self._hasher.update(data)
+        self._buf_off = self._received
+        self._received += len(data)
+        self._buf = data
+        if self._received > self._size:
+            raise IntegrityError(f"blob {self._digest}: server sent more than the {self._size} bytes announced")
+
+    def _check_end(self) -> None:
+        if self._received != self._size or B3Digest(self._hasher.digest()) != self._digest:
+            raise IntegrityError(
+                f"blob {self._digest}: server {self._service.url} returned bytes that do not match the digest"
+            )
+
+    async def _next(self) -> bool:
+        """Pull the next message into the buffer; False at the end of the stream (verified)."""
+        import grpc
+
+        assert self._stream is not None
+        try:
+            raw = await self._stream.__anext__()
+        except StopAsyncIteration:
+            self._stream = None
+            self._check_end()
+            return False
+        except grpc.aio.AioRpcError as e:
+            self._stream = None
+            raise translate_rpc_error(e, f"Read {self._digest} (at byte {self._received})", self._service.url) from e
+        self._take(_decode_chunk(raw))
+        return True
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._closed:
+            raise ClosedError("reader is closed")
+        want = self._size - self._pos if n < 0 else min(n, self._size - self._pos)
+        if want <= 0:
+            return b""
+        if self._call is None or self._pos < self._buf_off:
+            await self._restart()
+        parts: list[bytes] = []
+        while want > 0:
+            end = self._buf_off + len(self._buf)
+            if self._buf_off <= self._pos < end:
+                start = self._pos - self._buf_off
+                piece = self._buf[start : start + want]
+                parts.append(piece)
+                self._pos += len(piece)
+                want -= len(piece)
+                continue
+            if self._stream is None or not await self._next():
+                raise IntegrityError(f"blob {self._digest}: stream ended at byte {self._received} of {self._size}")
+        if self._pos == self._size and self._stream is not None:
+            # drain the end of the stream so the digest check runs on the last read
+            while await self._next():
+                pass
+        return b"".join(parts)
+
+    def _cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        self._call = None
+        self._stream = None
+
+    async def close(self) -> None:
+        self._closed = True
+        self._cancel()
+        self._buf = b""
+
+
+class _GrpcBlobWriter(HashingWriter):
+    """Feeds one Put call as data is written; nothing is sent before the first write."""
+
+    def __init__(self, service: GRPCBlobService) -> None:
+        super().__init__()
+        self._service = service
+        self._call: Any = None
+        self._pending = bytearray()
+
+    async def _start(self) -> Any:
+        if self._call is None:
+            chan = self._service._chan
+            channel = await chan.get_ready()
+            put = channel.stream_unary(_PUT, request_serializer=_identity, response_deserializer=_identity)
+            self._call = put(timeout=chan.stream_timeout)
+        return self._call
+
+    async def _send(self, piece: bytes) -> None:
+        call = await self._start()
+        try:
+            await call.write(_encode_chunk(piece))
+        except asyncio.InvalidStateError:
+            await self._raise_call_error(call)
+        except Exception as e:
+            raise self._translate(e) from e
+
+    async def _raise_call_error(self, call: Any) -> None:
+        try:
+            await call
+        except Exception as e:
+            raise self._translate(e) from e
+        raise StorageError(f"Put to {self._service.url}: the call ended early")
+
+    def _translate(self, e: Exception) -> Exception:
+        import grpc
+
+        if isinstance(e, grpc.aio.AioRpcError):
+            return translate_rpc_error(e, "Put", self._service.url)
+        return e
+
+    async def _write(self, data: bytes) -> None:
+        self._hash(data)
+        if len(self._pending) + len(data) < WRITE_MESSAGE_SIZE:
+            self._pending += data
+            return
+        view = memoryview(data)
+        if self._pending:
+            fill = WRITE_MESSAGE_SIZE - len(self._pending)
+            self._pending += view[:fill]
+            view = view[fill:]
+            await self._send(bytes(self._pending))
+            self._pending = bytearray()
+        while len(view) >= WRITE_MESSAGE_SIZE:
+            await self._send(bytes(view[:WRITE_MESSAGE_SIZE]))
+            view = view[WRITE_MESSAGE_SIZE:]
+        self._pending += view
+
+    async def _finish(self) -> B3Digest:
+        if self._pending:
+            await self._send(bytes(self._pending))
+            self._pending = bytearray()
+        call = await self._start()
+        try:
+            await call.done_writing()
+            raw = await call
+        except asyncio.InvalidStateError:
+            await self._raise_call_error(call)
+            raise  # unreachable: the helper always raises
+        except Exception as e:
+            raise self._translate(e) from e
+        from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
+
+        returned = pb.PutBlobResponse.FromString(raw).digest
+        expected = self._hashed_digest()
+        if len(returned) != B3_LEN:
+            raise StorageError(f"Put to {self._service.url}: invalid root digest length {len(returned)} in response")
+        if returned != expected:
+            raise IntegrityError(f"Put to {self._service.url}: server stored {B3Digest(returned)}, wrote {expected}")
+        return expected
+
+    async def _abort(self) -> None:
+        self._pending = bytearray()
+        if self._call is not None:
+            self._call.cancel()
+
+
+@attrs.frozen(kw_only=True)
+class GRPCBlobServiceConfig(GrpcClientConfig, BlobServiceConfig):
+    """A remote blob service; ``url`` is required (see :class:`GrpcClientConfig` for the rest)."""
+
+    type_tag: ClassVar[str] = "grpc"
+
+    def build(self) -> GRPCBlobService:
+        return GRPCBlobService(self.url, **self.client_kwargs())
+
+    @classmethod
+    def from_url(cls, url: str) -> "GRPCBlobServiceConfig":
+        return cls(url=url)

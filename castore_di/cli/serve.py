@@ -1,0 +1,56 @@
+"""``castore serve``: serve the selected blob and directory services over gRPC."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from castore_di.cli import cli, pass_ctx, run_async
+from castore_di.cli.context import CliContext
+
+__all__ = ["serve_command"]
+
+
+@cli.command("serve")
+@click.option(
+    "--listen",
+    "listen",
+    multiple=True,
+    default=("127.0.0.1:8000",),
+    show_default=True,
+    help="Address to bind: HOST:PORT (port 0 picks a free port) or unix:///path. Repeatable.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds in-flight calls may take to finish after SIGTERM/SIGINT.",
+)
+@pass_ctx
+def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float) -> None:
+    """Serve tvix.castore.v1 BlobService and DirectoryService (with health and reflection).
+
+    Prints "castore serve: listening on ADDRESS" for every bound address; stops on
+    SIGTERM/SIGINT after a grace period and closes every service.
+    """
+    from castore_di.server import normalize_listen, serve
+
+    for address in listen:
+        normalize_listen(address)  # refuse bad addresses before building anything
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    blob_name = ctx.blob_addr or ctx.blob_name
+    directory_name = ctx.directory_addr or ctx.directory_name
+
+    async def main() -> None:
+        await serve(
+            ctx.blob_service(),
+            ctx.directory_service(),
+            list(listen),
+            grace=grace,
+            describe=f"blob service {blob_name}, directory service {directory_name}",
+            on_stopped=ctx.aclose,
+        )
+
+    run_async(ctx, main)

@@ -1,0 +1,268 @@
+"""A directory service reached over gRPC (``type: grpc``, URL ``grpc+http://host:port`` …).
+
+Talks ``tvix.castore.v1.DirectoryService``. Construction does no I/O (see
+:class:`~castore_di.grpc_channel.LazyChannel`). Get is retried on UNAVAILABLE (a recursive
+Get only before its first message); Put is not retried.
+
+* ``get`` checks that the returned directory hashes to the requested digest.
+* ``get_recursive`` checks every message against the closure so far (:class:`RootToLeaves`:
+  expected, not seen before, the size its parent gave) and that the stream was complete.
+  An empty stream or NOT_FOUND means "absent" (an empty result).
+* ``put_multiple_start`` streams the closure in one Put as directories are added,
+  validating it locally too (:class:`LeavesToRoot`) so problems raise :class:`ClosureError`
+  at the offending ``put``; a server refusal re-raises the server's exception class.
+* ``put`` sends one directory in its own Put. Servers (ours and the reference's) check the
+  closure of each Put, so this works for leaves only; use a putter for the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import attrs
+
+from castore_di.composition.config import DirectoryServiceConfig
+from castore_di.digests import B3_LEN, B3Digest
+from castore_di.directoryservice.base import DirectoryPutter, DirectoryService
+from castore_di.directoryservice.closure import LeavesToRoot, RootToLeaves
+from castore_di.errors import ClosedError, ClosureError, IntegrityError, StorageError, ValidationError
+from castore_di.grpc_channel import GrpcClientConfig, LazyChannel, translate_rpc_error
+from castore_di.nodes import Directory
+
+__all__ = ["GRPCDirectoryService", "GRPCDirectoryServiceConfig"]
+
+_GET = "/tvix.castore.v1.DirectoryService/Get"
+_PUT = "/tvix.castore.v1.DirectoryService/Put"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _is_not_found(e: BaseException) -> bool:
+    import grpc
+
+    return isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _get_request(digest: B3Digest, recursive: bool) -> bytes:
+    from castore_di.proto.tvix.castore.protos import rpc_directory_pb2 as pb
+
+    out: bytes = pb.GetDirectoryRequest(digest=digest, recursive=recursive).SerializeToString()
+    return out
+
+
+class GRPCDirectoryService(DirectoryService):
+    """A :class:`DirectoryService` client of a ``tvix.castore.v1.DirectoryService`` server."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self._chan = LazyChannel(url, **options)
+
+    @property
+    def url(self) -> str:
+        return self._chan.target.url
+
+    async def connect(self) -> None:
+        """Connect now (otherwise the first call does); raises StorageError if unreachable."""
+        await self._chan.connect()
+
+    async def close(self) -> None:
+        await self._chan.close()
+
+    def _decode(self, raw: bytes, what: str) -> Directory:
+        try:
+            return Directory.decode(raw)
+        except ValidationError as e:
+            raise IntegrityError(f"{what}: server {self.url} sent an invalid directory: {e}") from e
+
+    async def _open_get(self, digest: B3Digest, recursive: bool, timeout: float | None) -> Any:
+        channel = await self._chan.get()
+        get = channel.unary_stream(_GET, request_serializer=_identity, response_deserializer=_identity)
+        return get(_get_request(digest, recursive), timeout=timeout)
+
+    async def get(self, digest: B3Digest) -> Directory | None:
+        async def call() -> bytes | None:
+            stream = await self._open_get(digest, False, self._chan.timeout)
+            try:
+                async for raw in stream:
+                    stream.cancel()  # only the first message counts
+                    first: bytes = raw
+                    return first
+            except Exception as e:
+                if _is_not_found(e):
+                    return None
+                raise
+            return None
+
+        raw = await self._chan.retrying(f"Get {digest}", call)
+        if raw is None:
+            return None
+        directory = self._decode(raw, f"Get {digest}")
+        if directory.digest != digest:
+            raise IntegrityError(f"requested directory with digest {digest}, but got {directory.digest}")
+        return directory
+
+    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:  # type: ignore[override]
+        import grpc
+
+        what = f"Get {root} (recursive)"
+
+        async def open_and_first() -> tuple[Any, AsyncIterator[bytes], bytes | None]:
+            call = await self._open_get(root, True, self._chan.stream_timeout)
+            stream = call.__aiter__()
+            try:
+                first: bytes | None = await stream.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except Exception as e:
+                if _is_not_found(e):
+                    first = None
+                else:
+                    raise
+            return call, stream, first
+
+        call, stream, first = await self._chan.retrying(what, open_and_first)
+        if first is None:
+            return
+        validator = RootToLeaves(root)
+        try:
+            raw: bytes | None = first
+            while raw is not None:
+                directory = self._decode(raw, what)
+                try:
+                    validator.add(directory)
+                except ClosureError as e:
+                    raise IntegrityError(f"{what}: {e}") from e
+                yield directory
+                try:
+                    raw = await stream.__anext__()
+                except StopAsyncIteration:
+                    raw = None
+            try:
+                validator.finish()
+            except ClosureError as e:
+                raise IntegrityError(f"{what}: {e} (premature end of stream)") from e
+        except grpc.aio.AioRpcError as e:
+            raise translate_rpc_error(e, what, self.url) from e
+        finally:
+            call.cancel()
+
+    async def put(self, directory: Directory) -> B3Digest:
+        putter = self.put_multiple_start()
+        await putter.put(directory)
+        return await putter.close()
+
+    def put_multiple_start(self) -> DirectoryPutter:
+        return _GrpcDirectoryPutter(self)
+
+
+class _GrpcDirectoryPutter(DirectoryPutter):
+    """One Put call, fed as directories arrive; validated locally as well."""
+
+    def __init__(self, service: GRPCDirectoryService) -> None:
+        self._service = service
+        self._validator = LeavesToRoot()
+        self._call: Any = None
+        self._root: B3Digest | None = None
+        self._closed = False
+
+    async def _start(self) -> Any:
+        if self._call is None:
+            chan = self._service._chan
+            channel = await chan.get_ready()
+            put = channel.stream_unary(_PUT, request_serializer=_identity, response_deserializer=_identity)
+            self._call = put(timeout=chan.stream_timeout)
+        return self._call
+
+    def _translate(self, e: Exception) -> Exception:
+        import grpc
+
+        if isinstance(e, grpc.aio.AioRpcError):
+            return translate_rpc_error(e, "Put", self._service.url)
+        return e
+
+    async def _call_error(self, call: Any) -> Exception:
+        try:
+            await call
+        except Exception as e:
+            return self._translate(e)
+        return StorageError(f"Put to {self._service.url}: the call ended early")
+
+    async def put(self, directory: Directory) -> None:
+        if self._closed:
+            raise ClosedError("directory putter is already closed")
+        try:
+            if not self._validator.add(directory):
+                return  # a duplicate: already sent
+            call = await self._start()
+            try:
+                await call.write(directory.encode())
+            except asyncio.InvalidStateError:
+                raise await self._call_error(call) from None
+        except BaseException as e:
+            await self._fail()
+            if isinstance(e, Exception):
+                raise self._translate(e) from e
+            raise
+
+    async def _fail(self) -> None:
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+
+    async def close(self) -> B3Digest:
+        if self._root is not None:
+            return self._root
+        if self._closed:
+            raise ClosedError("directory putter failed earlier")
+        self._closed = True
+        try:
+            root, _ = self._validator.finish()
+            call = await self._start()
+            try:
+                await call.done_writing()
+                raw = await call
+            except asyncio.InvalidStateError:
+                raise await self._call_error(call) from None
+        except BaseException as e:
+            if self._call is not None:
+                self._call.cancel()
+            if isinstance(e, Exception):
+                raise self._translate(e) from e
+            raise
+        from castore_di.proto.tvix.castore.protos import rpc_directory_pb2 as pb
+
+        returned = pb.PutDirectoryResponse.FromString(raw).root_digest
+        if len(returned) != B3_LEN:
+            raise StorageError(f"Put to {self._service.url}: invalid root digest length {len(returned)} in response")
+        if returned != root:
+            raise IntegrityError(f"Put to {self._service.url}: server returned root {B3Digest(returned)}, sent {root}")
+        self._root = root
+        return root
+
+    async def abort(self) -> None:
+        """Cancel the Put; the server stores nothing of it."""
+        if not self._closed:
+            await self._fail()
+
+    async def __aexit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            await self.abort()
+
+
+@attrs.frozen(kw_only=True)
+class GRPCDirectoryServiceConfig(GrpcClientConfig, DirectoryServiceConfig):
+    """A remote directory service; ``url`` is required (see :class:`GrpcClientConfig` for the rest)."""
+
+    type_tag: ClassVar[str] = "grpc"
+
+    def build(self) -> GRPCDirectoryService:
+        return GRPCDirectoryService(self.url, **self.client_kwargs())
+
+    @classmethod
+    def from_url(cls, url: str) -> "GRPCDirectoryServiceConfig":
+        return cls(url=url)

@@ -1,0 +1,363 @@
+"""Shared plumbing of the gRPC clients: URL rules, channel options, retries, error translation.
+
+URL forms (the reference's ``channel_from_url`` rules):
+
+* ``grpc+unix:///path/to/socket``: no host allowed ("host may not be set for unix domain
+  sockets");
+* ``grpc+http://host[:port]`` (plaintext, port 80 by default) and ``grpc+https://host[:port]``
+  (TLS, port 443 by default): no path allowed ("path may not be set");
+* the ``grpc+`` prefix is required ("grpc+ prefix is missing from URL");
+* query ``wait-connect=1`` connects eagerly (the first use waits for the connection and
+  fails when the target is unreachable); the default ``wait-connect=0`` is lazy. No other
+  query parameter is accepted.
+
+Nothing here imports grpc at module import time; :class:`LazyChannel` does on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import attrs
+
+from castore_di.errors import (
+    CastoreError,
+    ClosedError,
+    ClosureError,
+    ConfigError,
+    DigestError,
+    IntegrityError,
+    MissingDependencyError,
+    StorageError,
+    UnsupportedOperationError,
+    ValidationError,
+)
+
+if TYPE_CHECKING:
+    import grpc
+    import grpc.aio
+
+__all__ = [
+    "ChannelTarget",
+    "GrpcClientConfig",
+    "LazyChannel",
+    "parse_grpc_url",
+    "translate_rpc_error",
+    "ERROR_CLASS_KEY",
+    "ERROR_CODE_KEY",
+    "MAX_MESSAGE_SIZE",
+]
+
+T = TypeVar("T")
+
+MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # receive/send limit on both sides (grpc's default is 4 MiB)
+ERROR_CLASS_KEY = "castore-error"  # trailing metadata: our exception class behind a status
+ERROR_CODE_KEY = "castore-error-code"  # trailing metadata: the ValidationError rule code
+
+
+@attrs.frozen
+class ChannelTarget:
+    """A parsed channel URL: the grpc target string, TLS or not, eager or lazy connect."""
+
+    url: str
+    target: str
+    secure: bool
+    wait_connect: bool
+
+    @property
+    def display(self) -> str:
+        return self.url
+
+
+def parse_grpc_url(url: str) -> ChannelTarget:
+    """Check a ``grpc+…`` URL against the reference's rules; raises :class:`ConfigError`."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    wait = query.pop("wait-connect", ["0"])
+    if query:
+        raise ConfigError(f"invalid url {url!r}: unknown query parameter(s) {', '.join(sorted(query))}")
+    if len(wait) != 1 or wait[0] not in ("0", "1"):
+        raise ConfigError(f"invalid url {url!r}: wait-connect must be 0 or 1")
+    wait_connect = wait[0] == "1"
+    if scheme == "grpc+unix":
+        if parts.netloc:
+            raise ConfigError(f"invalid url {url!r}: host may not be set for unix domain sockets")
+        if not parts.path:
+            raise ConfigError(f"invalid url {url!r}: a socket path is required")
+        return ChannelTarget(url, "unix:" + parts.path, False, wait_connect)
+    if parts.path:
+        raise ConfigError(f"invalid url {url!r}: path may not be set")
+    if not scheme.startswith("grpc+"):
+        raise ConfigError(f"invalid url {url!r}: grpc+ prefix is missing from URL")
+    inner = scheme[len("grpc+") :]
+    if inner not in ("http", "https"):
+        raise ConfigError(f"invalid url {url!r}: unsupported scheme {scheme!r} (grpc+http, grpc+https, grpc+unix)")
+    host = parts.hostname
+    if not host:
+        raise ConfigError(f"invalid url {url!r}: a host is required")
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"invalid url {url!r}: {e}") from e
+    if port is None:
+        port = 443 if inner == "https" else 80
+    shown_host = f"[{host}]" if ":" in host else host
+    return ChannelTarget(url, f"{shown_host}:{port}", inner == "https", wait_connect)
+
+
+def _positive_or_none(_inst: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"{attribute.name} must be positive or null, got {value!r}")
+
+
+def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{attribute.name} must not be negative, got {value!r}")
+
+
+def _check_url(_inst: object, _attribute: attrs.Attribute[Any], value: str) -> None:
+    parse_grpc_url(value)
+
+
+@attrs.frozen(kw_only=True)
+class GrpcClientConfig:
+    """Fields shared by the ``grpc`` blob and directory service configs.
+
+    Attributes:
+        url: ``grpc+http://host:port``, ``grpc+https://host[:port]`` or ``grpc+unix:///path``,
+            optionally with ``?wait-connect=1``.
+        ca_file: PEM file of root certificates for ``grpc+https`` (system roots otherwise).
+        timeout: deadline in seconds of unary calls (Stat, non-recursive Get); null for none.
+        stream_timeout: deadline of streaming calls (Read, Put, recursive Get); null for none.
+        connect_timeout: how long ``wait-connect=1`` waits for the connection.
+        retries: retries of idempotent calls (Stat, Read, Get) on UNAVAILABLE.
+        retry_backoff: first retry delay in seconds; doubles per retry, with jitter.
+        retry_backoff_max: upper bound of one retry delay.
+    """
+
+    type_tag: ClassVar[str] = "grpc"
+
+    url: str = attrs.field(validator=[attrs.validators.instance_of(str), _check_url])
+    ca_file: str | None = None
+    timeout: float | None = attrs.field(default=30.0, validator=_positive_or_none)
+    stream_timeout: float | None = attrs.field(default=None, validator=_positive_or_none)
+    connect_timeout: float = attrs.field(default=10.0, validator=_non_negative)
+    retries: int = attrs.field(default=4, validator=_non_negative)
+    retry_backoff: float = attrs.field(default=0.1, validator=_non_negative)
+    retry_backoff_max: float = attrs.field(default=2.0, validator=_non_negative)
+
+    def __attrs_post_init__(self) -> None:
+        if self.ca_file is not None and not parse_grpc_url(self.url).secure:
+            raise ConfigError("ca_file is only meaningful with a grpc+https url")
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`LazyChannel` (besides the URL)."""
+        return {
+            "ca_file": self.ca_file,
+            "timeout": self.timeout,
+            "stream_timeout": self.stream_timeout,
+            "connect_timeout": self.connect_timeout,
+            "retries": self.retries,
+            "retry_backoff": self.retry_backoff,
+            "retry_backoff_max": self.retry_backoff_max,
+        }
+
+
+def _import_grpc() -> Any:
+    try:
+        import grpc
+        import grpc.aio
+    except ImportError as e:  # pragma: no cover - grpcio is a core dependency
+        raise MissingDependencyError("the grpc services need grpcio: pip install grpcio") from e
+    return grpc
+
+
+class LazyChannel:
+    """A ``grpc.aio`` channel created on first use, on the running event loop.
+
+    Construction does no I/O (and needs no event loop). The channel is created by the
+    first :meth:`get`; with ``wait-connect=1`` that call also waits (``connect_timeout``)
+    for the connection and raises :class:`StorageError` when the target is unreachable.
+    A channel belongs to one event loop: used from another loop, a new one is made.
+    Reconnect backoff is kept short (0.1 s to 2 s) so a restarted server is found again
+    quickly by the same client.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ca_file: str | None = None,
+        timeout: float | None = 30.0,
+        stream_timeout: float | None = None,
+        connect_timeout: float = 10.0,
+        retries: int = 4,
+        retry_backoff: float = 0.1,
+        retry_backoff_max: float = 2.0,
+    ) -> None:
+        self.target = parse_grpc_url(url)
+        self.ca_file = ca_file
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self.connect_timeout = connect_timeout
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self.retry_backoff_max = retry_backoff_max
+        self._channel: grpc.aio.Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None
+        self._closed = False
+
+    def _options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+            ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            ("grpc.enable_retries", 0),  # retries are ours, bounded and only for idempotent calls
+        ]
+
+    def _credentials(self, grpc: Any) -> Any:
+        roots: bytes | None = None
+        if self.ca_file is not None:
+            try:
+                with open(self.ca_file, "rb") as f:
+                    roots = f.read()
+            except OSError as e:
+                raise StorageError(f"cannot read ca_file {self.ca_file!r}: {e}") from e
+        return grpc.ssl_channel_credentials(root_certificates=roots)
+
+    async def get(self) -> "grpc.aio.Channel":
+        """The channel of the running loop (created, and with wait-connect connected, on demand)."""
+        if self._closed:
+            raise ClosedError(f"gRPC client for {self.target.display} is closed")
+        loop = asyncio.get_running_loop()
+        if self._channel is not None and self._loop is loop:
+            return self._channel
+        if self._lock is None or self._loop is not loop:
+            self._lock = asyncio.Lock()
+            self._loop = loop
+            self._channel = None
+        async with self._lock:
+            if self._channel is None:
+                grpc = _import_grpc()
+                if self.target.secure:
+                    channel = grpc.aio.secure_channel(
+                        self.target.target, self._credentials(grpc), options=self._options()
+                    )
+                else:
+                    channel = grpc.aio.insecure_channel(self.target.target, options=self._options())
+                if self.target.wait_connect:
+                    try:
+                        await asyncio.wait_for(channel.channel_ready(), self.connect_timeout)
+                    except asyncio.TimeoutError:
+                        await channel.close()
+                        raise StorageError(
+                            f"gRPC server {self.target.display} unreachable "
+                            f"(wait-connect=1, waited {self.connect_timeout:g} s)"
+                        ) from None
+                self._channel = channel
+            return self._channel
+
+    async def get_ready(self) -> "grpc.aio.Channel":
+        """The channel, connected: waits up to ``connect_timeout`` when it is not ready.
+
+        Used before calls that cannot be retried (Put), and by an explicit eager connect.
+        """
+        channel = await self.get()
+        grpc = _import_grpc()
+        if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return channel
+        try:
+            await asyncio.wait_for(channel.channel_ready(), self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise StorageError(
+                f"gRPC server {self.target.display} unavailable (not ready after {self.connect_timeout:g} s)"
+            ) from None
+        return channel
+
+    async def connect(self) -> None:
+        """Create the channel now and wait for the connection (eager connect on demand)."""
+        await self.get_ready()
+
+    async def close(self) -> None:
+        """Close the channel (if it belongs to the running loop). Idempotent."""
+        self._closed = True
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            try:
+                if self._loop is asyncio.get_running_loop():
+                    await channel.close()
+            except RuntimeError:  # no running loop / loop closed: nothing left to release
+                pass
+
+    def _delay(self, attempt: int) -> float:
+        base = min(self.retry_backoff_max, self.retry_backoff * (2**attempt))
+        return base * (0.5 + random.random() / 2)
+
+    async def retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run an idempotent call, retrying on UNAVAILABLE with bounded exponential backoff.
+
+        Errors are translated into castore_di exceptions (see :func:`translate_rpc_error`);
+        callers that treat NOT_FOUND as absence catch it before (``call`` may return None).
+        """
+        grpc = _import_grpc()
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    await asyncio.sleep(self._delay(attempt))
+                    attempt += 1
+                    continue
+                raise translate_rpc_error(e, what, self.target.display) from e
+
+
+# Exceptions a server may name in trailing metadata, rebuilt on the client side.
+_REBUILD: dict[str, Callable[[str, str], CastoreError]] = {
+    "ClosureError": lambda msg, code: ClosureError(msg, code=code or "closure"),
+    "DigestError": lambda msg, code: DigestError(msg),
+    "IntegrityError": lambda msg, code: IntegrityError(msg),
+    "UnsupportedOperationError": lambda msg, code: UnsupportedOperationError(msg),
+}
+
+
+def _metadata(e: "grpc.aio.AioRpcError") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in e.trailing_metadata() or ():
+        out[key] = value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return out
+
+
+def translate_rpc_error(e: "grpc.aio.AioRpcError", what: str, target: str) -> CastoreError:
+    """Turn a failed call into the library's exception; the message names call and server."""
+    grpc = _import_grpc()
+    code = e.code()
+    details = e.details() or ""
+    meta = _metadata(e)
+    cls_name = meta.get(ERROR_CLASS_KEY, "")
+    message = f"{what}: {details}" if details else what
+    if cls_name in _REBUILD:
+        return _REBUILD[cls_name](message, meta.get(ERROR_CODE_KEY, ""))
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        err = ValidationError(message)
+        err.code = meta.get(ERROR_CODE_KEY, "invalid")
+        return err
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return StorageError(f"{what}: gRPC server {target} unavailable: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return StorageError(f"{what}: gRPC call to {target} timed out")
+    if code == grpc.StatusCode.DATA_LOSS:
+        return IntegrityError(f"{what}: server {target} reports data loss: {details}")
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return UnsupportedOperationError(f"{what}: not supported by {target}: {details}")
+    if code == grpc.StatusCode.CANCELLED:
+        return StorageError(f"{what}: call to {target} was cancelled")
+    return StorageError(f"{what}: gRPC server {target} failed ({code.name}): {details}")

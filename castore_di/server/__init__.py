@@ -1,0 +1,175 @@
+"""gRPC servers for composed services: servicers, the error -> status table, :func:`serve`.
+
+``castore serve`` runs :func:`serve`; tests and applications can use :class:`CastoreServer`
+directly::
+
+    server = CastoreServer(blob_service, directory_service)
+    addresses = await server.start(["127.0.0.1:0"])
+    ...
+    await server.stop(grace=5)
+
+The server offers ``tvix.castore.v1.BlobService``, ``tvix.castore.v1.DirectoryService``,
+gRPC health checking (``grpc.health.v1.Health``: SERVING while up, NOT_SERVING while
+stopping) and server reflection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+import grpc.aio
+
+from castore_di.blobservice.base import BlobService
+from castore_di.directoryservice.base import DirectoryService
+from castore_di.errors import ConfigError, StorageError
+from castore_di.grpc_channel import MAX_MESSAGE_SIZE
+from castore_di.server.blob import BlobServicer
+from castore_di.server.directory import DirectoryServicer
+from castore_di.server.errors import STATUS_TABLE, abort_with, status_for
+
+__all__ = [
+    "BlobServicer",
+    "CastoreServer",
+    "DirectoryServicer",
+    "STATUS_TABLE",
+    "abort_with",
+    "normalize_listen",
+    "serve",
+    "status_for",
+]
+
+log = logging.getLogger("castore_di.server")
+
+_SERVICE_NAMES = ("tvix.castore.v1.BlobService", "tvix.castore.v1.DirectoryService")
+
+
+def normalize_listen(address: str) -> str:
+    """A grpc bind address from ``host:port``, ``[v6]:port`` or ``unix:///path``/``unix:/path``."""
+    if address.startswith("unix:"):
+        path = address[len("unix:") :]
+        if path.startswith("//"):
+            if not path.startswith("///"):
+                raise ConfigError(f"invalid listen address {address!r}: unix:// takes no host")
+            path = path[2:]
+        if not path.startswith("/"):
+            raise ConfigError(f"invalid listen address {address!r}: the socket path must be absolute")
+        return "unix:" + path
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"invalid listen address {address!r}: expected HOST:PORT or unix:///path")
+    return address
+
+
+class CastoreServer:
+    """A ``grpc.aio`` server for one blob and one directory service (either may be None)."""
+
+    def __init__(self, blob_service: BlobService | None, directory_service: DirectoryService | None) -> None:
+        if blob_service is None and directory_service is None:
+            raise ConfigError("nothing to serve: no blob and no directory service")
+        self.blob_service = blob_service
+        self.directory_service = directory_service
+        self._server: grpc.aio.Server | None = None
+        self._health: object | None = None
+        self.addresses: list[str] = []
+
+    async def start(self, listen: Sequence[str]) -> list[str]:
+        """Bind every address and start; returns the bound addresses (ports resolved)."""
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        binds = [normalize_listen(a) for a in listen]
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+                ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        names: list[str] = []
+        if self.blob_service is not None:
+            BlobServicer(self.blob_service).add_to_server(server)
+            names.append(_SERVICE_NAMES[0])
+        if self.directory_service is not None:
+            DirectoryServicer(self.directory_service).add_to_server(server)
+            names.append(_SERVICE_NAMES[1])
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        bound: list[str] = []
+        for address in binds:
+            try:
+                port = server.add_insecure_port(address)
+            except RuntimeError as e:
+                raise StorageError(f"cannot listen on {address}: {e}") from e
+            if address.startswith("unix:"):
+                bound.append("unix://" + address[len("unix:") :])
+            else:
+                bound.append(f"{address.rpartition(':')[0]}:{port}")
+        await server.start()
+        for name in ("", *names):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server, self._health, self.addresses = server, health_servicer, bound
+        return bound
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting calls, let running calls finish for ``grace`` seconds, then cancel them."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        health_servicer = self._health
+        if health_servicer is not None:
+            await health_servicer.enter_graceful_shutdown()  # type: ignore[attr-defined]
+        await server.stop(grace)
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(
+    blob_service: BlobService | None,
+    directory_service: DirectoryService | None,
+    listen: Sequence[str],
+    *,
+    grace: float = 5.0,
+    describe: str = "",
+    on_stopped: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully and run ``on_stopped``.
+
+    Prints ``castore serve: listening on ADDRESS`` on stdout for every bound address (the
+    machine-readable line test fixtures wait for), and logs one line at start and one at stop.
+    """
+    stop = asyncio.Event()
+    received: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    # handlers first: a signal that arrives right after the listening line must not kill us
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    server = CastoreServer(blob_service, directory_service)
+    try:
+        addresses = await server.start(listen)
+        log.info("castore serve: started%s on %s", f" ({describe})" if describe else "", ", ".join(addresses))
+        for address in addresses:
+            print(f"castore serve: listening on {address}", flush=True)
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.stop(grace)
+        if on_stopped is not None:
+            await on_stopped()
+        log.info(
+            "castore serve: stopped (%s, grace %gs)", received[0] if received else "cancelled", grace
+        )
+        sys.stdout.flush()

@@ -1,0 +1,149 @@
+"""The ``tvix.castore.v1.BlobService`` servicer over any :class:`BlobService`.
+
+Differences from the reference server, all wire-compatible:
+
+* Stat honours ``send_chunks``: without it the reply is empty (existence only). With it,
+  the backend's chunk list is sent; a blob the backend does not chunk is described as one
+  chunk covering the whole blob (its own digest and size), so clients learn the size
+  without reading. The reference client treats one chunk like none.
+* Read streams the blob in messages of at most :data:`READ_MESSAGE_SIZE` bytes (the
+  reference uses 4 KiB).
+* Put streams every message into ``open_write`` as it arrives; nothing is buffered beyond
+  what the backend's writer keeps, and an interrupted Put is aborted (nothing stored).
+* Bad digests and garbage requests are INVALID_ARGUMENT; other errors follow the table in
+  :mod:`castore_di.server.errors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf.message import DecodeError
+
+from castore_di.blobservice.base import BlobService
+from castore_di.digests import B3_LEN, B3Digest
+from castore_di.errors import DigestError, ValidationError
+from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
+from castore_di.server.errors import abort_with
+
+__all__ = ["BlobServicer", "READ_MESSAGE_SIZE", "SERVICE_NAME", "encode_blob_chunk"]
+
+SERVICE_NAME = "tvix.castore.v1.BlobService"
+
+# Measured with benches/grpc_bench.py (--read-sizes) on loopback through our client, 256 MiB
+# blob, 2 shared vCPUs: 64 KiB ~0.35 GB/s, 256 KiB ~0.6 GB/s, 1 MiB ~0.75 GB/s, 4 MiB ~0.7 GB/s.
+# 1 MiB is the knee (per-message overhead amortised, well under the 4 MiB default limit of
+# other clients).
+READ_MESSAGE_SIZE = 1 << 20
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_blob_chunk(data: bytes) -> bytes:
+    """The wire form of ``BlobChunk{data}`` built by hand (one copy instead of two)."""
+    if not data:
+        return b""
+    return b"\x0a" + _varint(len(data)) + data
+
+
+def _parse(msg_cls: Any, raw: bytes, what: str) -> Any:
+    try:
+        return msg_cls.FromString(raw)
+    except DecodeError as e:
+        raise ValidationError(f"cannot decode {what}: {e}") from e
+
+
+def _digest(raw: bytes) -> B3Digest:
+    if len(raw) != B3_LEN:
+        raise DigestError(f"invalid digest length: {len(raw)}")
+    return B3Digest(raw)
+
+
+class BlobServicer:
+    """Serves one blob service; register it with :meth:`add_to_server`."""
+
+    def __init__(self, service: BlobService, read_message_size: int = READ_MESSAGE_SIZE) -> None:
+        self.service = service
+        self.read_message_size = read_message_size
+
+    async def Stat(self, raw: bytes, context: Context) -> bytes:
+        try:
+            request = _parse(pb.StatBlobRequest, raw, "StatBlobRequest")
+            digest = _digest(request.digest)
+            if not request.send_chunks:
+                if not await self.service.has(digest):
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"blob {digest} not found")
+                return b""
+            chunks = await self.service.chunks(digest)
+            if chunks is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"blob {digest} not found")
+            response = pb.StatBlobResponse()
+            if chunks:
+                for c in chunks:
+                    response.chunks.add(digest=c.digest, size=c.size)
+            else:
+                reader = await self.service.open_read(digest)
+                if reader is None:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"blob {digest} not found")
+                async with reader:
+                    response.chunks.add(digest=digest, size=reader.size)
+            out: bytes = response.SerializeToString()
+            return out
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await abort_with(context, e, "Stat")
+
+    async def Read(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
+        try:
+            request = _parse(pb.ReadBlobRequest, raw, "ReadBlobRequest")
+            digest = _digest(request.digest)
+            reader = await self.service.open_read(digest)
+            if reader is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"blob {digest} not found")
+            async with reader:
+                async for block in reader.iter_blocks(self.read_message_size):
+                    yield encode_blob_chunk(block)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await abort_with(context, e, "Read")
+
+    async def Put(self, requests: AsyncIterator[bytes], context: Context) -> bytes:
+        writer = self.service.open_write()
+        try:
+            async for raw in requests:
+                chunk = _parse(pb.BlobChunk, raw, "BlobChunk")
+                if chunk.data:
+                    await writer.write(chunk.data)
+            digest = await writer.close()
+        except BaseException as e:
+            await writer.abort()
+            if isinstance(e, (grpc.aio.AbortError, KeyboardInterrupt, SystemExit)) or not isinstance(e, Exception):
+                raise
+            await abort_with(context, e, "Put")
+        out: bytes = pb.PutBlobResponse(digest=digest).SerializeToString()
+        return out
+
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Method handlers; messages are (de)serialised here so bad bytes are INVALID_ARGUMENT."""
+        return {
+            "Stat": grpc.unary_unary_rpc_method_handler(self.Stat),
+            "Read": grpc.unary_stream_rpc_method_handler(self.Read),
+            "Put": grpc.stream_unary_rpc_method_handler(self.Put),
+        }
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, self.handlers()),))

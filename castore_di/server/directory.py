@@ -1,0 +1,106 @@
+"""The ``tvix.castore.v1.DirectoryService`` servicer over any :class:`DirectoryService`.
+
+* Get, non-recursive: one Directory, or NOT_FOUND for an unknown digest.
+* Get, recursive: the closure root first (the service's breadth-first order). An unknown
+  root is an **empty stream with status OK**, as the reference server does; the reference
+  client and ours both treat an empty stream (and NOT_FOUND) as "absent".
+* Put: every message is decoded and validated (:meth:`Directory.from_proto`, the reference's
+  rule order) and checked against the closure so far (:class:`LeavesToRoot`) as it arrives;
+  the first problem aborts the call with INVALID_ARGUMENT naming the message's position and
+  the rule. Only a complete, valid closure is handed to ``put_multiple_start`` at the end of
+  the stream, so nothing of an invalid Put is stored. Directories are sent as their
+  canonical bytes (cached by :class:`Directory`), without a second protobuf round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf.message import DecodeError
+
+from castore_di.digests import B3_LEN, B3Digest
+from castore_di.directoryservice.base import DirectoryService
+from castore_di.directoryservice.closure import LeavesToRoot
+from castore_di.errors import DigestError, ValidationError
+from castore_di.nodes import Directory
+from castore_di.proto.tvix.castore.protos import castore_pb2
+from castore_di.proto.tvix.castore.protos import rpc_directory_pb2 as pb
+from castore_di.server.errors import abort_with
+
+__all__ = ["DirectoryServicer", "SERVICE_NAME"]
+
+SERVICE_NAME = "tvix.castore.v1.DirectoryService"
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class DirectoryServicer:
+    """Serves one directory service; register it with :meth:`add_to_server`."""
+
+    def __init__(self, service: DirectoryService) -> None:
+        self.service = service
+
+    async def Get(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
+        try:
+            try:
+                request = pb.GetDirectoryRequest.FromString(raw)
+            except DecodeError as e:
+                raise ValidationError(f"cannot decode GetDirectoryRequest: {e}") from e
+            if request.WhichOneof("by_what") is None:
+                raise ValidationError("invalid by_what")
+            if len(request.digest) != B3_LEN:
+                raise DigestError(f"invalid digest length: {len(request.digest)}")
+            digest = B3Digest(request.digest)
+            if not request.recursive:
+                directory = await self.service.get(digest)
+                if directory is None:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"directory {digest} not found")
+                yield directory.encode()
+                return
+            async for directory in self.service.get_recursive(digest):
+                yield directory.encode()
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await abort_with(context, e, "Get")
+
+    async def Put(self, requests: AsyncIterator[bytes], context: Context) -> bytes:
+        try:
+            validator = LeavesToRoot()
+            index = 0
+            async for raw in requests:
+                try:
+                    msg = castore_pb2.Directory.FromString(raw)
+                    directory = Directory.from_proto(msg)
+                    validator.add(directory)
+                except DecodeError as e:
+                    raise ValidationError(f"directory #{index}: cannot decode Directory message: {e}") from e
+                except ValidationError as e:
+                    e.args = (f"directory #{index}: {e}",)
+                    raise
+                index += 1
+            root, directories = validator.finish()
+            putter = self.service.put_multiple_start()
+            for directory in directories:
+                await putter.put(directory)
+            stored = await putter.close()
+            if stored != root:
+                raise ValidationError(f"closure root is {root}, but the service stored {stored}")
+            out: bytes = pb.PutDirectoryResponse(root_digest=root).SerializeToString()
+            return out
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await abort_with(context, e, "Put")
+
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "Get": grpc.unary_stream_rpc_method_handler(self.Get),
+            "Put": grpc.stream_unary_rpc_method_handler(self.Put),
+        }
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, self.handlers()),))

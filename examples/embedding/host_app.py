@@ -1,0 +1,62 @@
+"""A host application that embeds the castore container of ``containers/memory.yaml``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dependency_injector import containers, providers
+from dependency_injector.wiring import Provide, inject
+
+from castore_di import B3Digest, BlobService, Directory, DirectoryService, FileNode
+from castore_di.composition.embedding import castore_container
+
+CONFIG = Path(__file__).resolve().parents[2] / "containers" / "memory.yaml"
+
+
+class Archive:
+    """The host's own service: stores named files as a one-level directory."""
+
+    def __init__(self, blobs: BlobService, directories: DirectoryService) -> None:
+        self.blobs = blobs
+        self.directories = directories
+
+    async def store(self, files: dict[str, bytes]) -> B3Digest:
+        entries = {}
+        for name, data in files.items():
+            entries[name.encode()] = FileNode(await self.blobs.put(data), len(data))
+        return await self.directories.put(Directory(entries))
+
+    async def load(self, root: B3Digest) -> dict[str, bytes]:
+        directory = await self.directories.get(root)
+        if directory is None:
+            raise KeyError(f"no archive {root}")
+        out: dict[str, bytes] = {}
+        for name, node in directory.files():
+            data = await self.blobs.read_bytes(node.digest)
+            if data is None:
+                raise KeyError(f"archive {root}: blob {node.digest} is missing")
+            out[name.decode()] = data
+        return out
+
+
+class Application(containers.DeclarativeContainer):
+    """The host container: its own providers wired to the embedded castore instances."""
+
+    castore = castore_container(CONFIG)
+    archive = providers.Singleton(
+        Archive,
+        blobs=castore.blobservices.default,  # attribute access, as dependency-injector users write it
+        directories=castore.directory("default"),  # the typed equivalent
+    )
+
+
+@inject
+async def archive_files(files: dict[str, bytes], archive: Archive = Provide[Application.archive]) -> B3Digest:
+    """A host function that gets the archive injected."""
+    return await archive.store(files)
+
+
+@inject
+async def blob_exists(digest: B3Digest, blobs: BlobService = Provide["castore.blobservices.default"]) -> bool:
+    """A host function that gets the embedded blob service injected by its string id."""
+    return await blobs.has(digest)

@@ -9,4 +9,5 @@ BUILTIN_TYPES: dict[str, str] = {
     "embedded": "castore_di.blobservice.embedded:EmbeddedBlobServiceConfig",
     "grpc": "castore_di.blobservice.grpc:GRPCBlobServiceConfig",
     "memory": "castore_di.blobservice.memory:MemoryBlobServiceConfig",
+    "objectstore": "castore_di.blobservice.objectstore:ObjectStoreBlobServiceConfig",
 }

@@ -10,4 +10,5 @@ BUILTIN_TYPES: dict[str, str] = {
     "embedded": "castore_di.directoryservice.embedded:EmbeddedDirectoryServiceConfig",
     "grpc": "castore_di.directoryservice.grpc:GRPCDirectoryServiceConfig",
     "memory": "castore_di.directoryservice.memory:MemoryDirectoryServiceConfig",
+    "objectstore": "castore_di.directoryservice.objectstore:ObjectStoreDirectoryServiceConfig",
 }

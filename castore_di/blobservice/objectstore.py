@@ -1,0 +1,335 @@
+"""The object-store blob service (``type: objectstore``), on obstore.
+
+One config reaches S3 and S3-compatible servers, GCS, Azure Blob, HTTP/WebDAV, the local
+filesystem and memory: ``object_store_url`` plus ``object_store_options`` (flat strings:
+credentials, ``endpoint``, ``region``, ``allow_http`` …). URL form:
+``objectstore+s3://bucket/prefix?endpoint=http://127.0.0.1:9000&allow_http=true`` (the query
+becomes the options).
+
+Layout (the reference's, so a bucket written by tvix is readable here and back):
+
+* ``{base}/chunks/b3/{hex(d[0:2])}/{hex(d)}``: one FastCDC-2020 chunk, zstd level 3.
+* ``{base}/blobs/b3/{hex(d[0:2])}/{hex(d)}``: the blob's index, a protobuf
+  ``StatBlobResponse{chunks}``. A blob of fewer than two chunks has an empty list and is
+  read from its chunk object (whose digest is the blob's); the empty blob has only an index.
+
+Writes stream: data is cut as it arrives (buffering a few maximum chunk sizes), chunks that
+already exist are skipped, at most ``max_in_flight`` chunk uploads run at once, and the
+index is written last, so an interrupted write never leaves an index without its chunks.
+Reads verify every chunk against its digest; seeking fetches only the chunk at the target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+import blake3
+
+from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, BytesReader, ChunkedReader, ChunkMeta
+from castore_di.composition.config import BlobServiceConfig
+from castore_di.digests import B3Digest, EMPTY_DIGEST, blake3_digest
+from castore_di.errors import ConfigError, IntegrityError, MissingDependencyError, StorageError
+from castore_di.objectstore_common import (
+    EXTRA_HINT,
+    ObjectStoreAccess,
+    object_key,
+    parse_objectstore_url,
+    validate_options,
+    validate_store_url,
+    zstd_compress,
+    zstd_decompress,
+)
+
+if TYPE_CHECKING:
+    from pyfastcdc import FastCDC
+
+__all__ = [
+    "ObjectStoreBlobService",
+    "ObjectStoreBlobServiceConfig",
+    "DEFAULT_AVG_CHUNK_SIZE",
+    "MIN_AVG_CHUNK_SIZE",
+    "MAX_AVG_CHUNK_SIZE",
+]
+
+DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
+# FastCDC 2020 (pyfastcdc and the Rust crate alike) needs min = avg/2 <= 1 MiB; below 4 KiB
+# a store would hold hundreds of thousands of objects per GiB.
+MIN_AVG_CHUNK_SIZE = 4 * 1024
+MAX_AVG_CHUNK_SIZE = 2 * 1024 * 1024
+# The largest chunk FastCDC can produce (its max_size limit); bounds decompression.
+_CHUNK_LIMIT = 16 * 1024 * 1024
+
+
+def _blob_key(digest: B3Digest) -> str:
+    return object_key("blobs", digest)
+
+
+def _chunk_key(digest: B3Digest) -> str:
+    return object_key("chunks", digest)
+
+
+def _encode_index(chunks: list[ChunkMeta]) -> bytes:
+    from castore_di.proto import rpc_blobstore_pb2
+
+    msg = rpc_blobstore_pb2.StatBlobResponse()
+    for c in chunks:
+        msg.chunks.add(digest=bytes(c.digest), size=c.size)
+    encoded: bytes = msg.SerializeToString(deterministic=True)
+    return encoded
+
+
+def _decode_index(blob: B3Digest, raw: bytes) -> list[ChunkMeta]:
+    from castore_di.proto import rpc_blobstore_pb2
+
+    msg = rpc_blobstore_pb2.StatBlobResponse()
+    try:
+        msg.ParseFromString(raw)
+        return [ChunkMeta(c.digest, c.size) for c in msg.chunks]
+    except Exception as e:  # DecodeError, DigestError
+        raise IntegrityError(f"blob {blob}: stored chunk index is damaged: {e}") from e
+
+
+def _new_chunker(avg: int) -> "FastCDC":
+    try:
+        from pyfastcdc import FastCDC
+    except ImportError as e:
+        raise MissingDependencyError(f"the objectstore backend needs pyfastcdc: {EXTRA_HINT}") from e
+    return FastCDC(avg, min_size=avg // 2, max_size=avg * 2)
+
+
+class ObjectStoreBlobService(BlobService):
+    """Blobs as FastCDC chunks plus an index in an object store (see the module docstring)."""
+
+    def __init__(
+        self,
+        object_store_url: str,
+        object_store_options: dict[str, str] | None = None,
+        avg_chunk_size: int = DEFAULT_AVG_CHUNK_SIZE,
+        max_in_flight: int = 8,
+    ) -> None:
+        _check_avg(avg_chunk_size)
+        self.access = ObjectStoreAccess(object_store_url, object_store_options or {})
+        self.avg_chunk_size = avg_chunk_size
+        self.max_in_flight = max_in_flight
+
+    async def has(self, digest: B3Digest) -> bool:
+        return await self.access.exists(_blob_key(digest)) or await self.access.exists(_chunk_key(digest))
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        raw = await self.access.get(_blob_key(digest))
+        if raw is not None:
+            return _decode_index(digest, raw)
+        return [] if await self.access.exists(_chunk_key(digest)) else None
+
+    async def _read_chunk(self, digest: B3Digest, what: str) -> bytes | None:
+        """A chunk object, decompressed and verified, or ``None`` when absent."""
+        raw = await self.access.get(_chunk_key(digest))
+        if raw is None:
+            return None
+        data = await asyncio.to_thread(zstd_decompress, raw, _CHUNK_LIMIT, what)
+        if blake3_digest(data) != digest:
+            raise IntegrityError(f"{what}: contents do not match the digest")
+        return data
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        if digest == EMPTY_DIGEST:
+            return BytesReader(b"")
+        data = await self._read_chunk(digest, f"blob {digest}")
+        if data is not None:
+            return BytesReader(data)
+        chunks = await self.chunks(digest)
+        if chunks is None:
+            return None
+        if not chunks:
+            raise StorageError(f"blob {digest}: the index lists no chunks and the chunk object is missing")
+
+        async def fetch(chunk: B3Digest) -> bytes | None:
+            return await self._read_chunk(chunk, f"blob {digest}: chunk {chunk}")
+
+        return _VerifyingChunkedReader(digest, chunks, fetch)
+
+    def open_write(self) -> BlobWriter:
+        return _ObjectStoreBlobWriter(self)
+
+
+class _VerifyingChunkedReader(ChunkedReader):
+    """Also checks the whole-blob digest when the blob is read from start to end in order.
+
+    Chunks are verified one by one by the base class; this catches an index that lists
+    the wrong (but intact) chunks, for the common case of a sequential read.
+    """
+
+    def __init__(self, blob: B3Digest, chunks: list[ChunkMeta], fetch: Any) -> None:
+        super().__init__(blob, chunks, fetch)
+        self._hasher: Any = blake3.blake3()
+        self._hashed = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        start = self.tell()
+        out = await super().read(n)
+        if self._hasher is not None and start == self._hashed and out:
+            self._hasher.update(out)
+            self._hashed += len(out)
+            if self._hashed == self.size and B3Digest(self._hasher.digest()) != self._blob:
+                self._hasher = None
+                raise IntegrityError(f"blob {self._blob}: its chunks do not add up to the blob's digest")
+        elif start != self._hashed:
+            self._hasher = None
+        return out
+
+
+class _ObjectStoreBlobWriter(BlobWriter):
+    """Cuts, hashes and uploads as data arrives; the index goes up last, in ``close``."""
+
+    def __init__(self, service: ObjectStoreBlobService) -> None:
+        super().__init__()
+        self._svc = service
+        avg = service.avg_chunk_size
+        self._max_chunk = avg * 2
+        # Cut only once several maximum-size chunks are buffered: every cut except the
+        # last is final, since FastCDC decides a cut from at most max_size bytes after it.
+        self._threshold = avg * 8
+        self._chunker: FastCDC | None = None
+        self._hasher: Any = blake3.blake3()
+        self._buf = bytearray()
+        self._chunks: list[ChunkMeta] = []
+        self._slots = asyncio.Semaphore(service.max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._failure: BaseException | None = None
+        self.chunks_uploaded = 0
+        self.chunks_skipped = 0
+
+    async def _write(self, data: bytes) -> None:
+        self._raise_failure()
+        view = memoryview(data)
+        while view:
+            room = self._threshold - len(self._buf)
+            self._buf += view[:room]
+            view = view[room:]
+            if len(self._buf) >= self._threshold:
+                await self._cut(final=False)
+
+    def _cut_sync(self, final: bool) -> tuple[list[tuple[B3Digest, bytes]], int]:
+        """Cut the buffer (in a worker thread): the finished chunks and the bytes consumed."""
+        if self._chunker is None:
+            self._chunker = _new_chunker(self._svc.avg_chunk_size)
+        out: list[tuple[B3Digest, bytes]] = []
+        with memoryview(self._buf) as view:
+            pieces = [(c.offset, c.length) for c in self._chunker.cut_buf(view)]
+            if not final and pieces:
+                pieces.pop()  # may end only because the buffer ends: cut it again with more data
+            consumed = pieces[-1][0] + pieces[-1][1] if pieces else 0
+            self._hasher.update(view[:consumed])
+            for offset, length in pieces:
+                chunk = bytes(view[offset : offset + length])
+                out.append((blake3_digest(chunk), chunk))
+        return out, consumed
+
+    async def _cut(self, final: bool) -> None:
+        pieces, consumed = await asyncio.to_thread(self._cut_sync, final)
+        del self._buf[:consumed]
+        for digest, chunk in pieces:
+            self._chunks.append(ChunkMeta(digest, len(chunk)))
+            await self._slots.acquire()
+            self._raise_failure()
+            task = asyncio.create_task(self._upload(digest, chunk))
+            self._tasks.add(task)
+            task.add_done_callback(self._upload_done)
+
+    def _upload_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            self._failure = task.exception()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise StorageError(f"chunk upload failed: {self._failure}") from self._failure
+
+    async def _upload(self, digest: B3Digest, chunk: bytes) -> None:
+        key = _chunk_key(digest)
+        access = self._svc.access
+        if await access.exists(key):
+            self.chunks_skipped += 1
+            return
+        compressed = await asyncio.to_thread(zstd_compress, chunk)
+        if await access.put_new(key, compressed):
+            self.chunks_uploaded += 1
+        else:
+            self.chunks_skipped += 1
+
+    async def _drain(self) -> None:
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    async def _finish(self) -> B3Digest:
+        await self._cut(final=True)
+        self._buf = bytearray()
+        await self._drain()
+        self._raise_failure()
+        digest = B3Digest(self._hasher.digest())
+        chunks = self._chunks if len(self._chunks) >= 2 else []
+        # Published last: only now are all chunks it names known to be stored.
+        await self._svc.access.put_new(_blob_key(digest), _encode_index(chunks))
+        return digest
+
+    async def _abort(self) -> None:
+        self._buf = bytearray()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+
+def _check_avg(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"avg_chunk_size must be an integer, got {value!r}")
+    if not MIN_AVG_CHUNK_SIZE <= value <= MAX_AVG_CHUNK_SIZE:
+        raise ConfigError(
+            f"avg_chunk_size must be between {MIN_AVG_CHUNK_SIZE} and {MAX_AVG_CHUNK_SIZE} "
+            f"(FastCDC needs min = avg/2 <= 1 MiB), got {value}"
+        )
+
+
+def _url_validator(_inst: object, _attr: object, value: str) -> None:
+    validate_store_url(value)
+
+
+def _options_validator(_inst: object, _attr: object, value: dict[str, str]) -> None:
+    validate_options(value)
+
+
+def _avg_validator(_inst: object, _attr: object, value: int) -> None:
+    _check_avg(value)
+
+
+@attrs.frozen(kw_only=True)
+class ObjectStoreBlobServiceConfig(BlobServiceConfig):
+    """Blobs chunked into an object store.
+
+    Attributes:
+        object_store_url: Where: ``s3://bucket/prefix``, ``gs://…``, ``az://container/prefix``,
+            ``https://host/path``, ``file:///abs/path``, ``memory:///``.
+        object_store_options: obstore store and HTTP-client options (all strings), e.g.
+            ``endpoint``, ``region``, ``access_key_id``, ``allow_http``, ``use_emulator``.
+        avg_chunk_size: FastCDC average chunk size in bytes (min = avg/2, max = 2*avg),
+            between 4 KiB and 2 MiB; default 262144 as the reference.
+    """
+
+    type_tag: ClassVar[str] = "objectstore"
+    object_store_url: str = attrs.field(validator=[attrs.validators.instance_of(str), _url_validator])
+    object_store_options: dict[str, str] = attrs.field(factory=dict, validator=_options_validator)
+    avg_chunk_size: int = attrs.field(default=DEFAULT_AVG_CHUNK_SIZE, validator=_avg_validator)
+
+    def build(self) -> ObjectStoreBlobService:
+        return ObjectStoreBlobService(self.object_store_url, self.object_store_options, self.avg_chunk_size)
+
+    @classmethod
+    def from_url(cls, url: str) -> "ObjectStoreBlobServiceConfig":
+        """``objectstore+<url>``; the query becomes ``object_store_options``."""
+        inner, options = parse_objectstore_url(url)
+        return cls(object_store_url=inner, object_store_options=options)

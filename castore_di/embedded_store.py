@@ -536,6 +536,14 @@ def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) 
         raise ConfigError(f"{attribute.name} must not be negative, got {value!r}")
 
 
+def _one_of(*choices: str) -> Any:
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            raise ConfigError(f"{attribute.name} must be one of {', '.join(choices)}, got {value!r}")
+
+    return check
+
+
 def _path_field(_inst: object, _attribute: attrs.Attribute[Any], value: str | None) -> None:
     if value is not None and not value.strip():
         raise ConfigError("path must not be empty (omit it for the default data directory)")
@@ -549,13 +557,13 @@ class EmbeddedStoreFields:
     """Data directory; default ``$XDG_DATA_HOME/castore`` (platformdirs ``user_data_dir``)."""
     map_size: int = attrs.field(default=DEFAULT_MAP_SIZE, validator=_positive)
     """Largest size the LMDB map may grow to, in bytes (reserved address space, not disk)."""
-    durability: Durability = attrs.field(default="process", validator=attrs.validators.in_(("process", "full")))
+    durability: Durability = attrs.field(default="process", validator=_one_of("process", "full"))
     """``process``: commit per close, fsync every ``sync_interval`` s; ``full``: fsync per commit."""
     sync_interval: float = attrs.field(default=1.0, validator=_non_negative)
     """Seconds between fsyncs with ``durability: process``."""
     max_readers: int = attrs.field(default=126, validator=_positive)
     """Concurrent read transactions across all processes (LMDB's reader table)."""
-    compression: Compression = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "none")))
+    compression: Compression = attrs.field(default="auto", validator=_one_of("auto", "none"))
     """``auto``: zstd when it saves at least 1/8; ``none``: store raw."""
 
     def store_options(self) -> StoreOptions:

@@ -299,7 +299,8 @@ class LazyChannel:
 
     def _delay(self, attempt: int) -> float:
         base = min(self.retry_backoff_max, self.retry_backoff * (2**attempt))
-        return base * (0.5 + random.random() / 2)
+        delay: float = base * (0.5 + random.random() / 2)
+        return delay
 
     async def retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run an idempotent call, retrying on UNAVAILABLE with bounded exponential backoff.

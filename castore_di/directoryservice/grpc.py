@@ -104,7 +104,7 @@ class GRPCDirectoryService(DirectoryService):
             raise IntegrityError(f"requested directory with digest {digest}, but got {directory.digest}")
         return directory
 
-    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:  # type: ignore[override]
+    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         import grpc
 
         what = f"Get {root} (recursive)"

@@ -17,11 +17,10 @@ Differences from the reference server, all wire-compatible:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 import grpc.aio
-from google.protobuf.message import DecodeError
 
 from castore_di.blobservice.base import BlobService
 from castore_di.digests import B3_LEN, B3Digest
@@ -39,7 +38,12 @@ SERVICE_NAME = "tvix.castore.v1.BlobService"
 # other clients).
 READ_MESSAGE_SIZE = 1 << 20
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+
+async def _not_found(context: Context, message: str) -> NoReturn:
+    await context.abort(grpc.StatusCode.NOT_FOUND, message)
+    raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
 
 def _varint(n: int) -> bytes:
@@ -61,7 +65,7 @@ def encode_blob_chunk(data: bytes) -> bytes:
 def _parse(msg_cls: Any, raw: bytes, what: str) -> Any:
     try:
         return msg_cls.FromString(raw)
-    except DecodeError as e:
+    except Exception as e:  # protobuf's DecodeError
         raise ValidationError(f"cannot decode {what}: {e}") from e
 
 
@@ -84,11 +88,11 @@ class BlobServicer:
             digest = _digest(request.digest)
             if not request.send_chunks:
                 if not await self.service.has(digest):
-                    await context.abort(grpc.StatusCode.NOT_FOUND, f"blob {digest} not found")
+                    await _not_found(context, f"blob {digest} not found")
                 return b""
             chunks = await self.service.chunks(digest)
             if chunks is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"blob {digest} not found")
+                await _not_found(context, f"blob {digest} not found")
             response = pb.StatBlobResponse()
             if chunks:
                 for c in chunks:
@@ -96,7 +100,7 @@ class BlobServicer:
             else:
                 reader = await self.service.open_read(digest)
                 if reader is None:
-                    await context.abort(grpc.StatusCode.NOT_FOUND, f"blob {digest} not found")
+                    await _not_found(context, f"blob {digest} not found")
                 async with reader:
                     response.chunks.add(digest=digest, size=reader.size)
             out: bytes = response.SerializeToString()
@@ -112,7 +116,7 @@ class BlobServicer:
             digest = _digest(request.digest)
             reader = await self.service.open_read(digest)
             if reader is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"blob {digest} not found")
+                await _not_found(context, f"blob {digest} not found")
             async with reader:
                 async for block in reader.iter_blocks(self.read_message_size):
                     yield encode_blob_chunk(block)

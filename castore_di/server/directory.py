@@ -15,11 +15,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 import grpc.aio
-from google.protobuf.message import DecodeError
 
 from castore_di.digests import B3_LEN, B3Digest
 from castore_di.directoryservice.base import DirectoryService
@@ -34,7 +33,12 @@ __all__ = ["DirectoryServicer", "SERVICE_NAME"]
 
 SERVICE_NAME = "tvix.castore.v1.DirectoryService"
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+
+async def _not_found(context: Context, message: str) -> NoReturn:
+    await context.abort(grpc.StatusCode.NOT_FOUND, message)
+    raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
 
 class DirectoryServicer:
@@ -47,7 +51,7 @@ class DirectoryServicer:
         try:
             try:
                 request = pb.GetDirectoryRequest.FromString(raw)
-            except DecodeError as e:
+            except Exception as e:  # protobuf's DecodeError
                 raise ValidationError(f"cannot decode GetDirectoryRequest: {e}") from e
             if request.WhichOneof("by_what") is None:
                 raise ValidationError("invalid by_what")
@@ -57,7 +61,7 @@ class DirectoryServicer:
             if not request.recursive:
                 directory = await self.service.get(digest)
                 if directory is None:
-                    await context.abort(grpc.StatusCode.NOT_FOUND, f"directory {digest} not found")
+                    await _not_found(context, f"directory {digest} not found")
                 yield directory.encode()
                 return
             async for directory in self.service.get_recursive(digest):
@@ -74,10 +78,10 @@ class DirectoryServicer:
             async for raw in requests:
                 try:
                     msg = castore_pb2.Directory.FromString(raw)
-                    directory = Directory.from_proto(msg)
-                    validator.add(directory)
-                except DecodeError as e:
+                except Exception as e:  # protobuf's DecodeError
                     raise ValidationError(f"directory #{index}: cannot decode Directory message: {e}") from e
+                try:
+                    validator.add(Directory.from_proto(msg))
                 except ValidationError as e:
                     e.args = (f"directory #{index}: {e}",)
                     raise

@@ -88,7 +88,9 @@ async def run(n: int, with_unbatched: bool) -> list[tuple[str, str, float]]:
 
         bt = service()
         t, _ = await timed(lambda: bt.put_closure(closure))
-        rows.append(("put (put_multiple closure)", f"bigtable ({bt.write_requests} MutateRows)", t))
+        rows.append(
+            ("put (put_multiple closure)", f"bigtable ({bt.read_requests} ReadRows + {bt.write_requests} MutateRows)", t)
+        )
         reads = bt.read_requests
         t, got = await timed(lambda: collect(bt.get_recursive(root)))
         assert len(got) == n

@@ -291,6 +291,23 @@ async def test_missing_table_is_a_storage_error(bigtable_table: dict[str, Any]) 
         await service.close()
 
 
+async def test_credential_problems_are_storage_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    # Without the emulator the client needs credentials; none of these reach the network.
+    monkeypatch.delenv("BIGTABLE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    extras: list[dict[str, Any]] = [
+        {},
+        {"credentials_file": str(tmp_path / "absent.json")},
+        {"credentials_file": str(tmp_path / "bad.json")},
+    ]
+    for extra in extras:
+        service = BigtableDirectoryServiceConfig(**FIELDS, **extra).build()
+        with pytest.raises(StorageError, match="bigtable"):
+            await service.get(DIRECTORY_A.digest)
+        await service.close()
+
+
 async def test_channel_size_and_close(bigtable_table: dict[str, Any]) -> None:
     service = BigtableDirectoryServiceConfig(**bigtable_table, channel_size=3).build()
     await service.put_closure(CLOSURE_D)
@@ -301,6 +318,15 @@ async def test_channel_size_and_close(bigtable_table: dict[str, Any]) -> None:
     await service.close()  # idempotent
     with pytest.raises(ClosedError):
         await service.get(DIRECTORY_D.digest)
+
+
+def test_usable_from_successive_event_loops(bigtable_table: dict[str, Any]) -> None:
+    import asyncio
+
+    service = BigtableDirectoryServiceConfig(**bigtable_table).build()
+    root = asyncio.run(service.put_closure(CLOSURE_D))
+    assert asyncio.run(service.get(root)) == DIRECTORY_D
+    asyncio.run(service.close())
 
 
 async def test_cache_in_front_of_bigtable_fills_near_on_a_miss(bigtable_table: dict[str, Any]) -> None:

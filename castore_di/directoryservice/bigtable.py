@@ -87,6 +87,7 @@ def _load_lib() -> types.SimpleNamespace:
     """The parts of google-cloud-bigtable this module uses (imported on first call)."""
     try:
         core_exceptions = importlib.import_module("google.api_core.exceptions")
+        auth_exceptions = importlib.import_module("google.auth.exceptions")
         data = importlib.import_module("google.cloud.bigtable.data")
         row_filters = importlib.import_module("google.cloud.bigtable.data.row_filters")
         swappable = importlib.import_module("google.cloud.bigtable.data._async._swappable_channel")
@@ -118,6 +119,7 @@ def _load_lib() -> types.SimpleNamespace:
         filters=row_filters,
         errors=(
             core_exceptions.GoogleAPIError,
+            auth_exceptions.GoogleAuthError,
             data.MutationsExceptionGroup,
             data.RetryExceptionGroup,
             data.ShardedReadRowsExceptionGroup,
@@ -170,6 +172,7 @@ class BigtableDirectoryService(DirectoryService):
         self._clients: list[Any] = []
         self._tables: list[Any] = []
         self._next = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._family_pattern = _regex_literal(family_name)
 
@@ -179,6 +182,12 @@ class BigtableDirectoryService(DirectoryService):
         """A table handle, round-robin over ``channel_size`` clients opened on first use."""
         if self._closed:
             raise ClosedError("bigtable directory service is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # gRPC aio channels belong to the loop that made them; a service used from a new
+            # loop (asyncio.run per CLI command) opens new clients there.
+            self._clients, self._tables = [], []
+            self._loop = loop
         if not self._tables:
             self._open()
         table = self._tables[self._next % len(self._tables)]

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Final, Protocol, cast
 
 import attrs
+import blake3
 
 from castore_di.blobservice.base import BlobService
 from castore_di.digests import B3Digest, blake3_digest
@@ -147,6 +148,40 @@ class _Walk:
                     raise UnsupportedFileTypeError(entry.path, _file_type(mode))
 
 
+def _hash_fd(fd: int, path: str) -> tuple[B3Digest, int]:
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    size = 0
+    try:
+        while block := os.read(fd, 4 * _BLOCK):
+            hasher.update(block)
+            size += len(block)
+    except OSError as e:
+        raise StorageError(f"unable to read {path}: {e.strerror or e}") from e
+    return B3Digest(hasher.digest()), size
+
+
+class _Presence:
+    """Decides when asking ``has`` before an upload is worth it.
+
+    Uploading a present blob is correct (stores dedup by digest) but costs the store's
+    write path; asking ``has`` first costs a hash and a lookup. While lookups keep missing
+    (a fresh store) only every 16th file is checked; one hit resumes checking every file.
+    """
+
+    __slots__ = ("_misses", "_count")
+
+    def __init__(self) -> None:
+        self._misses = 0
+        self._count = 0
+
+    def should_check(self) -> bool:
+        self._count += 1
+        return self._misses < 64 or self._count % 16 == 0
+
+    def record(self, present: bool) -> None:
+        self._misses = 0 if present else self._misses + 1
+
+
 class _Uploader:
     """Reads files and uploads their contents with at most ``concurrency`` in flight."""
 
@@ -157,6 +192,7 @@ class _Uploader:
         self._concurrency = max(1, concurrency)
         self._stats = stats
         self._advance = advance
+        self._presence = _Presence()
 
     async def upload_all(self, files: list[_File]) -> list[FileNode]:
         nodes: list[FileNode | None] = [None] * len(files)
@@ -193,7 +229,7 @@ class _Uploader:
                 else:
                     digest, size = await self._stream(fd, f)
             else:
-                digest, size = await self._stream(fd, f)
+                digest, size = await self._put_large(fd, f)
         finally:
             os.close(fd)
         self._stats.files += 1
@@ -221,18 +257,37 @@ class _Uploader:
             raise StorageError(f"unable to read {f.path}: {e.strerror or e}") from e
 
     async def _put_small(self, data: bytes, f: _File) -> B3Digest:
-        digest = blake3_digest(data)
+        check = self._presence.should_check()
+        digest = blake3_digest(data) if check else None
         try:
-            if await self._blob.has(digest):
-                return digest
+            if digest is not None:
+                present = await self._blob.has(digest)
+                self._presence.record(present)
+                if present:
+                    return digest
             stored = await self._blob.put(data)
         except StorageError as e:
             raise StorageError(f"unable to upload {f.path}: {e}") from e
-        if stored != digest:  # a backend that hashes differently is broken; do not go on
+        if digest is not None and stored != digest:  # a backend that hashes differently is broken
             raise StorageError(f"blob service returned digest {stored} for {f.path}, expected {digest}")
         self._stats.uploaded_files += 1
         self._stats.uploaded_bytes += len(data)
-        return digest
+        return stored
+
+    async def _put_large(self, fd: int, f: _File) -> tuple[B3Digest, int]:
+        # Hashing in a worker thread (blake3 releases the GIL) is far cheaper than an
+        # upload, so a large file already present costs one read and no write.
+        digest, size = await asyncio.to_thread(_hash_fd, fd, f.path)
+        try:
+            if await self._blob.has(digest):
+                return digest, size
+        except StorageError as e:
+            raise StorageError(f"unable to upload {f.path}: {e}") from e
+        os.lseek(fd, 0, os.SEEK_SET)
+        stored, size = await self._stream(fd, f)
+        if stored != digest:
+            raise StorageError(f"{f.path} changed while it was imported")
+        return stored, size
 
     async def _stream(self, fd: int, f: _File) -> tuple[B3Digest, int]:
         writer = self._blob.open_write()

@@ -1,0 +1,210 @@
+"""``castore import`` and ``castore export``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import IO, Any
+
+import click
+
+from castore_di.cli import cli, pass_ctx, run_async
+from castore_di.cli.context import CliContext
+from castore_di.digests import B3Digest
+from castore_di.errors import DigestError, StorageError
+from castore_di.exporter import export_directory, export_file, export_symlink
+from castore_di.importer import DEFAULT_CONCURRENCY, ImportStats, ingest_path
+from castore_di.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+
+__all__ = ["import_command", "export_command", "DigestParam", "Progress", "node_json", "node_line"]
+
+
+class DigestParam(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click stubs
+    """A digest argument: ``b3:<base64>``, 64 hex digits or base64. Bad input is a usage error."""
+
+    name = "digest"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> B3Digest:
+        if isinstance(value, B3Digest):
+            return value
+        try:
+            return B3Digest.parse(str(value))
+        except DigestError as e:
+            self.fail(str(e), param, ctx)
+
+
+DIGEST = DigestParam()
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+class Progress:
+    """A one-line progress display on stderr (files, bytes, rate); silent when not a terminal."""
+
+    def __init__(self, label: str, stream: IO[str] | None = None, enabled: bool | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self.enabled = self._stream.isatty() if enabled is None else enabled
+        self._label = label
+        self._files = self._bytes = 0
+        self._total_files = self._total_bytes = 0
+        self._t0 = time.monotonic()
+        self._last = 0.0
+
+    def start(self, files: int, nbytes: int) -> None:
+        self._total_files, self._total_bytes = files, nbytes
+        self._draw(force=True)
+
+    def advance(self, nbytes: int) -> None:
+        self._files += 1
+        self._bytes += nbytes
+        self._draw()
+
+    def _draw(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        rate = self._bytes / max(now - self._t0, 1e-6)
+        if self._total_bytes:
+            frac = min(1.0, self._bytes / self._total_bytes)
+        else:
+            frac = self._files / self._total_files if self._total_files else 0.0
+        width = 24
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        line = (
+            f"{self._label} [{bar}] {self._files}/{self._total_files} files  "
+            f"{_human_bytes(self._bytes)}/{_human_bytes(self._total_bytes)}  {_human_bytes(rate)}/s"
+        )
+        self._stream.write("\r\x1b[K" + line)
+        self._stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+
+def node_json(path: str, node: Node) -> dict[str, Any]:
+    """The ``--json`` form of a root node."""
+    if type(node) is SymlinkNode:
+        return {"path": path, "type": "symlink", "target": os.fsdecode(node.target)}
+    assert isinstance(node, (FileNode, DirectoryNode))
+    kind = "file" if type(node) is FileNode else "directory"
+    out: dict[str, Any] = {"path": path, "type": kind, "digest": str(node.digest), "size": node.size}
+    if type(node) is FileNode:
+        out["executable"] = node.executable
+    return out
+
+
+def node_line(path: str, node: Node) -> str:
+    """The human form: ``<path> <type> <b3:digest> <size>`` (symlinks: ``<path> symlink <target>``)."""
+    if type(node) is SymlinkNode:
+        return f"{path} symlink {os.fsdecode(node.target)}"
+    assert isinstance(node, (FileNode, DirectoryNode))
+    if type(node) is DirectoryNode:
+        kind = "directory"
+    else:
+        kind = "executable" if isinstance(node, FileNode) and node.executable else "file"
+    return f"{path} {kind} {node.digest} {node.size}"
+
+
+@cli.command("import")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per path instead of text.")
+@click.option("-j", "--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_CONCURRENCY, show_default=True,
+              help="Files read and uploaded at once.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when it is a terminal).")
+@pass_ctx
+def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concurrency: int,
+                   progress: bool | None) -> None:
+    """Import files, directories and symlinks; print the root node of each PATH.
+
+    Text output is one line per PATH: `<path> <type> <b3:digest> <size>` where type is
+    directory, file or executable and size is bytes for files and the number of entries
+    below for directories; a symlink prints `<path> symlink <target>` (never followed).
+    With --json: {"path", "type", "digest", "size"} per line (symlinks: "target").
+    Fifos, sockets and devices are refused with an error naming the path.
+    """
+
+    async def run() -> None:
+        blob, dirs = ctx.blob_service(), ctx.directory_service()
+        for path in paths:
+            bar = Progress(f"importing {path}", enabled=progress)
+            stats = ImportStats()
+            try:
+                _name, node = await ingest_path(blob, dirs, path, concurrency=concurrency, progress=bar, stats=stats)
+            finally:
+                bar.finish()
+            if as_json:
+                click.echo(json.dumps(node_json(path, node)))
+            else:
+                click.echo(node_line(path, node))
+
+    run_async(ctx, run)
+
+
+@cli.command("export")
+@click.argument("source")
+@click.argument("dest", type=click.Path())
+@click.option("--directory", "form", flag_value="directory", help="SOURCE is a directory digest.")
+@click.option("--file", "form", flag_value="file", help="SOURCE is a blob digest; DEST becomes one file.")
+@click.option("--symlink", "form", flag_value="symlink", help="SOURCE is a symlink target; DEST becomes the symlink.")
+@click.option("--executable", is_flag=True, help="With --file: make DEST executable.")
+@click.option("-f", "--force", is_flag=True,
+              help="Write into a non-empty DEST directory (same-named files are replaced, "
+                   "directories reused, symlinks in the way refused), or replace an existing file/symlink DEST.")
+@click.option("-j", "--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_CONCURRENCY, show_default=True,
+              help="Files written at once.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when it is a terminal).")
+@pass_ctx
+def export_command(ctx: CliContext, source: str, dest: str, form: str | None, executable: bool, force: bool,
+                   concurrency: int, progress: bool | None) -> None:
+    """Materialize a stored node at DEST.
+
+    Without --directory/--file/--symlink, SOURCE is a digest looked up as a directory
+    first, then as a blob. A directory is written into DEST, which must not exist or be
+    empty unless --force; every blob is verified (size and BLAKE3) as it streams, files
+    are written under a temporary name and renamed when complete, symlinks are created as
+    symlinks and never followed, and names that could escape DEST are refused.
+    """
+    if form == "symlink":
+        export_symlink(SymlinkNode(os.fsencode(source)), dest, replace=force)
+        return
+    digest = DIGEST.convert(source, None, click.get_current_context())
+    if executable and form not in ("file", None):
+        raise click.UsageError("--executable only applies to a file")
+
+    async def run() -> None:
+        blob, dirs = ctx.blob_service(), ctx.directory_service()
+        kind = form
+        if kind is None:
+            kind = "directory" if await dirs.get(digest) is not None else "file"
+        if kind == "directory":
+            if executable:
+                raise click.UsageError("--executable only applies to a file")
+            bar = Progress(f"exporting {digest}", enabled=progress)
+            try:
+                await export_directory(blob, dirs, digest, dest, merge=force, concurrency=concurrency,
+                                       advance=bar.advance if bar.enabled else None)
+            finally:
+                bar.finish()
+            return
+        reader = await blob.open_read(digest)
+        if reader is None:
+            what = "blob" if form == "file" else "directory or blob"
+            raise StorageError(f"{what} {digest} not found")
+        async with reader:
+            size = reader.size
+        await export_file(blob, FileNode(digest, size, executable), dest, replace=force)
+
+    run_async(ctx, run)

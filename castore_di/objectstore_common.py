@@ -107,11 +107,13 @@ def validate_store_url(url: str) -> None:
         raise ConfigError(f"object store URL {url!r}: the host is missing")
 
 
-def validate_options(options: Mapping[str, object]) -> None:
-    """Options are a flat string-to-string map, as in the reference."""
+def validate_options(options: Mapping[str, object], url: str | None = None) -> None:
+    """Options are a flat string-to-string map, as in the reference; file:// takes none."""
     for key, value in options.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise ConfigError(f"object_store_options must map strings to strings, got {key!r}: {value!r}")
+    if url is not None and options and urllib.parse.urlsplit(url).scheme == "file":
+        raise ConfigError(f"{url}: file:// takes no object_store_options (got {', '.join(sorted(options))})")
 
 
 def split_options(options: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -163,8 +165,6 @@ def build_store(url: str, options: Mapping[str, str]) -> "ObjectStore":
         kwargs["client_options"] = client
     try:
         if scheme == "file":
-            if options:
-                raise ConfigError(f"{url}: file:// takes no options (got {', '.join(sorted(options))})")
             return obstore.store.LocalStore(urllib.parse.unquote(urllib.parse.urlsplit(url).path), mkdir=True)  # type: ignore[no-any-return]
         if scheme == "memory" and url == "memory://":
             url = "memory:///"
@@ -182,7 +182,7 @@ class ObjectStoreAccess:
 
     def __init__(self, url: str, options: Mapping[str, str]) -> None:
         validate_store_url(url)
-        validate_options(options)
+        validate_options(options, url)
         self.url = url
         self.options = dict(options)
         self._store: ObjectStore | None = None

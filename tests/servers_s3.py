@@ -114,7 +114,7 @@ def s3_server() -> Iterator[S3Server]:
 
 @pytest.fixture
 def s3_bucket(s3_server: S3Server) -> S3Bucket:
-    import boto3
+    import boto3  # type: ignore[import-untyped]
 
     name = f"castore-{uuid.uuid4().hex[:20]}"
     client = boto3.client(

@@ -166,8 +166,8 @@ def _url_validator(_inst: object, _attr: object, value: str) -> None:
     validate_store_url(value)
 
 
-def _options_validator(_inst: object, _attr: object, value: dict[str, str]) -> None:
-    validate_options(value)
+def _options_validator(inst: object, _attr: object, value: dict[str, str]) -> None:
+    validate_options(value, getattr(inst, "object_store_url", None))
 
 
 @attrs.frozen(kw_only=True)

@@ -34,7 +34,18 @@ EXIT_INTERRUPTED = 130
 pass_ctx = click.make_pass_decorator(CliContext)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CASTORE"})
+_EPILOG = """\b
+Exit codes:
+  0    success
+  1    runtime error: storage or integrity failure, not found, a refused
+       file (fifo, socket, device) or destination (not empty, exists)
+  2    usage or configuration error: bad option or digest, invalid config
+  130  interrupted
+Errors are one line on stderr; --verbose adds the traceback."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CASTORE"},
+             epilog=_EPILOG)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="CASTORE_CONFIG",
               help="Config file (YAML, JSON or TOML). Env: CASTORE_CONFIG.")
 @click.option("--blob-service", default="default", show_default=True, help="Blob service instance name.")

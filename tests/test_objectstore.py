@@ -549,3 +549,35 @@ async def test_uploads_in_flight_are_bounded(tmp_path: Path) -> None:
     digest = await service.put(data)
     assert await service.read_bytes(digest) == data
     assert 2 <= most <= 3
+
+
+# --- the same write-path guarantees on the real servers -----------------------------------
+
+
+@pytest.mark.parametrize("server", ["s3_bucket", "azure_container"])
+async def test_server_dedup_abort_and_create_only(server: str, request: pytest.FixtureRequest) -> None:
+    place = request.getfixturevalue(server)
+    service = ObjectStoreBlobService(place.url, place.options, avg_chunk_size=TEST_AVG)
+    data = _data(1_000_000, 15)
+    first = service.open_write()
+    assert isinstance(first, _ObjectStoreBlobWriter)
+    await first.write(data)
+    digest = await first.close()
+    second = service.open_write()
+    assert isinstance(second, _ObjectStoreBlobWriter)
+    await second.write(data)
+    assert await second.close() == digest
+    assert first.chunks_uploaded > 2 and second.chunks_uploaded == 0
+    # create-only puts: an existing object is never replaced
+    key = object_key("blobs", digest)
+    before = await service.access.get(key)
+    assert not await service.access.put_new(key, b"something else")
+    assert await service.access.get(key) == before
+    # an aborted write leaves no index
+    other = _data(2_000_000, 16)
+    writer = service.open_write()
+    for i in range(0, 1_500_000, 100_000):
+        await writer.write(other[i : i + 100_000])
+    await writer.abort()
+    assert not await service.has(blake3_digest(other))
+    assert await service.read_bytes(digest) == data

@@ -17,6 +17,9 @@ Writes stream: data is cut as it arrives (buffering a few maximum chunk sizes), 
 already exist are skipped, at most ``max_in_flight`` chunk uploads run at once, and the
 index is written last, so an interrupted write never leaves an index without its chunks.
 Reads verify every chunk against its digest; seeking fetches only the chunk at the target.
+
+Tested against the local filesystem, memory, S3 (moto's server) and Azure Blob (Azurite).
+GCS is tested for config and URL handling only: no local emulator accepts obstore's uploads.
 """
 
 from __future__ import annotations

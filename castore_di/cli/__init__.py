@@ -123,6 +123,8 @@ def _report(e: BaseException, verbose: bool, prefix: str | None = None) -> None:
     if verbose:
         traceback.print_exception(e)
     message = str(e) or type(e).__name__
+    # One line whatever the message (YAML parser errors span several); --verbose has it all.
+    message = " ".join(part.strip() for part in message.splitlines() if part.strip())
     click.echo(f"castore: {prefix + ': ' if prefix else ''}{message}", err=True)
 
 

@@ -355,6 +355,19 @@ class EmbeddedStore:
     def _chunk_name(digest: B3Digest, blob: B3Digest | None) -> str:
         return f"chunk {digest}" if blob is None or blob == digest else f"blob {blob}: chunk {digest}"
 
+    def read_blob(self, digest: B3Digest) -> tuple[bytes | None, list[tuple[B3Digest, int]] | None]:
+        """``(verified bytes, None)`` for a one-chunk blob, ``(None, chunk list)`` for a chunked one,
+        ``(None, None)`` when absent; one read transaction."""
+        with self.read() as txn:
+            raw = txn.get(digest, db=self.chunks_db)
+            if raw is None:
+                index = txn.get(digest, db=self.blobs_db)
+                return None, None if index is None else decode_index(index, digest)
+            data = _codec().decode(raw, self._chunk_name(digest, None))
+        if blake3_digest(data) != digest:
+            raise IntegrityError(f"blob {digest}: chunk {digest} is corrupted")
+        return data, None
+
     def lookup_blob(self, digest: B3Digest) -> tuple[bool, list[tuple[B3Digest, int]] | None]:
         """``(is_a_chunk, chunk_list_or_None)`` in one read transaction."""
         with self.read() as txn:

@@ -87,11 +87,8 @@ class EmbeddedBlobService(BlobService):
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         store = self._store()
-        is_chunk, index = store.lookup_blob(digest)
-        if is_chunk:
-            data = store.get_chunk(digest)
-            if data is None:  # pragma: no cover - chunks are never deleted
-                return None
+        data, index = store.read_blob(digest)
+        if data is not None:
             return BytesReader(data)
         if index is None:
             return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import random
 import tracemalloc
 from pathlib import Path
@@ -391,6 +390,22 @@ async def test_seek_fetches_only_the_target_chunk(blobs: ObjectStoreBlobService)
     await reader.close()
 
 
+async def test_sequential_reads_fetch_each_chunk_once(blobs: ObjectStoreBlobService) -> None:
+    data = _data(2_000_000, 17)
+    digest = await blobs.put(data)
+    chunks = await blobs.chunks(digest)
+    assert chunks and len(chunks) > 4
+    spy = _CountingGets(blobs)
+    reader = await blobs.open_read(digest)
+    assert reader is not None
+    assert await reader.read(10) == data[:10]
+    assert [k for k in spy.keys if k.startswith("chunks/")][1:] == [object_key("chunks", chunks[0].digest)]
+    assert await reader.read() == data[10:]  # crosses chunks: read-ahead kicks in
+    await reader.close()
+    fetched = [k for k in spy.keys if k.startswith("chunks/")][1:]
+    assert sorted(fetched) == sorted(object_key("chunks", c.digest) for c in chunks)
+
+
 async def test_raw_chunk_damage_is_an_integrity_error(blobs: ObjectStoreBlobService, store_dir: Path) -> None:
     data = _data(500_000, 4)
     digest = await blobs.put(data)
@@ -581,3 +596,18 @@ async def test_server_dedup_abort_and_create_only(server: str, request: pytest.F
     await writer.abort()
     assert not await service.has(blake3_digest(other))
     assert await service.read_bytes(digest) == data
+
+
+def test_config_import_loads_no_heavy_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from castore_di.blobservice.objectstore import ObjectStoreBlobServiceConfig as B\n"
+        "from castore_di.directoryservice.objectstore import ObjectStoreDirectoryServiceConfig as D\n"
+        "B.from_url('objectstore+s3://b/p?region=x'); D(object_store_url='memory:///')\n"
+        "print(sorted(m for m in ('obstore', 'zstandard', 'pyfastcdc') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

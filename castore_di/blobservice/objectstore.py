@@ -25,7 +25,7 @@ GCS is tested for config and URL handling only: no local emulator accepts obstor
 from __future__ import annotations
 
 import asyncio
-import io
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -158,17 +158,52 @@ class ObjectStoreBlobService(BlobService):
         return _ObjectStoreBlobWriter(self)
 
 
-class _VerifyingChunkedReader(ChunkedReader):
-    """Also checks the whole-blob digest when the blob is read from start to end in order.
+def _retrieve(task: asyncio.Future[bytes | None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
-    Chunks are verified one by one by the base class; this catches an index that lists
-    the wrong (but intact) chunks, for the common case of a sequential read.
+
+class _VerifyingChunkedReader(ChunkedReader):
+    """A ChunkedReader with read-ahead and a whole-blob check on sequential reads.
+
+    Once a read crosses from one chunk into the next, the following ``READAHEAD`` chunks
+    are fetched in the background (never earlier ones; a seek cancels what it skips).
+    Chunks are verified one by one by the base class; the whole-blob digest check catches
+    an index that lists wrong (but intact) chunks, when the blob is read start to end.
     """
 
-    def __init__(self, blob: B3Digest, chunks: list[ChunkMeta], fetch: Any) -> None:
-        super().__init__(blob, chunks, fetch)
+    READAHEAD = 2
+
+    def __init__(
+        self, blob: B3Digest, chunks: list[ChunkMeta], fetch: Callable[[B3Digest], Awaitable[bytes | None]]
+    ) -> None:
+        super().__init__(blob, chunks, self._fetch_ahead)
+        self._real_fetch = fetch
+        self._pending: dict[int, asyncio.Future[bytes | None]] = {}
         self._hasher: Any = blake3.blake3()
         self._hashed = 0
+        self._loading = -1
+
+    async def _fetch_ahead(self, digest: B3Digest) -> bytes | None:
+        task = self._pending.pop(self._loading, None)
+        if task is not None:
+            return await task
+        return await self._real_fetch(digest)
+
+    async def _load(self, index: int) -> bytes:
+        if index != self._cur_index:
+            sequential = index == self._cur_index + 1 and self._cur_index >= 0
+            wanted = range(index + 1, min(index + 1 + self.READAHEAD, len(self._chunks))) if sequential else range(0)
+            for i in list(self._pending):
+                if i != index and i not in wanted:
+                    self._pending.pop(i).cancel()
+            for i in wanted:
+                if i not in self._pending:
+                    task = asyncio.ensure_future(self._real_fetch(self._chunks[i].digest))
+                    task.add_done_callback(_retrieve)  # a skipped chunk's error is not an error
+                    self._pending[i] = task
+            self._loading = index
+        return await super()._load(index)
 
     async def read(self, n: int = -1) -> bytes:
         start = self.tell()
@@ -182,6 +217,14 @@ class _VerifyingChunkedReader(ChunkedReader):
         elif start != self._hashed:
             self._hasher = None
         return out
+
+    async def close(self) -> None:
+        for task in self._pending.values():
+            task.cancel()
+        if self._pending:
+            await asyncio.gather(*self._pending.values(), return_exceptions=True)
+        self._pending.clear()
+        await super().close()
 
 
 class _ObjectStoreBlobWriter(BlobWriter):

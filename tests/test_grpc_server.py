@@ -79,7 +79,7 @@ def test_bad_listen_address_is_a_usage_error(tmp_path: Path) -> None:
 
 
 async def test_kill_mid_read_then_restart(server: GrpcServerProcess) -> None:
-    client = GRPCBlobService(server.url, retries=2, retry_backoff=0.05, connect_timeout=2)
+    client = GRPCBlobService(server.url, connect_timeout=2)  # default retries outlast reconnect backoff
     data = os.urandom(96 * 1024 * 1024)
     digest = await client.put(data)
     reader = await client.open_read(digest)
@@ -100,8 +100,8 @@ async def test_kill_mid_read_then_restart(server: GrpcServerProcess) -> None:
 
 
 async def test_kill_mid_put_then_restart(server: GrpcServerProcess) -> None:
-    blobs = GRPCBlobService(server.url, retries=2, retry_backoff=0.05, connect_timeout=2)
-    dirs = GRPCDirectoryService(server.url, retries=2, retry_backoff=0.05, connect_timeout=2)
+    blobs = GRPCBlobService(server.url, connect_timeout=3)
+    dirs = GRPCDirectoryService(server.url, connect_timeout=3)
     writer = blobs.open_write()
     chunk = os.urandom(4 << 20)
     await writer.write(chunk)

@@ -29,7 +29,6 @@ digest the server returns must equal the digest of the bytes written.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -42,7 +41,14 @@ from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, Byt
 from castore_di.composition.config import BlobServiceConfig
 from castore_di.digests import B3_LEN, B3Digest, blake3_digest
 from castore_di.errors import ClosedError, IntegrityError, StorageError
-from castore_di.grpc_channel import GrpcClientConfig, LazyChannel, translate_rpc_error
+from castore_di.grpc_channel import (
+    GrpcClientConfig,
+    LazyChannel,
+    StreamSender,
+    decode_blob_chunk as _decode_chunk,
+    encode_blob_chunk as _encode_chunk,
+    translate_rpc_error,
+)
 
 if TYPE_CHECKING:
     import grpc.aio
@@ -58,40 +64,6 @@ _PUT = "/tvix.castore.v1.BlobService/Put"
 
 
 def _identity(data: bytes) -> bytes:
-    return data
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _encode_chunk(data: bytes) -> bytes:
-    return b"\x0a" + _varint(len(data)) + data if data else b""
-
-
-def _decode_chunk(raw: bytes) -> bytes:
-    """``BlobChunk.data`` of a serialized message (fast path for the usual one-field form)."""
-    if not raw:
-        return b""
-    if raw[0] == 0x0A:
-        length, shift, i = 0, 0, 1
-        while i < len(raw) and i < 11:
-            b = raw[i]
-            length |= (b & 0x7F) << shift
-            i += 1
-            if not b & 0x80:
-                if i + length == len(raw):
-                    return raw[i:]
-                break
-            shift += 7
-    from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
-
-    data: bytes = pb.BlobChunk.FromString(raw).data
     return data
 
 
@@ -424,39 +396,20 @@ class _GrpcBlobWriter(HashingWriter):
     def __init__(self, service: GRPCBlobService) -> None:
         super().__init__()
         self._service = service
-        self._call: Any = None
+        self._sender: StreamSender | None = None
         self._pending = bytearray()
 
-    async def _start(self) -> Any:
-        if self._call is None:
+    async def _start(self) -> StreamSender:
+        if self._sender is None:
             chan = self._service._chan
             channel = await chan.get_ready()
             put = channel.stream_unary(_PUT, request_serializer=_identity, response_deserializer=_identity)
-            self._call = put(timeout=chan.stream_timeout)
-        return self._call
+            self._sender = StreamSender(put, "Put", self._service.url, chan.stream_timeout)
+        return self._sender
 
-    async def _send(self, piece: bytes) -> None:
-        call = await self._start()
-        try:
-            await call.write(_encode_chunk(piece))
-        except asyncio.InvalidStateError:
-            await self._raise_call_error(call)
-        except Exception as e:
-            raise self._translate(e) from e
-
-    async def _raise_call_error(self, call: Any) -> None:
-        try:
-            await call
-        except Exception as e:
-            raise self._translate(e) from e
-        raise StorageError(f"Put to {self._service.url}: the call ended early")
-
-    def _translate(self, e: Exception) -> Exception:
-        import grpc
-
-        if isinstance(e, grpc.aio.AioRpcError):
-            return translate_rpc_error(e, "Put", self._service.url)
-        return e
+    async def _send(self, piece: bytes | bytearray | memoryview) -> None:
+        sender = await self._start()
+        await sender.send(_encode_chunk(piece))
 
     async def _write(self, data: bytes) -> None:
         self._hash(data)
@@ -468,26 +421,19 @@ class _GrpcBlobWriter(HashingWriter):
             fill = WRITE_MESSAGE_SIZE - len(self._pending)
             self._pending += view[:fill]
             view = view[fill:]
-            await self._send(bytes(self._pending))
+            await self._send(self._pending)
             self._pending = bytearray()
         while len(view) >= WRITE_MESSAGE_SIZE:
-            await self._send(bytes(view[:WRITE_MESSAGE_SIZE]))
+            await self._send(view[:WRITE_MESSAGE_SIZE])
             view = view[WRITE_MESSAGE_SIZE:]
         self._pending += view
 
     async def _finish(self) -> B3Digest:
         if self._pending:
-            await self._send(bytes(self._pending))
+            await self._send(self._pending)
             self._pending = bytearray()
-        call = await self._start()
-        try:
-            await call.done_writing()
-            raw = await call
-        except asyncio.InvalidStateError:
-            await self._raise_call_error(call)
-            raise  # unreachable: the helper always raises
-        except Exception as e:
-            raise self._translate(e) from e
+        sender = await self._start()
+        raw = await sender.finish()
         from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
 
         returned = pb.PutBlobResponse.FromString(raw).digest
@@ -500,8 +446,8 @@ class _GrpcBlobWriter(HashingWriter):
 
     async def _abort(self) -> None:
         self._pending = bytearray()
-        if self._call is not None:
-            self._call.cancel()
+        if self._sender is not None:
+            self._sender.cancel()
 
 
 @attrs.frozen(kw_only=True)

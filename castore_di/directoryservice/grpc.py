@@ -17,7 +17,6 @@ Get only before its first message); Put is not retried.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -28,7 +27,7 @@ from castore_di.digests import B3_LEN, B3Digest
 from castore_di.directoryservice.base import DirectoryPutter, DirectoryService
 from castore_di.directoryservice.closure import LeavesToRoot, RootToLeaves
 from castore_di.errors import ClosedError, ClosureError, IntegrityError, StorageError, ValidationError
-from castore_di.grpc_channel import GrpcClientConfig, LazyChannel, translate_rpc_error
+from castore_di.grpc_channel import GrpcClientConfig, LazyChannel, StreamSender, translate_rpc_error
 from castore_di.nodes import Directory
 
 __all__ = ["GRPCDirectoryService", "GRPCDirectoryServiceConfig"]
@@ -164,31 +163,17 @@ class _GrpcDirectoryPutter(DirectoryPutter):
     def __init__(self, service: GRPCDirectoryService) -> None:
         self._service = service
         self._validator = LeavesToRoot()
-        self._call: Any = None
+        self._sender: StreamSender | None = None
         self._root: B3Digest | None = None
         self._closed = False
 
-    async def _start(self) -> Any:
-        if self._call is None:
+    async def _start(self) -> StreamSender:
+        if self._sender is None:
             chan = self._service._chan
             channel = await chan.get_ready()
             put = channel.stream_unary(_PUT, request_serializer=_identity, response_deserializer=_identity)
-            self._call = put(timeout=chan.stream_timeout)
-        return self._call
-
-    def _translate(self, e: Exception) -> Exception:
-        import grpc
-
-        if isinstance(e, grpc.aio.AioRpcError):
-            return translate_rpc_error(e, "Put", self._service.url)
-        return e
-
-    async def _call_error(self, call: Any) -> Exception:
-        try:
-            await call
-        except Exception as e:
-            return self._translate(e)
-        return StorageError(f"Put to {self._service.url}: the call ended early")
+            self._sender = StreamSender(put, "Put", self._service.url, chan.stream_timeout, depth=64)
+        return self._sender
 
     async def put(self, directory: Directory) -> None:
         if self._closed:
@@ -196,21 +181,16 @@ class _GrpcDirectoryPutter(DirectoryPutter):
         try:
             if not self._validator.add(directory):
                 return  # a duplicate: already sent
-            call = await self._start()
-            try:
-                await call.write(directory.encode())
-            except asyncio.InvalidStateError:
-                raise await self._call_error(call) from None
-        except BaseException as e:
-            await self._fail()
-            if isinstance(e, Exception):
-                raise self._translate(e) from e
+            sender = await self._start()
+            await sender.send(directory.encode())
+        except BaseException:
+            self._fail()
             raise
 
-    async def _fail(self) -> None:
+    def _fail(self) -> None:
         self._closed = True
-        if self._call is not None:
-            self._call.cancel()
+        if self._sender is not None:
+            self._sender.cancel()
 
     async def close(self) -> B3Digest:
         if self._root is not None:
@@ -220,17 +200,10 @@ class _GrpcDirectoryPutter(DirectoryPutter):
         self._closed = True
         try:
             root, _ = self._validator.finish()
-            call = await self._start()
-            try:
-                await call.done_writing()
-                raw = await call
-            except asyncio.InvalidStateError:
-                raise await self._call_error(call) from None
-        except BaseException as e:
-            if self._call is not None:
-                self._call.cancel()
-            if isinstance(e, Exception):
-                raise self._translate(e) from e
+            raw = await (await self._start()).finish()
+        except BaseException:
+            if self._sender is not None:
+                self._sender.cancel()
             raise
         from castore_di.proto.tvix.castore.protos import rpc_directory_pb2 as pb
 
@@ -245,7 +218,7 @@ class _GrpcDirectoryPutter(DirectoryPutter):
     async def abort(self) -> None:
         """Cancel the Put; the server stores nothing of it."""
         if not self._closed:
-            await self._fail()
+            self._fail()
 
     async def __aexit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is None:

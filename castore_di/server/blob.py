@@ -26,6 +26,7 @@ from castore_di.blobservice.base import BlobService
 from castore_di.digests import B3_LEN, B3Digest
 from castore_di.errors import DigestError, ValidationError
 from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
+from castore_di.grpc_channel import decode_blob_chunk, encode_blob_chunk
 from castore_di.server.errors import abort_with
 
 __all__ = ["BlobServicer", "READ_MESSAGE_SIZE", "SERVICE_NAME", "encode_blob_chunk"]
@@ -44,22 +45,6 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 async def _not_found(context: Context, message: str) -> NoReturn:
     await context.abort(grpc.StatusCode.NOT_FOUND, message)
     raise AssertionError("unreachable")  # pragma: no cover - abort raises
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def encode_blob_chunk(data: bytes) -> bytes:
-    """The wire form of ``BlobChunk{data}`` built by hand (one copy instead of two)."""
-    if not data:
-        return b""
-    return b"\x0a" + _varint(len(data)) + data
 
 
 def _parse(msg_cls: Any, raw: bytes, what: str) -> Any:
@@ -129,9 +114,12 @@ class BlobServicer:
         writer = self.service.open_write()
         try:
             async for raw in requests:
-                chunk = _parse(pb.BlobChunk, raw, "BlobChunk")
-                if chunk.data:
-                    await writer.write(chunk.data)
+                try:
+                    data = decode_blob_chunk(raw)
+                except Exception as e:  # protobuf's DecodeError
+                    raise ValidationError(f"cannot decode BlobChunk: {e}") from e
+                if data:
+                    await writer.write(data)
             digest = await writer.close()
         except BaseException as e:
             await writer.abort()

@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, BytesReader, ChunkedReader, ChunkMeta, HashingWriter
+from castore_di.blobservice.base import (
+    BlobReader,
+    BlobService,
+    BlobWriter,
+    BytesReader,
+    ChunkedReader,
+    ChunkMeta,
+    HashingWriter,
+)
 from castore_di.composition.config import BlobServiceConfig
 from castore_di.digests import B3Digest, blake3_digest
 from castore_di.embedded_store import (
@@ -74,7 +82,9 @@ class EmbeddedBlobService(BlobService):
             try:
                 import pyfastcdc
             except ImportError as e:  # pragma: no cover - a core dependency
-                raise MissingDependencyError("the embedded blob service needs 'pyfastcdc' (pip install castore_di)") from e
+                raise MissingDependencyError(
+                    "the embedded blob service needs 'pyfastcdc' (pip install castore_di)"
+                ) from e
             self._cdc = pyfastcdc.FastCDC(
                 self.avg_chunk_size, min_size=self.min_chunk_size, max_size=self.max_chunk_size
             )

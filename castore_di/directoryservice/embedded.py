@@ -14,7 +14,15 @@ import attrs
 from castore_di.composition.config import DirectoryServiceConfig
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
-from castore_di.embedded_store import Compression, EmbeddedStoreFields, FsckReport, StoreOptions, acquire, release, url_fields
+from castore_di.embedded_store import (
+    Compression,
+    EmbeddedStoreFields,
+    FsckReport,
+    StoreOptions,
+    acquire,
+    release,
+    url_fields,
+)
 from castore_di.errors import ClosedError, IntegrityError, ValidationError
 from castore_di.nodes import Directory
 

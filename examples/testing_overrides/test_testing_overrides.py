@@ -83,3 +83,13 @@ async def test_writes_stay_local(container: castore_di.CastoreContainer, fake_re
     digest = await catalog.add("new", b"written by the app")
     assert await container.blob_service("local").has(digest)
     assert not await fake_remote.has(digest)
+
+
+async def test_with_the_plugin_fixture(
+    container: castore_di.CastoreContainer, castore_memory_container: castore_di.CastoreContainer
+) -> None:
+    """Pattern 3: castore_di's pytest plugin provides ready memory containers to swap in."""
+    replacement = castore_memory_container.blob_service()
+    with container.override_instance("blobservices.remote", replacement):
+        digest = await replacement.put(b"from the plugin's container")
+        assert await Catalog(container.blob_service()).link("plugin", digest)

@@ -20,7 +20,6 @@ import asyncio
 import os
 import secrets
 import stat
-from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -29,7 +28,9 @@ import blake3
 from castore_di.blobservice.base import BlobService
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
+from castore_di.directoryservice.closure import leaves_first
 from castore_di.errors import IntegrityError, StorageError, ValidationError
+from castore_di.importer import ImportProgress
 from castore_di.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode, validate_name
 
 __all__ = [
@@ -77,6 +78,19 @@ class _DirFd:
         self._refs -= 1
         if self._refs == 0:
             os.close(self.fd)
+
+
+def _totals(closure: dict[B3Digest, Directory], root: B3Digest) -> tuple[int, int]:
+    """Files and bytes the export of ``root`` writes (shared subtrees count each time)."""
+    memo: dict[B3Digest, tuple[int, int]] = {}
+    for directory in leaves_first(root, closure.values()):
+        files = sum(1 for _ in directory.files())
+        nbytes = sum(n.size for _, n in directory.files())
+        for _, child in directory.directories():
+            f, b = memo.get(child.digest, (0, 0))
+            files, nbytes = files + f, nbytes + b
+        memo[directory.digest] = (files, nbytes)
+    return memo.get(root, (0, 0))
 
 
 def _check_name(name: bytes, where: str) -> bytes:
@@ -192,17 +206,22 @@ async def export_directory(
     *,
     merge: bool = False,
     concurrency: int = DEFAULT_CONCURRENCY,
-    advance: Callable[[int], None] | None = None,
+    progress: ImportProgress | None = None,
 ) -> ExportStats:
     """Materialize the directory ``root`` at ``dest``.
 
     ``dest`` must not exist or be an empty directory; with ``merge`` an existing directory
     is written into (existing files of the same names are replaced, existing directories
-    reused; a symlink in the way is refused).
+    reused; a symlink in the way is refused). ``progress`` is told the totals once the
+    closure is fetched, then each written file.
     """
     dest = os.fspath(dest)
     closure = await fetch_closure(dirs, root)
     existed = _prepare_dest(dest, merge)
+    advance = None
+    if progress is not None:
+        progress.start(*_totals(closure, root))
+        advance = progress.advance
     if not existed:
         try:
             os.mkdir(dest, 0o777)

@@ -195,7 +195,7 @@ def export_command(ctx: CliContext, source: str, dest: str, form: str | None, ex
             bar = Progress(f"exporting {digest}", enabled=progress)
             try:
                 await export_directory(blob, dirs, digest, dest, merge=force, concurrency=concurrency,
-                                       advance=bar.advance if bar.enabled else None)
+                                       progress=bar if bar.enabled else None)
             finally:
                 bar.finish()
             return

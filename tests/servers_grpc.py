@@ -93,7 +93,22 @@ class GrpcServerProcess:
             self._lines.put(None)
 
     def start(self, timeout: float = START_TIMEOUT) -> "GrpcServerProcess":
-        """Start (or restart on the same address) and wait for the listening line."""
+        """Start (or restart on the same address) and wait for the listening line.
+
+        A restart whose bind fails (the killed process's port not yet released) is retried
+        until the deadline.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._start_once(max(1.0, deadline - time.monotonic()))
+            except RuntimeError:
+                rebind = self.address is not None and any("cannot listen" in line for line in self.stderr_lines[-5:])
+                if not rebind or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _start_once(self, timeout: float) -> "GrpcServerProcess":
         assert self.proc is None or self.proc.poll() is not None, "already running"
         cmd, env = self._command()
         self._lines = queue.Queue()

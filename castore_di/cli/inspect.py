@@ -91,6 +91,8 @@ def ls_command(ctx: CliContext, digest: B3Digest, path: str, recursive: bool, as
 
     async def run() -> None:
         dirs = ctx.directory_service()
+        if await dirs.get(digest) is None and await ctx.blob_service().has(digest):
+            raise StorageError(f"{digest} is a blob, not a directory (use castore cat or castore stat)")
         node, directory = await descend(dirs, digest, path)
         if directory is None:
             name = path.rstrip("/").rsplit("/", 1)[-1]
@@ -153,7 +155,10 @@ def cat_command(ctx: CliContext, digest: B3Digest, path: str | None) -> None:
             if type(node) is not FileNode:
                 raise StorageError(f"{path} is not a file")
             target = node.digest
-        await _stream_blob(ctx.blob_service(), target, sys.stdout.buffer)
+        blob = ctx.blob_service()
+        if path is None and not await blob.has(target) and await ctx.directory_service().get(target) is not None:
+            raise StorageError(f"{target} is a directory, not a blob (use castore ls or castore export)")
+        await _stream_blob(blob, target, sys.stdout.buffer)
 
     run_async(ctx, run)
 

@@ -10,6 +10,7 @@ from castore_di.composition.config import (
     reference_fields,
 )
 from castore_di.composition.container import CastoreContainer, build_container
+from castore_di.composition.embedding import CastoreContainerProvider, castore_container
 from castore_di.composition.graph import CompositionGraph, Instance, build_graph
 from castore_di.composition.loader import ConfigSource, read_config
 from castore_di.composition.registry import Registry, default_registry
@@ -17,6 +18,8 @@ from castore_di.composition.registry import Registry, default_registry
 __all__ = [
     "BlobServiceConfig",
     "CastoreContainer",
+    "CastoreContainerProvider",
+    "castore_container",
     "CompositionGraph",
     "ConfigSource",
     "DirectoryServiceConfig",

@@ -127,7 +127,7 @@ def _prepare_dest(dest: str, merge: bool) -> bool:
     if not merge:
         with os.scandir(dest) as it:
             if any(True for _ in it):
-                raise StorageError(f"destination {dest} is not empty (use --merge to write into it)")
+                raise StorageError(f"destination {dest} is not empty (use --force to write into it)")
     return True
 
 

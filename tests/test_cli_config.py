@@ -12,6 +12,7 @@ import pytest
 
 from castore_di.cli import main
 from castore_di.composition import BlobServiceConfig, Registry, default_registry, load_graph, reference
+from castore_di.composition.config import reference_fields
 from castore_di.composition.draw import to_dot, to_mermaid, to_tree
 from castore_di.composition.schema import config_schema
 
@@ -146,12 +147,36 @@ def test_schema_validates_real_configs(capsys: pytest.CaptureFixture[str]) -> No
         assert list(validator.iter_errors(config)), config
 
 
+def test_schema_describes_every_field_of_every_builtin_type() -> None:
+    """Descriptions come from the reader the README uses (metadata, attribute docstrings, sections)."""
+    from castore_di.composition.docs import builtin_registry, field_docs
+
+    registry = builtin_registry()
+    schema = config_schema(registry)
+    undocumented = []
+    for kind in ("blobservices", "directoryservices"):
+        for tag in registry.tags(kind):
+            definition = schema["$defs"][f"{kind}.{tag}"]
+            assert definition.get("description"), f"{kind}.{tag}"
+            for name, prop in definition["properties"].items():
+                if not prop.get("description", "").strip():
+                    undocumented.append(f"{kind}.{tag}.{name}")
+            docs = field_docs(registry.resolve(kind, tag))
+            for name, doc in docs.items():
+                if name in definition["properties"] and name not in reference_fields(registry.resolve(kind, tag)):
+                    assert definition["properties"][name].get("description", "") == doc
+    assert not undocumented, f"fields without a description: {', '.join(undocumented)}"
+
+
 def test_schema_of_a_third_party_type() -> None:
     @attrs.frozen(kw_only=True)
     class ThirdPartyBlobServiceConfig(BlobServiceConfig):
         """A plugin's blob service.
 
         More text that is not the summary.
+
+        Attributes:
+            retries: how often to retry.
         """
 
         type_tag: ClassVar[str] = "thirdparty"
@@ -161,6 +186,7 @@ def test_schema_of_a_third_party_type() -> None:
         verify: bool = True
         tags: list[str] = attrs.field(factory=list)
         mode: str | None = None
+        """how to connect"""
         backing: str = reference("blobservices", doc="where misses go")
 
         def build(self, backing: Any) -> Any:  # pragma: no cover - not built here
@@ -177,13 +203,14 @@ def test_schema_of_a_third_party_type() -> None:
     assert d["additionalProperties"] is False
     assert d["required"] == ["type", "endpoint", "backing"]
     props = d["properties"]
-    assert props["type"] == {"const": "thirdparty"}
+    assert props["type"]["const"] == "thirdparty" and "thirdparty" in props["type"]["description"]
     assert props["endpoint"] == {"type": "string"}
-    assert props["retries"] == {"type": "integer", "default": 3}
+    assert props["retries"] == {"type": "integer", "default": 3, "description": "how often to retry."}
     assert props["ratio"] == {"type": "number", "default": 0.5}
     assert props["verify"] == {"type": "boolean", "default": True}
     assert props["tags"] == {"type": "array", "items": {"type": "string"}, "default": []}
-    assert props["mode"] == {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None}
+    assert props["mode"] == {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None,
+                             "description": "how to connect"}
     assert props["backing"]["type"] == "string" and "where misses go" in props["backing"]["description"]
     assert "unavailable" in schema["$defs"]["blobservices.broken"]["description"]
 

@@ -39,6 +39,21 @@ def test_every_builtin_type_and_field_is_documented() -> None:
                 assert f"| `{field.name}` |" in rendered
 
 
+def test_every_builtin_url_form_is_documented() -> None:
+    """A built-in ``from_url`` has a docstring, so the README shows its URL form, not the generic text."""
+    from castore_di.composition.config import ServiceConfig
+
+    registry = builtin_registry()
+    for kind in ("blobservices", "directoryservices"):
+        for tag in registry.tags(kind):
+            cls = registry.resolve(kind, tag)
+            if cls.from_url.__func__ is ServiceConfig.from_url.__func__:  # type: ignore[attr-defined]
+                continue  # no URL form
+            assert (cls.from_url.__doc__ or "").strip(), f"{kind}.{tag}: from_url has no docstring"
+    rendered = render_types(registry)
+    assert "URL form: scheme `" not in rendered
+
+
 @attrs.frozen(kw_only=True)
 class _Documented(BlobServiceConfig):
     """A config class documenting its fields in all three ways.

@@ -65,6 +65,7 @@ class CombinedBlobServiceConfig(BlobServiceConfig):
     local: str = reference("blobservices", doc="read first; all writes go here")
     remote: str = reference("blobservices", doc="read when local misses; never written")
     populate_local: bool = True
+    """copy a blob read from ``remote`` into ``local``, verified against its digest"""
 
     def build(self, local: BlobService, remote: BlobService) -> CombinedBlobService:
         return CombinedBlobService(local, remote, populate_local=self.populate_local)

@@ -243,6 +243,10 @@ class EmbeddedBlobServiceConfig(EmbeddedStoreFields, BlobServiceConfig):
 
     @classmethod
     def from_url(cls, url: str) -> "EmbeddedBlobServiceConfig":
+        """``embedded://`` (the default path) or ``embedded:///abs/path``, with optional query
+        parameters ``map_size``, ``durability``, ``sync_interval``, ``max_readers``,
+        ``compression`` and ``avg_chunk_size``.
+        """
         return cls(
             **url_fields(
                 url,

@@ -461,4 +461,7 @@ class GRPCBlobServiceConfig(GrpcClientConfig, BlobServiceConfig):
 
     @classmethod
     def from_url(cls, url: str) -> "GRPCBlobServiceConfig":
+        """``grpc+http://host:port``, ``grpc+https://host[:port]`` or ``grpc+unix:///path``,
+        optionally with ``?wait-connect=1``; the other fields keep their defaults.
+        """
         return cls(url=url)

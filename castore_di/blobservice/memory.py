@@ -66,5 +66,6 @@ class MemoryBlobServiceConfig(BlobServiceConfig):
 
     @classmethod
     def from_url(cls, url: str) -> "MemoryBlobServiceConfig":
+        """``memory://`` exactly (no host, path or query)."""
         parse_memory_url(url)
         return cls()

@@ -1,9 +1,10 @@
 """JSON Schema (draft 2020-12) of the config format, generated from the registry.
 
 Every registered config class (built-in and third-party) becomes a ``$defs`` entry: an
-object with ``type`` fixed to its tag, one property per attrs field (type, default,
-description), ``required`` for fields without a default and ``additionalProperties:
-false``, matching the strict converter. Reference fields are strings: an instance name
+object with ``type`` fixed to its tag, one property per attrs field (type, default, and
+the description :func:`~castore_di.composition.docs.field_docs` reads, as the README
+does), ``required`` for fields without a default and ``additionalProperties: false``,
+matching the strict converter. Reference fields are strings: an instance name
 or a URL. An instance is one of its kind's definitions or a URL string.
 """
 
@@ -18,6 +19,7 @@ from typing import Any, Literal, Union
 import attrs
 
 from castore_di.composition.config import KINDS, REFERENCE_KEY, ServiceConfig
+from castore_di.composition.docs import field_docs
 from castore_di.composition.registry import Registry, default_registry
 from castore_di.errors import ConfigError
 
@@ -83,9 +85,16 @@ def _json_default(value: Any) -> tuple[bool, Any]:
     return False, None
 
 
-def field_schema(field: attrs.Attribute[Any], hints: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """The schema of one config field and whether it is required."""
-    doc = field.metadata.get("doc", "")
+def field_schema(
+    field: attrs.Attribute[Any], hints: dict[str, Any], doc: str | None = None
+) -> tuple[dict[str, Any], bool]:
+    """The schema of one config field and whether it is required.
+
+    ``doc`` is the field's description; ``None`` reads only ``metadata["doc"]`` (callers
+    with the class at hand pass what :func:`~castore_di.composition.docs.field_docs` found).
+    """
+    if doc is None:
+        doc = field.metadata.get("doc", "")
     if REFERENCE_KEY in field.metadata:
         kind = field.metadata[REFERENCE_KEY]
         schema: dict[str, Any] = {
@@ -115,13 +124,14 @@ def _attrs_object(cls: type) -> dict[str, Any]:
         hints = typing.get_type_hints(cls)
     except Exception:  # unresolved forward references: fall back to the raw annotations
         hints = {}
+    docs = field_docs(cls)
     properties: dict[str, Any] = {}
     required: list[str] = []
     for field in attrs.fields(cls):
         if not field.init:
             continue
         name = field.alias if getattr(field, "alias", None) else field.name
-        properties[name], is_required = field_schema(field, hints)
+        properties[name], is_required = field_schema(field, hints, docs[field.name])
         if is_required:
             required.append(name)
     out: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
@@ -137,7 +147,8 @@ def _summary(cls: type) -> str:
 
 def _class_schema(cls: type[ServiceConfig]) -> dict[str, Any]:
     obj = _attrs_object(cls)
-    obj["properties"] = {"type": {"const": cls.type_tag}, **obj["properties"]}
+    type_property = {"const": cls.type_tag, "description": f"The type tag, {cls.type_tag!r}."}
+    obj["properties"] = {"type": type_property, **obj["properties"]}
     obj["required"] = ["type", *obj.get("required", [])]
     title = f"{cls.kind}: {cls.type_tag}"
     described = _summary(cls)

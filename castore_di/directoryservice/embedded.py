@@ -94,4 +94,8 @@ class EmbeddedDirectoryServiceConfig(EmbeddedStoreFields, DirectoryServiceConfig
 
     @classmethod
     def from_url(cls, url: str) -> "EmbeddedDirectoryServiceConfig":
+        """``embedded://`` (the default path) or ``embedded:///abs/path``, with optional query
+        parameters ``map_size``, ``durability``, ``sync_interval``, ``max_readers`` and
+        ``compression``.
+        """
         return cls(**url_fields(url, ("map_size", "durability", "sync_interval", "max_readers", "compression")))

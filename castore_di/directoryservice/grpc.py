@@ -238,4 +238,7 @@ class GRPCDirectoryServiceConfig(GrpcClientConfig, DirectoryServiceConfig):
 
     @classmethod
     def from_url(cls, url: str) -> "GRPCDirectoryServiceConfig":
+        """``grpc+http://host:port``, ``grpc+https://host[:port]`` or ``grpc+unix:///path``,
+        optionally with ``?wait-connect=1``; the other fields keep their defaults.
+        """
         return cls(url=url)

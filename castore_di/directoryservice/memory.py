@@ -49,5 +49,6 @@ class MemoryDirectoryServiceConfig(DirectoryServiceConfig):
 
     @classmethod
     def from_url(cls, url: str) -> "MemoryDirectoryServiceConfig":
+        """``memory://`` exactly (no host, path or query)."""
         parse_memory_url(url)
         return cls()

@@ -165,6 +165,21 @@ def test_url_references_build_anonymous_instances() -> None:
     assert container.provider("blobservices.default.local")() is default.local
 
 
+def test_typed_accessors_by_name() -> None:
+    container = load_container({"blobservices": {"default": {"type": "combined", "local": "memory://", "remote": "memory://"}},
+                                "directoryservices": {"d": "memory://"}})
+    assert container.blob_service() is container.provider("blobservices.default")()
+    assert container.blob_service("default.local") is container.blob_service().local  # anonymous, by id
+    assert container.directory_service("d") is container.directoryservices.d()
+    with pytest.raises(UnknownInstanceError, match="blobservices.nope: unknown instance") as e:
+        container.blob_service("nope")
+    assert e.value.__context__ is None or e.value.__suppress_context__
+    with pytest.raises(UnknownInstanceError, match="directoryservices.default"):
+        container.directory_service()
+    with pytest.raises(UnknownInstanceError):
+        container.directory_service("default.local")  # a blob instance, not a directory one
+
+
 def test_nested_url_references() -> None:
     graph = load_graph({"directoryservices": {"default": "cache://?near=memory://&far=cache://%3Fnear%3Dmemory://%26far%3Dmemory://"}})
     assert [i.id for i in graph if i.anonymous] == [

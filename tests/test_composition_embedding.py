@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any
 
@@ -9,9 +10,10 @@ import pytest
 from dependency_injector import containers, providers
 from dependency_injector.wiring import Provide, inject
 
-from castore_di import BlobService, DirectoryService, load_container
+from castore_di import BlobService, ConfigError, DirectoryService, load_container
 from castore_di.blobservice.combined import CombinedBlobService
 from castore_di.blobservice.memory import MemoryBlobService
+from castore_di.composition.container import CastoreContainer
 from castore_di.composition.embedding import CastoreContainerProvider, castore_container, fresh_copy
 
 CONFIG: dict[str, Any] = {
@@ -36,14 +38,72 @@ def injected(blobs: BlobService = Provide["castore.blobservices.default"], holde
     return blobs, holder
 
 
-def test_a_plain_container_provider_cannot_hold_a_castore_container() -> None:
-    """Why the library provides a slot: deep-copying a CastoreContainer fails."""
+class PlainHost(containers.DeclarativeContainer):
+    """A stock ``providers.Container`` slot: works because CastoreContainer deep-copies fresh."""
 
-    class Plain(containers.DeclarativeContainer):
-        castore = providers.Container(lambda: load_container(CONFIG))  # type: ignore[arg-type]
+    castore = providers.Container(lambda: load_container(CONFIG))  # type: ignore[arg-type]
+    holder = providers.Singleton(Holder, blobs=castore.blobservices.default, directories=castore.directoryservices.default)
 
-    with pytest.raises(Exception, match="copy"):
-        Plain()
+
+def test_a_plain_container_provider_holds_a_castore_container() -> None:
+    first, second = PlainHost(), PlainHost()
+    assert first.castore() is not second.castore() is not PlainHost.castore()
+    assert isinstance(first.castore(), CastoreContainer)
+    assert first.holder().blobs is first.castore().blob_service()
+    assert first.holder().directories is first.castore().directory_service()
+    assert second.holder().blobs is not first.holder().blobs
+    assert second.castore().graph is first.castore().graph
+    assert first.castore().parent is first.castore  # the host's slot, not the class's
+
+
+def test_plain_slot_wires_by_string_id() -> None:
+    host = PlainHost()
+    host.wire(modules=[sys.modules[__name__]])
+    try:
+        blobs, holder = injected()
+        assert blobs is host.castore().blob_service() is holder.blobs
+    finally:
+        host.unwire()
+
+
+async def test_deepcopy_is_a_fresh_container_with_overrides() -> None:
+    original = load_container(CONFIG)
+    replacement = MemoryBlobService()
+    original.provider("blobservices.local").override(providers.Object(replacement))
+    used = original.blob_service()
+    copied = copy.deepcopy(original)
+    assert isinstance(copied, CastoreContainer) and copied.graph is original.graph
+    combined = copied.blob_service()
+    assert combined is not used
+    assert isinstance(combined, CombinedBlobService) and combined.local is replacement
+    assert copied.blobservices.default is not original.blobservices.default
+    assert copied.blobservices.default() is combined
+    original.provider("blobservices.local").reset_override()
+    assert copied.provider("blobservices.local").overridden  # the copy keeps its own
+    await copied.aclose()
+    assert original.blob_service() is used  # closing the copy leaves the original alone
+    await original.aclose()
+
+
+def test_copy_order_host_providers_after_the_container() -> None:
+    """Providers copied after the container are rewired; an orphan copy fails clearly."""
+    castore = load_container(CONFIG)
+    slot = providers.Container(container=castore)  # type: ignore[var-annotated]
+    holder = providers.Singleton(Holder, blobs=castore.provider("blobservices.default"),
+                                 directories=castore.provider("directoryservices.default"))
+    copied = providers.deepcopy({"slot": slot, "holder": holder})
+    fresh = copied["slot"]()
+    assert fresh is not castore
+    assert copied["holder"]().blobs is fresh.blob_service()
+    assert copied["holder"]().directories is fresh.directory_service()
+    for wrong in ({"holder": holder, "slot": slot}, castore.provider("blobservices.local")):
+        with pytest.raises(Exception) as exc:  # dependency-injector wraps ours, chained
+            providers.deepcopy(wrong)
+        causes = [exc.value]
+        while causes[-1].__cause__ is not None or causes[-1].__context__ is not None:
+            causes.append(causes[-1].__cause__ or causes[-1].__context__)  # type: ignore[arg-type]
+        ours = [e for e in causes if isinstance(e, ConfigError)]
+        assert ours and "deep-copied before its container" in str(ours[0]), causes
 
 
 def test_host_instances_wire_and_get_their_own_services() -> None:

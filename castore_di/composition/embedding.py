@@ -11,24 +11,24 @@ the instances it needs::
     app.wire(modules=[views])          # Provide["castore.blobservices.default"] works too
 
 Declaring the slot in the class body (rather than assigning a provider to an *instance*)
-is what keeps ``wire()`` working (dependency-injector issue #634). A plain
-``providers.Container`` cannot hold a :class:`CastoreContainer`, because instantiating the
-host deep-copies its providers and a castore container owns a lock and the services it
-created; :class:`CastoreContainerProvider` instead gives every host instance a fresh
-castore container built from the same validated graph, with the host's references
-rewired to it. The config is read and validated when the class body runs.
+is what keeps ``wire()`` working (dependency-injector issue #634). Instantiating the host
+deep-copies its providers, and a deep copy of a :class:`CastoreContainer` is a fresh
+castore container built from the same validated graph (no services shared, overrides
+carried over), with the host's references rewired to it: every host instance gets its
+own services. A plain ``providers.Container(container=castore)`` behaves the same;
+:class:`CastoreContainerProvider` adds the typed :meth:`~CastoreContainerProvider.blob`
+and :meth:`~CastoreContainerProvider.directory`. The config is read and validated when
+the class body runs.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any, cast
 
 from dependency_injector import containers, providers
 
 from castore_di.blobservice.base import BlobService
-from castore_di.composition.config import KINDS
-from castore_di.composition.container import CastoreContainer, build_container
+from castore_di.composition.container import CastoreContainer
 from castore_di.composition.loader import ConfigSource
 from castore_di.composition.registry import Registry
 from castore_di.directoryservice.base import DirectoryService
@@ -42,21 +42,9 @@ def fresh_copy(container: CastoreContainer, memo: dict[int, Any] | None = None) 
     Nothing built by ``container`` is shared: every service is created anew on first use.
     Overrides of instance providers are carried over. With ``memo`` (a ``copy.deepcopy``
     memo), providers that referenced the old container's providers are copied onto the new.
+    The same as ``copy.deepcopy(container, memo)`` (:meth:`CastoreContainer.__deepcopy__`).
     """
-    memo = {} if memo is None else memo
-    fresh = build_container(container.graph)
-    memo[id(container)] = fresh
-    for kind in KINDS:
-        old_sub, new_sub = getattr(container, kind), getattr(fresh, kind)
-        memo[id(old_sub)] = new_sub
-        memo[id(old_sub.container)] = new_sub.container
-    for instance in container.graph:
-        memo[id(container.provider(instance.id))] = fresh.provider(instance.id)
-    for instance in container.graph:
-        old = container.provider(instance.id)
-        for overriding in old.overridden:
-            fresh.provider(instance.id).override(copy.deepcopy(overriding, memo))
-    return fresh
+    return container.__deepcopy__({} if memo is None else memo)
 
 
 class CastoreContainerProvider(providers.Container):  # type: ignore[type-arg]
@@ -64,7 +52,8 @@ class CastoreContainerProvider(providers.Container):  # type: ignore[type-arg]
 
     Calling it returns the castore container. Attribute access reaches the kinds
     (``slot.blobservices.default``); :meth:`blob` and :meth:`directory` are the typed
-    equivalents. Each deep copy (each host instance) holds a fresh castore container.
+    equivalents. Each deep copy (each host instance) holds a fresh castore container, as
+    :meth:`CastoreContainer.__deepcopy__` makes.
     """
 
     # For type checkers: the kinds are reached through ``providers.Container.__getattr__``.
@@ -74,12 +63,6 @@ class CastoreContainerProvider(providers.Container):  # type: ignore[type-arg]
     def __init__(self, container: CastoreContainer | None = None) -> None:
         # ``None`` only while dependency-injector duplicates the provider in a deep copy.
         super().__init__(None, container=container)  # type: ignore[arg-type]
-
-    def __deepcopy__(self, memo: dict[int, Any] | None) -> "CastoreContainerProvider":
-        memo = {} if memo is None else memo
-        if id(self) not in memo:
-            fresh_copy(self.castore, memo)
-        return cast(CastoreContainerProvider, super().__deepcopy__(memo))
 
     @property
     def castore(self) -> CastoreContainer:

@@ -1,13 +1,36 @@
 """The engine of the embedded on-disk default: one LMDB environment per data directory.
 
 Both ``embedded`` services (blobs and directories) keep their data in one LMDB environment
-under ``<path>/`` (``data.mdb`` + ``lock.mdb``), in three sub-databases:
+under ``<path>/`` (``data.mdb`` + ``lock.mdb``), in five sub-databases:
 
 * ``chunks``: chunk digest -> one tag byte (``0`` raw, ``1`` zstd) + the chunk's bytes. A blob
   no longer than one chunk *is* its chunk (its digest is the chunk digest).
 * ``blobs``: blob digest -> its chunk list (``<Q`` size + 32-byte digest per chunk), written
   only for blobs cut into two or more chunks, and written last.
 * ``dirs``: directory digest -> tag byte + the directory's canonical encoding.
+* ``loose``: chunk digest -> empty, for a chunk stored before any index named it (by a
+  writer that commits a large blob's chunks in several transactions). Such a chunk is not a
+  blob (``has`` is false for it) and is garbage once no writer in progress needs it.
+* ``inflight``: writer token (16 bytes) + chunk digest -> empty: the loose chunks a writer in
+  progress will name in its index.
+
+Garbage collection (``castore gc``, :meth:`EmbeddedStore.gc`). A chunk's digest alone cannot
+tell a one-chunk blob (which *is* its chunk, with no index) from a chunk left by an aborted
+large write, so writers record the difference as it arises: a chunk written before its
+blob's index is marked ``loose``; the transaction that commits an index, and the one that
+stores a one-chunk blob, clear the marks of the chunks they name. Blobs are never deleted,
+so a chunk once unmarked stays needed forever, and ``gc`` only ever removes loose chunks.
+A writer in progress keeps its loose chunks with ``inflight`` entries, written in the same
+transaction that stores (or, for a chunk already there, finds) them, and holds an exclusive
+``flock`` on ``<path>/writers/<token>`` for its whole life (created under a temporary name
+and renamed, so it is never visible unlocked). ``gc`` runs in write transactions, so no
+writer commits in between: it drops the entries of writers whose lock it can take (the
+process died or the writer was abandoned) and removes every loose chunk no live writer
+holds. A writer that finds a loose chunk after ``gc`` removed it simply stores it again; the
+transaction that commits an index also checks that the earlier-stored chunks still exist.
+We chose liveness by lock over a grace period because a slow writer (a large blob streamed
+over the network) may take any time between its first chunks and its index. Chunks left by
+versions without ``loose`` marks are never collected.
 
 Why LMDB (measured on this machine, 10,000 random 1-16 KiB values, one transaction per value
 holding a chunk existence check, a chunk put and an index put, as a blob close does):
@@ -64,6 +87,8 @@ process) and reference counted. An environment must not be used across ``fork()`
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import struct
 import threading
@@ -77,6 +102,7 @@ import attrs
 
 from castore_di.digests import B3_LEN, B3Digest, blake3_digest
 from castore_di.errors import ConfigError, IntegrityError, MissingDependencyError, StorageError
+from castore_di.maintenance import FsckReport, GcReport
 
 if TYPE_CHECKING:
     import lmdb
@@ -87,6 +113,8 @@ __all__ = [
     "EmbeddedStore",
     "StoreOptions",
     "FsckReport",
+    "GcReport",
+    "WriterLease",
     "acquire",
     "release",
     "default_data_dir",
@@ -105,6 +133,8 @@ DEFAULT_MAP_SIZE = 1 << 40  # address space reserved for the map; the file grows
 _TAG_RAW = 0
 _TAG_ZSTD = 1
 _INDEX_ENTRY = struct.Struct("<Q32s")
+_TOKEN_LEN = 16
+_GC_BATCH = 4096  # loose chunks examined per gc write transaction (keeps each one short)
 _COMPRESS_MIN = 512  # smaller values are never worth a zstd frame
 
 
@@ -208,30 +238,6 @@ class StoreOptions:
     max_readers: int = 126
 
 
-@attrs.define(kw_only=True)
-class FsckReport:
-    """What :func:`fsck` checked and what it found wrong (``problems`` empty = healthy)."""
-
-    chunks: int = 0
-    blobs: int = 0
-    directories: int = 0
-    bytes_checked: int = 0
-    problems: list[str] = attrs.field(factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def __str__(self) -> str:
-        head = (
-            f"{self.chunks} chunks, {self.blobs} chunked blobs, {self.directories} directories, "
-            f"{self.bytes_checked} bytes checked: "
-        )
-        if self.ok:
-            return head + "ok"
-        return head + f"{len(self.problems)} problems\n" + "\n".join(f"  {p}" for p in self.problems)
-
-
 def _import_lmdb() -> Any:
     try:
         import lmdb
@@ -260,7 +266,7 @@ class EmbeddedStore:
             self.env: lmdb.Environment = self._lmdb.open(
                 path,
                 map_size=options.map_size,
-                max_dbs=4,
+                max_dbs=8,
                 max_readers=options.max_readers,
                 subdir=True,
                 sync=full,
@@ -271,6 +277,8 @@ class EmbeddedStore:
             self.chunks_db = self.env.open_db(b"chunks")
             self.blobs_db = self.env.open_db(b"blobs")
             self.dirs_db = self.env.open_db(b"dirs")
+            self.loose_db = self.env.open_db(b"loose")
+            self.inflight_db = self.env.open_db(b"inflight")
         except self._lmdb.Error as e:
             raise StorageError(f"cannot open embedded store at {path}: {e}") from e
         except OSError as e:
@@ -336,12 +344,66 @@ class EmbeddedStore:
 
     # -- chunks and blobs ------------------------------------------------------------
 
-    def put_chunks(self, txn: lmdb.Transaction, chunks: list[tuple[B3Digest, bytes]], compression: Compression) -> None:
-        """Store chunks not yet present (inside ``txn``)."""
+    def put_chunks(
+        self,
+        txn: lmdb.Transaction,
+        chunks: list[tuple[B3Digest, bytes]],
+        compression: Compression,
+        lease: WriterLease | None = None,
+    ) -> None:
+        """Store chunks not yet present (inside ``txn``).
+
+        With ``lease`` (chunks stored ahead of their blob's index) new chunks are marked
+        loose and every loose chunk among them is claimed for the lease's writer.
+        """
         codec = _codec()
         for digest, data in chunks:
             if txn.get(digest, db=self.chunks_db) is None:
                 txn.put(digest, codec.encode(data, compression), db=self.chunks_db, dupdata=False)
+                if lease is not None:
+                    txn.put(digest, b"", db=self.loose_db)
+                    txn.put(lease.token + digest, b"", db=self.inflight_db)
+            elif lease is not None and txn.get(digest, db=self.loose_db) is not None:
+                txn.put(lease.token + digest, b"", db=self.inflight_db)
+
+    def claim_chunks(self, txn: lmdb.Transaction, digests: list[B3Digest]) -> None:
+        """Mark chunks as needed for good: a committed index or a one-chunk blob names them."""
+        for digest in digests:
+            txn.delete(digest, db=self.loose_db)
+
+    def check_chunks_exist(self, txn: lmdb.Transaction, digests: list[B3Digest], blob: B3Digest) -> None:
+        """Refuse to commit an index whose earlier-stored chunks are gone."""
+        for digest in digests:
+            if txn.get(digest, db=self.chunks_db) is None:
+                raise StorageError(f"blob {blob}: chunk {digest} stored earlier by this writer is gone")
+
+    def drop_claims(self, txn: lmdb.Transaction, token: bytes) -> int:
+        """Delete a writer's ``inflight`` entries; how many there were."""
+        cursor = txn.cursor(db=self.inflight_db)
+        found = cursor.set_range(token)
+        keys: list[bytes] = []
+        while found:
+            key = bytes(cursor.key())
+            if not key.startswith(token):
+                break
+            keys.append(key)
+            found = cursor.next()
+        for key in keys:
+            txn.delete(key, db=self.inflight_db)
+        return len(keys)
+
+    def new_lease(self) -> WriterLease:
+        """Register a writer that stores chunks ahead of its index (see the module docstring)."""
+        self._check_open()
+        return WriterLease(self.path)
+
+    def _is_blob_chunk(self, txn: lmdb.Transaction, digest: B3Digest) -> bool:
+        return txn.get(digest, db=self.chunks_db) is not None and txn.get(digest, db=self.loose_db) is None
+
+    def has_blob(self, digest: B3Digest) -> bool:
+        """Whether ``digest`` is a stored blob (a chunk that is not loose, or an index)."""
+        with self.read() as txn:
+            return self._is_blob_chunk(txn, digest) or txn.get(digest, db=self.blobs_db) is not None
 
     def get_chunk(self, digest: B3Digest, blob: B3Digest | None = None) -> bytes | None:
         """A chunk's bytes, verified; ``None`` when absent."""
@@ -371,7 +433,7 @@ class EmbeddedStore:
         ``(None, None)`` when absent; one read transaction."""
         with self.read() as txn:
             raw = txn.get(digest, db=self.chunks_db)
-            if raw is None:
+            if raw is None or txn.get(digest, db=self.loose_db) is not None:
                 index = txn.get(digest, db=self.blobs_db)
                 return None, None if index is None else decode_index(index, digest)
             data = _codec().decode(raw, self._chunk_name(digest, None))
@@ -382,7 +444,7 @@ class EmbeddedStore:
     def lookup_blob(self, digest: B3Digest) -> tuple[bool, list[tuple[B3Digest, int]] | None]:
         """``(is_a_chunk, chunk_list_or_None)`` in one read transaction."""
         with self.read() as txn:
-            if txn.get(digest, db=self.chunks_db) is not None:
+            if self._is_blob_chunk(txn, digest):
                 return True, None
             raw = txn.get(digest, db=self.blobs_db)
             if raw is None:
@@ -459,6 +521,8 @@ class EmbeddedStore:
                             report.problems.append(f"blob {blob}: chunk #{i} {chunk} is corrupted")
                             whole = False
                             break
+                        if txn.get(chunk, db=self.loose_db) is not None:
+                            report.problems.append(f"blob {blob}: chunk #{i} {chunk} is marked loose (gc would remove it)")
                         data = codec.decode(stored, f"chunk {chunk}")
                         if len(data) != size:
                             report.problems.append(
@@ -469,6 +533,17 @@ class EmbeddedStore:
                         hasher.update(data)
                     if whole and hasher.digest() != blob:
                         report.problems.append(f"blob {blob}: its chunks do not hash to the blob digest")
+                loose = loose_bytes = 0
+                for key, _ in txn.cursor(db=self.loose_db):
+                    stored = txn.get(key, db=self.chunks_db)
+                    loose += 1
+                    loose_bytes += 0 if stored is None else len(stored)
+                claims = txn.stat(self.inflight_db)["entries"]
+                if loose:
+                    report.notes.append(
+                        f"{loose} chunks ({loose_bytes} bytes stored) are not part of any blob yet: "
+                        f"{claims} are claimed by writers in progress; gc removes the others"
+                    )
             if directories:
                 for key, raw in txn.cursor(db=self.dirs_db):
                     report.directories += 1
@@ -487,6 +562,121 @@ class EmbeddedStore:
                     except ValueError as e:
                         report.problems.append(f"{name}: invalid directory: {e}")
         return report
+
+
+    # -- garbage collection ----------------------------------------------------------
+
+    def gc(self, *, dry_run: bool = False) -> GcReport:
+        """Remove loose chunks no live writer claims (see the module docstring).
+
+        Works in write transactions of at most ``_GC_BATCH`` chunks, each re-reading which
+        writers are alive, so concurrent writers wait for one short transaction at most.
+        ``dry_run`` only reads and reports what would go.
+        """
+        report = GcReport(dry_run=dry_run)
+        after: bytes | None = None
+        dead_seen: set[bytes] = set()
+        while True:
+            dead_files: list[str] = []
+            with self.read() if dry_run else self.write() as txn:
+                protected, dead = self._claims(txn)
+                for token in dead:
+                    if token not in dead_seen:
+                        dead_seen.add(token)
+                        report.dead_writers += 1
+                    if not dry_run:
+                        self.drop_claims(txn, token)
+                        dead_files.append(_lease_file(self.path, token))
+                batch: list[bytes] = []
+                cursor = txn.cursor(db=self.loose_db)
+                found = cursor.first() if after is None else cursor.set_range(after)
+                while found and len(batch) < _GC_BATCH:
+                    key = bytes(cursor.key())
+                    if key != after:
+                        batch.append(key)
+                    found = cursor.next()
+                for key in batch:
+                    if key in protected:
+                        report.kept_in_flight += 1
+                        continue
+                    stored = txn.get(key, db=self.chunks_db)
+                    if stored is not None:
+                        report.removed.append(key.hex())
+                        report.removed_bytes += len(stored)
+                    if not dry_run:
+                        txn.delete(key, db=self.chunks_db)
+                        txn.delete(key, db=self.loose_db)
+            for name in dead_files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
+            if not batch:
+                return report
+            after = batch[-1]
+
+    def _claims(self, txn: lmdb.Transaction) -> tuple[set[bytes], list[bytes]]:
+        """Chunks claimed by live writers, and the tokens of dead writers that claim some."""
+        protected: set[bytes] = set()
+        alive: dict[bytes, bool] = {}
+        for key, _ in txn.cursor(db=self.inflight_db):
+            token, chunk = bytes(key[:_TOKEN_LEN]), bytes(key[_TOKEN_LEN:])
+            if token not in alive:
+                alive[token] = _lease_alive(self.path, token)
+            if alive[token]:
+                protected.add(chunk)
+        return protected, [t for t, live in alive.items() if not live]
+
+
+# --- writer leases ---------------------------------------------------------------------
+
+
+def _lease_file(path: str, token: bytes) -> str:
+    return os.path.join(path, "writers", token.hex())
+
+
+def _lease_alive(path: str, token: bytes) -> bool:
+    """Whether the writer holding ``token`` still exists: its lock file is locked."""
+    try:
+        fd = os.open(_lease_file(path, token), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the lock we may have taken
+    return False
+
+
+class WriterLease:
+    """A writer's registration while it stores chunks ahead of its blob's index.
+
+    Holds an exclusive ``flock`` on ``<path>/writers/<token hex>``; the lock (and so the
+    lease) ends when :meth:`release` is called, the object is garbage collected, or the
+    process dies.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.token = os.urandom(_TOKEN_LEN)
+        directory = os.path.join(path, "writers")
+        final = _lease_file(path, self.token)
+        temp = os.path.join(directory, f".{self.token.hex()}.tmp")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self._file: Any = open(temp, "wb")  # noqa: SIM115 - held for the lease's life
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(temp, final)  # visible only once locked
+        except OSError as e:
+            raise StorageError(f"embedded store {path}: cannot register a writer: {e}") from e
+        self._name: str | None = final
+
+    def release(self) -> None:
+        """End the lease (idempotent): remove the file, then drop the lock."""
+        if self._name is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._name)
+            self._name = None
+            self._file.close()
 
 
 # --- per-process sharing ----------------------------------------------------------------

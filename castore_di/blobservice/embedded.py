@@ -28,6 +28,7 @@ from castore_di.embedded_store import (
     Compression,
     EmbeddedStoreFields,
     FsckReport,
+    GcReport,
     StoreOptions,
     acquire,
     encode_index,
@@ -37,7 +38,7 @@ from castore_di.embedded_store import (
 from castore_di.errors import ClosedError, ConfigError, IntegrityError, MissingDependencyError
 
 if TYPE_CHECKING:
-    from castore_di.embedded_store import EmbeddedStore
+    from castore_di.embedded_store import EmbeddedStore, WriterLease
 
 __all__ = ["EmbeddedBlobService", "EmbeddedBlobServiceConfig"]
 
@@ -91,9 +92,7 @@ class EmbeddedBlobService(BlobService):
         return self._cdc
 
     async def has(self, digest: B3Digest) -> bool:
-        store = self._store()
-        with store.read() as txn:
-            return txn.get(digest, db=store.chunks_db) is not None or txn.get(digest, db=store.blobs_db) is not None
+        return self._store().has_blob(digest)
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         store = self._store()
@@ -126,6 +125,11 @@ class EmbeddedBlobService(BlobService):
         store = self._store()
         return await asyncio.to_thread(store.fsck, blobs=True, directories=False)
 
+    async def gc(self, *, dry_run: bool = False) -> GcReport:
+        """Remove chunks of writes that never committed (safe with concurrent writers)."""
+        store = self._store()
+        return await asyncio.to_thread(store.gc, dry_run=dry_run)
+
     async def close(self) -> None:
         self._closed = True
         engine, self._engine = self._engine, None
@@ -138,6 +142,8 @@ class _EmbeddedWriter(HashingWriter):
 
     Chunks of a large blob are committed in batches of ``BATCH_BYTES`` (they are complete
     chunks under their own digests); the blob's index is committed last, in ``close()``.
+    The first such batch registers the writer (a :class:`WriterLease`) so that ``gc``
+    keeps the chunks it stored or found loose until the index is committed.
     """
 
     def __init__(self, service: EmbeddedBlobService) -> None:
@@ -149,6 +155,8 @@ class _EmbeddedWriter(HashingWriter):
         self._chunks: list[tuple[B3Digest, int]] = []
         self._pending: list[tuple[B3Digest, bytes]] = []
         self._pending_bytes = 0
+        self._lease: WriterLease | None = None
+        self._flushed = 0  # self._chunks[:self._flushed] were stored ahead of the index
 
     async def _write(self, data: bytes) -> None:
         self._hash(data)
@@ -181,10 +189,24 @@ class _EmbeddedWriter(HashingWriter):
 
     def _flush(self) -> None:
         store = self._svc._store()
+        if self._lease is None:
+            self._lease = store.new_lease()
         with store.write() as txn:
-            store.put_chunks(txn, self._pending, self._svc.compression)
+            store.put_chunks(txn, self._pending, self._svc.compression, self._lease)
         self._pending = []
         self._pending_bytes = 0
+        self._flushed = len(self._chunks)
+
+    def _end_lease(self, store: EmbeddedStore, drop_claims: bool) -> None:
+        lease, self._lease = self._lease, None
+        if lease is None:
+            return
+        try:
+            if drop_claims:
+                with store.write() as txn:
+                    store.drop_claims(txn, lease.token)
+        finally:
+            lease.release()
 
     async def _finish(self) -> B3Digest:
         digest = self._hashed_digest()
@@ -195,6 +217,7 @@ class _EmbeddedWriter(HashingWriter):
             self._parts = []
             with store.write() as txn:
                 store.put_chunks(txn, [(digest, data)], self._svc.compression)
+                store.claim_chunks(txn, [digest])
             return digest
         self._cut(final=True)
         if len(self._chunks) == 1:
@@ -202,20 +225,35 @@ class _EmbeddedWriter(HashingWriter):
                 raise IntegrityError(f"blob {digest}: its single chunk hashes differently")
             with store.write() as txn:
                 store.put_chunks(txn, self._pending, self._svc.compression)
+                store.claim_chunks(txn, [digest])
         else:
             with store.write() as txn:
+                earlier = [d for d, _ in self._chunks[: self._flushed]]
+                store.check_chunks_exist(txn, earlier, digest)
                 store.put_chunks(txn, self._pending, self._svc.compression)
+                store.claim_chunks(txn, [d for d, _ in self._chunks])
                 if txn.get(digest, db=store.blobs_db) is None:
                     txn.put(digest, encode_index(self._chunks), db=store.blobs_db)
+                if self._lease is not None:
+                    store.drop_claims(txn, self._lease.token)
+        self._end_lease(store, drop_claims=False)
         self._pending = []
         self._pending_bytes = 0
         return digest
 
     async def _abort(self) -> None:
-        # Chunks of a large blob flushed before the abort stay as unreferenced chunks.
+        # Chunks flushed before the abort stay, marked loose, until ``gc`` removes them.
         self._parts = []
         self._pending = []
         self._chunks = []
+        if self._lease is not None:
+            try:
+                store = self._svc._store()
+            except ClosedError:  # gc finds the released lease's claims stale
+                self._lease.release()
+                self._lease = None
+                return
+            self._end_lease(store, drop_claims=True)
 
 
 def _avg_chunk_size(_inst: object, _attribute: attrs.Attribute[Any], value: int) -> None:

@@ -35,9 +35,11 @@ from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, Byt
 from castore_di.composition.config import BlobServiceConfig
 from castore_di.digests import B3Digest, EMPTY_DIGEST, blake3_digest
 from castore_di.errors import ConfigError, IntegrityError, MissingDependencyError, StorageError
+from castore_di.maintenance import FsckReport
 from castore_di.objectstore_common import (
     EXTRA_HINT,
     ObjectStoreAccess,
+    _import_obstore,
     object_key,
     parse_objectstore_url,
     validate_options,
@@ -156,6 +158,130 @@ class ObjectStoreBlobService(BlobService):
 
     def open_write(self) -> BlobWriter:
         return _ObjectStoreBlobWriter(self)
+
+    async def fsck(self) -> FsckReport:
+        """Verify every chunk object and every blob index (see :class:`_Fsck`)."""
+        return await _Fsck(self).run()
+
+
+_FSCK_LIST_PAGE = 1000
+
+
+class _Fsck:
+    """The object store's consistency check, streaming with bounded memory.
+
+    Pass 1 lists ``chunks/`` page by page and checks that every chunk decompresses and
+    hashes to its key. Pass 2 lists ``blobs/``: an index must decode; a one-chunk blob's
+    chunk object must exist; a chunked blob's chunks are read in order, each checked against
+    its digest and listed size, and together against the blob's digest (so chunked data is
+    read twice). At most ``max_in_flight`` objects are checked at once, so memory stays
+    within that many chunks plus one listing page; only the digests of damaged chunks are
+    remembered between the passes.
+    """
+
+    def __init__(self, service: ObjectStoreBlobService) -> None:
+        self.svc = service
+        self.report = FsckReport()
+        self.bad_chunks: set[bytes] = set()
+        self._slots = asyncio.Semaphore(max(1, service.max_in_flight))
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> FsckReport:
+        await self._each("chunks", self._check_chunk)
+        await self._each("blobs", self._check_index)
+        return self.report
+
+    async def _each(self, area: str, check: Callable[[str, B3Digest], Awaitable[None]]) -> None:
+        obstore = _import_obstore()
+        access = self.svc.access
+        try:
+            stream = obstore.list(access.store, f"{area}/", chunk_size=_FSCK_LIST_PAGE)
+            async for page in stream:
+                for meta in page:
+                    key = str(meta["path"])
+                    digest = _digest_of_key(area, key)
+                    if digest is None:
+                        self.report.problems.append(f"unexpected object {key} (not {area}/b3/<shard>/<digest>)")
+                        continue
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._guarded(check, key, digest))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._done)
+        except StorageError:
+            raise
+        except Exception as e:
+            raise StorageError(f"object store {access.url}: LIST {area}/ failed: {e}") from e
+        finally:
+            outcomes = await asyncio.gather(*self._tasks, return_exceptions=True) if self._tasks else []
+        for outcome in outcomes:  # a bug, not damage (damage is caught in _guarded)
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _guarded(self, check: Callable[[str, B3Digest], Awaitable[None]], key: str, digest: B3Digest) -> None:
+        try:
+            await check(key, digest)
+        except (IntegrityError, StorageError) as e:
+            self.report.problems.append(str(e))
+
+    async def _check_chunk(self, key: str, digest: B3Digest) -> None:
+        self.report.chunks += 1
+        raw = await self.svc.access.get(key)
+        if raw is None:
+            return  # removed since the listing
+        try:
+            data = await asyncio.to_thread(zstd_decompress, raw, _CHUNK_LIMIT, f"chunk {digest}")
+        except IntegrityError:
+            self.bad_chunks.add(bytes(digest))
+            raise
+        self.report.bytes_checked += len(data)
+        if blake3_digest(data) != digest:
+            self.bad_chunks.add(bytes(digest))
+            raise IntegrityError(f"chunk {digest}: contents do not match the digest")
+
+    async def _check_index(self, key: str, blob: B3Digest) -> None:
+        self.report.blobs += 1
+        raw = await self.svc.access.get(key)
+        if raw is None:
+            return
+        chunks = _decode_index(blob, raw)
+        if not chunks:
+            if blob == EMPTY_DIGEST:
+                return
+            if not await self.svc.access.exists(_chunk_key(blob)):
+                raise StorageError(f"blob {blob}: its chunk object is missing")
+            if bytes(blob) in self.bad_chunks:
+                raise IntegrityError(f"blob {blob}: its chunk is corrupted")
+            return
+        hasher = blake3.blake3()
+        for i, meta in enumerate(chunks):
+            if bytes(meta.digest) in self.bad_chunks:
+                raise IntegrityError(f"blob {blob}: chunk #{i} {meta.digest} is corrupted")
+            data = await self.svc._read_chunk(meta.digest, f"blob {blob}: chunk #{i} {meta.digest}")
+            if data is None:
+                raise StorageError(f"blob {blob}: chunk #{i} {meta.digest} is missing")
+            if len(data) != meta.size:
+                raise IntegrityError(
+                    f"blob {blob}: chunk #{i} {meta.digest} has {len(data)} bytes, the index says {meta.size}"
+                )
+            hasher.update(data)
+        if hasher.digest() != blob:
+            raise IntegrityError(f"blob {blob}: its chunks do not hash to the blob digest")
+
+
+def _digest_of_key(area: str, key: str) -> B3Digest | None:
+    """The digest named by ``{area}/b3/{shard}/{hex}``, or ``None`` for any other key."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] != area or parts[1] != "b3" or len(parts[3]) != 64:
+        return None
+    try:
+        digest = B3Digest.from_hex(parts[3])
+    except ValueError:
+        return None
+    return digest if object_key(area, digest) == key else None
 
 
 def _retrieve(task: asyncio.Future[bytes | None]) -> None:

@@ -43,11 +43,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ChannelTarget",
+    "GrpcClient",
     "GrpcClientConfig",
     "LazyChannel",
     "StreamSender",
     "decode_blob_chunk",
     "encode_blob_chunk",
+    "identity",
+    "is_not_found",
     "parse_grpc_url",
     "translate_rpc_error",
     "ERROR_CLASS_KEY",
@@ -325,6 +328,47 @@ class LazyChannel:
                 raise translate_rpc_error(e, what, self.target.display) from e
 
 
+def identity(data: bytes) -> bytes:
+    """The (de)serializer of raw calls: messages are encoded and decoded by the callers."""
+    return data
+
+
+def is_not_found(e: BaseException) -> bool:
+    """Whether ``e`` is a failed call with status NOT_FOUND (absence, not an error)."""
+    grpc = _import_grpc()
+    return isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.NOT_FOUND
+
+
+class GrpcClient:
+    """Base of the gRPC service clients: a :class:`LazyChannel` and the call helpers."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self._chan = LazyChannel(url, **options)
+
+    @property
+    def url(self) -> str:
+        return self._chan.target.url
+
+    async def connect(self) -> None:
+        """Connect now (otherwise the first call does); raises StorageError if unreachable."""
+        await self._chan.connect()
+
+    async def close(self) -> None:
+        await self._chan.close()
+
+    async def _unary_stream(self, method: str, request: bytes, timeout: float | None) -> Any:
+        """Start a server-streaming call (the returned call is also an async iterator)."""
+        channel = await self._chan.get()
+        multicallable = channel.unary_stream(method, request_serializer=identity, response_deserializer=identity)
+        return multicallable(request, timeout=timeout)
+
+    async def _stream_sender(self, method: str, depth: int) -> "StreamSender":
+        """Start a client-streaming call (not retried: waits for a ready channel first)."""
+        channel = await self._chan.get_ready()
+        multicallable = channel.stream_unary(method, request_serializer=identity, response_deserializer=identity)
+        return StreamSender(multicallable, method.rsplit("/", 1)[-1], self.url, self._chan.stream_timeout, depth)
+
+
 # Exceptions a server may name in trailing metadata, rebuilt on the client side.
 _REBUILD: dict[str, Callable[[str, str], CastoreError]] = {
     "ClosureError": lambda msg, code: ClosureError(msg, code=code or "closure"),
@@ -397,10 +441,11 @@ class StreamSender:
         while not self._queue.empty():
             self._queue.get_nowait()
 
-    async def _raise(self) -> None:
+    async def _response(self) -> bytes:
+        """The call's serialized response; a failed or cancelled call raises ours."""
         grpc = _import_grpc()
         try:
-            await self.call
+            response: bytes = await self.call
         except grpc.aio.AioRpcError as e:
             raise translate_rpc_error(e, self._what, self._target) from e
         except asyncio.CancelledError:
@@ -408,6 +453,10 @@ class StreamSender:
             if task is not None and task.cancelling():
                 raise
             raise StorageError(f"{self._what}: call to {self._target} was cancelled") from None
+        return response
+
+    async def _raise(self) -> None:
+        await self._response()
         raise StorageError(f"{self._what}: the server {self._target} ended the call early")
 
     async def send(self, message: bytes) -> None:
@@ -419,19 +468,9 @@ class StreamSender:
 
     async def finish(self) -> bytes:
         """End the stream and return the serialized response."""
-        grpc = _import_grpc()
         if not self._done:
             await self._queue.put(None)
-        try:
-            response: bytes = await self.call
-        except grpc.aio.AioRpcError as e:
-            raise translate_rpc_error(e, self._what, self._target) from e
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            raise StorageError(f"{self._what}: call to {self._target} was cancelled") from None
-        return response
+        return await self._response()
 
     def cancel(self) -> None:
         self.call.cancel()

@@ -38,6 +38,7 @@ __all__ = [
     "ChunkedReader",
     "ChunkMeta",
     "HashingWriter",
+    "PositionedReader",
     "READ_BLOCK",
 ]
 
@@ -108,38 +109,58 @@ class BlobReader(abc.ABC):
         return target
 
 
-class BytesReader(BlobReader):
-    """A reader over bytes already in memory (and already verified)."""
+class PositionedReader(BlobReader):
+    """Base for readers of a known size that keep their own position.
 
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
+    Provides ``size``, ``tell``, ``seek`` (validated by ``_seek_target``) and the closed
+    flag; subclasses implement ``read`` (calling :meth:`_check_open` first) and extend
+    ``close`` to release what they hold.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
         self._pos = 0
         self._closed = False
 
     @property
     def size(self) -> int:
-        return len(self._data)
+        return self._size
 
-    async def read(self, n: int = -1) -> bytes:
-        if self._closed:
-            raise ClosedError("reader is closed")
-        end = len(self._data) if n < 0 else min(len(self._data), self._pos + n)
-        out = bytes(self._data[self._pos : end])
-        self._pos = end
-        return out
+    def tell(self) -> int:
+        return self._pos
 
     async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self._pos = self._seek_target(offset, whence)
         return self._pos
 
-    def tell(self) -> int:
-        return self._pos
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("reader is closed")
+
+    def _wanted(self, n: int) -> int:
+        """How many bytes ``read(n)`` returns from the current position."""
+        return self._size - self._pos if n < 0 else max(0, min(n, self._size - self._pos))
 
     async def close(self) -> None:
         self._closed = True
 
 
-class ChunkedReader(BlobReader):
+class BytesReader(PositionedReader):
+    """A reader over bytes already in memory (and already verified)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._data = memoryview(data)
+        super().__init__(len(self._data))
+
+    async def read(self, n: int = -1) -> bytes:
+        self._check_open()
+        end = self._pos + self._wanted(n)
+        out = bytes(self._data[self._pos : end])
+        self._pos = end
+        return out
+
+
+class ChunkedReader(PositionedReader):
     """A reader over a list of chunks, fetched one at a time and each verified.
 
     ``fetch(chunk_digest)`` returns the chunk's bytes or ``None``; bytes that do not hash to
@@ -163,22 +184,9 @@ class ChunkedReader(BlobReader):
         for c in self._chunks:
             self._offsets.append(total)
             total += c.size
-        self._size = total
-        self._pos = 0
+        super().__init__(total)
         self._cur_index = -1
         self._cur: bytes = b""
-        self._closed = False
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def tell(self) -> int:
-        return self._pos
-
-    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._pos = self._seek_target(offset, whence)
-        return self._pos
 
     def _index_of(self, pos: int) -> int:
         import bisect
@@ -197,9 +205,8 @@ class ChunkedReader(BlobReader):
         return self._cur
 
     async def read(self, n: int = -1) -> bytes:
-        if self._closed:
-            raise ClosedError("reader is closed")
-        want = self._size - self._pos if n < 0 else min(n, self._size - self._pos)
+        self._check_open()
+        want = self._wanted(n)
         parts: list[bytes] = []
         while want > 0:
             index = self._index_of(self._pos)
@@ -212,7 +219,7 @@ class ChunkedReader(BlobReader):
         return b"".join(parts)
 
     async def close(self) -> None:
-        self._closed = True
+        await super().close()
         self._cur = b""
 
 

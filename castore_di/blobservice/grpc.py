@@ -29,7 +29,6 @@ digest the server returns must equal the digest of the bytes written.
 
 from __future__ import annotations
 
-import io
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,16 +36,27 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 import blake3
 
-from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, BytesReader, ChunkedReader, ChunkMeta, HashingWriter
+from castore_di.blobservice.base import (
+    BlobReader,
+    BlobService,
+    BlobWriter,
+    BytesReader,
+    ChunkedReader,
+    ChunkMeta,
+    HashingWriter,
+    PositionedReader,
+)
 from castore_di.composition.config import BlobServiceConfig
 from castore_di.digests import B3_LEN, B3Digest, blake3_digest
-from castore_di.errors import ClosedError, IntegrityError, StorageError
+from castore_di.errors import IntegrityError, StorageError
 from castore_di.grpc_channel import (
+    GrpcClient,
     GrpcClientConfig,
-    LazyChannel,
     StreamSender,
     decode_blob_chunk as _decode_chunk,
     encode_blob_chunk as _encode_chunk,
+    identity,
+    is_not_found,
     translate_rpc_error,
 )
 
@@ -57,38 +67,15 @@ __all__ = ["GRPCBlobService", "GRPCBlobServiceConfig", "BUFFER_LIMIT", "WRITE_ME
 
 BUFFER_LIMIT = 8 * 1024 * 1024  # blobs up to this size are fully verified before reading
 WRITE_MESSAGE_SIZE = 1 << 20  # BlobChunk payload per Put message
+PUT_QUEUE_DEPTH = 4  # Put messages buffered ahead of gRPC flow control
 
 _STAT = "/tvix.castore.v1.BlobService/Stat"
 _READ = "/tvix.castore.v1.BlobService/Read"
 _PUT = "/tvix.castore.v1.BlobService/Put"
 
 
-def _identity(data: bytes) -> bytes:
-    return data
-
-
-def _is_not_found(e: BaseException) -> bool:
-    import grpc
-
-    return isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.NOT_FOUND
-
-
-class GRPCBlobService(BlobService):
+class GRPCBlobService(GrpcClient, BlobService):
     """A :class:`BlobService` client of a ``tvix.castore.v1.BlobService`` server."""
-
-    def __init__(self, url: str, **options: Any) -> None:
-        self._chan = LazyChannel(url, **options)
-
-    @property
-    def url(self) -> str:
-        return self._chan.target.url
-
-    async def connect(self) -> None:
-        """Connect now (otherwise the first call does); raises StorageError if unreachable."""
-        await self._chan.connect()
-
-    async def close(self) -> None:
-        await self._chan.close()
 
     # -- Stat --------------------------------------------------------------------------
 
@@ -99,12 +86,12 @@ class GRPCBlobService(BlobService):
 
         async def call() -> bytes | None:
             channel = await self._chan.get()
-            stat = channel.unary_unary(_STAT, request_serializer=_identity, response_deserializer=_identity)
+            stat = channel.unary_unary(_STAT, request_serializer=identity, response_deserializer=identity)
             try:
                 response: bytes = await stat(request, timeout=self._chan.timeout)
                 return response
             except Exception as e:
-                if _is_not_found(e):
+                if is_not_found(e):
                     return None
                 raise
 
@@ -133,11 +120,8 @@ class GRPCBlobService(BlobService):
     async def _open_stream(self, digest: B3Digest) -> "grpc.aio.UnaryStreamCall[bytes, bytes]":
         from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
 
-        channel = await self._chan.get()
-        read = channel.unary_stream(_READ, request_serializer=_identity, response_deserializer=_identity)
-        call: grpc.aio.UnaryStreamCall[bytes, bytes] = read(
-            pb.ReadBlobRequest(digest=digest).SerializeToString(), timeout=self._chan.stream_timeout
-        )
+        request = pb.ReadBlobRequest(digest=digest).SerializeToString()
+        call: grpc.aio.UnaryStreamCall[bytes, bytes] = await self._unary_stream(_READ, request, self._chan.stream_timeout)
         return call
 
     async def _read_whole(self, digest: B3Digest) -> bytes | None:
@@ -150,7 +134,7 @@ class GRPCBlobService(BlobService):
                 async for raw in stream:
                     parts.append(_decode_chunk(raw))
             except Exception as e:
-                if _is_not_found(e):
+                if is_not_found(e):
                     return None
                 raise
             return b"".join(parts)
@@ -193,7 +177,7 @@ class GRPCBlobService(BlobService):
                         hasher.update(data)
                         spool.write(data)
                 except Exception as e:
-                    if _is_not_found(e):
+                    if is_not_found(e):
                         spool.close()
                         return None
                     raise
@@ -238,66 +222,39 @@ class _VerifyingChunkedReader(ChunkedReader):
         return data
 
 
-class _FileReader(BlobReader):
+class _FileReader(PositionedReader):
     """A reader over a (spooled) temporary file that was verified while it was written."""
 
     def __init__(self, file: Any, size: int) -> None:
+        super().__init__(size)
         self._file = file
-        self._size = size
-        self._pos = 0
-        self._closed = False
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def tell(self) -> int:
-        return self._pos
-
-    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._pos = self._seek_target(offset, whence)
-        return self._pos
 
     async def read(self, n: int = -1) -> bytes:
-        if self._closed:
-            raise ClosedError("reader is closed")
+        self._check_open()
         self._file.seek(self._pos)
-        data: bytes = self._file.read(self._size - self._pos if n < 0 else min(n, self._size - self._pos))
+        data: bytes = self._file.read(self._wanted(n))
         self._pos += len(data)
         return data
 
     async def close(self) -> None:
         if not self._closed:
-            self._closed = True
+            await super().close()
             self._file.close()
 
 
-class _StreamingReader(BlobReader):
+class _StreamingReader(PositionedReader):
     """Streams a large blob of known size; the digest is checked when the stream ends."""
 
     def __init__(self, service: GRPCBlobService, digest: B3Digest, size: int) -> None:
+        super().__init__(size)
         self._service = service
         self._digest = digest
-        self._size = size
-        self._pos = 0
         self._stream: AsyncIterator[bytes] | None = None
         self._call: Any = None
         self._buf = b""  # bytes of the stream starting at self._buf_off
         self._buf_off = 0
         self._hasher = blake3.blake3()
         self._received = 0
-        self._closed = False
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def tell(self) -> int:
-        return self._pos
-
-    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._pos = self._seek_target(offset, whence)
-        return self._pos
 
     async def _restart(self) -> None:
         self._cancel()
@@ -353,9 +310,8 @@ class _StreamingReader(BlobReader):
         return True
 
     async def read(self, n: int = -1) -> bytes:
-        if self._closed:
-            raise ClosedError("reader is closed")
-        want = self._size - self._pos if n < 0 else min(n, self._size - self._pos)
+        self._check_open()
+        want = self._wanted(n)
         if want <= 0:
             return b""
         if self._call is None or self._pos < self._buf_off:
@@ -385,7 +341,7 @@ class _StreamingReader(BlobReader):
         self._stream = None
 
     async def close(self) -> None:
-        self._closed = True
+        await super().close()
         self._cancel()
         self._buf = b""
 
@@ -401,10 +357,7 @@ class _GrpcBlobWriter(HashingWriter):
 
     async def _start(self) -> StreamSender:
         if self._sender is None:
-            chan = self._service._chan
-            channel = await chan.get_ready()
-            put = channel.stream_unary(_PUT, request_serializer=_identity, response_deserializer=_identity)
-            self._sender = StreamSender(put, "Put", self._service.url, chan.stream_timeout)
+            self._sender = await self._service._stream_sender(_PUT, depth=PUT_QUEUE_DEPTH)
         return self._sender
 
     async def _send(self, piece: bytes | bytearray | memoryview) -> None:

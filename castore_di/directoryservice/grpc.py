@@ -27,23 +27,13 @@ from castore_di.digests import B3_LEN, B3Digest
 from castore_di.directoryservice.base import DirectoryPutter, DirectoryService
 from castore_di.directoryservice.closure import LeavesToRoot, RootToLeaves
 from castore_di.errors import ClosedError, ClosureError, IntegrityError, StorageError, ValidationError
-from castore_di.grpc_channel import GrpcClientConfig, LazyChannel, StreamSender, translate_rpc_error
+from castore_di.grpc_channel import GrpcClient, GrpcClientConfig, StreamSender, is_not_found, translate_rpc_error
 from castore_di.nodes import Directory
 
 __all__ = ["GRPCDirectoryService", "GRPCDirectoryServiceConfig"]
 
 _GET = "/tvix.castore.v1.DirectoryService/Get"
 _PUT = "/tvix.castore.v1.DirectoryService/Put"
-
-
-def _identity(data: bytes) -> bytes:
-    return data
-
-
-def _is_not_found(e: BaseException) -> bool:
-    import grpc
-
-    return isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.NOT_FOUND
 
 
 def _get_request(digest: B3Digest, recursive: bool) -> bytes:
@@ -53,22 +43,8 @@ def _get_request(digest: B3Digest, recursive: bool) -> bytes:
     return out
 
 
-class GRPCDirectoryService(DirectoryService):
+class GRPCDirectoryService(GrpcClient, DirectoryService):
     """A :class:`DirectoryService` client of a ``tvix.castore.v1.DirectoryService`` server."""
-
-    def __init__(self, url: str, **options: Any) -> None:
-        self._chan = LazyChannel(url, **options)
-
-    @property
-    def url(self) -> str:
-        return self._chan.target.url
-
-    async def connect(self) -> None:
-        """Connect now (otherwise the first call does); raises StorageError if unreachable."""
-        await self._chan.connect()
-
-    async def close(self) -> None:
-        await self._chan.close()
 
     def _decode(self, raw: bytes, what: str) -> Directory:
         try:
@@ -77,9 +53,7 @@ class GRPCDirectoryService(DirectoryService):
             raise IntegrityError(f"{what}: server {self.url} sent an invalid directory: {e}") from e
 
     async def _open_get(self, digest: B3Digest, recursive: bool, timeout: float | None) -> Any:
-        channel = await self._chan.get()
-        get = channel.unary_stream(_GET, request_serializer=_identity, response_deserializer=_identity)
-        return get(_get_request(digest, recursive), timeout=timeout)
+        return await self._unary_stream(_GET, _get_request(digest, recursive), timeout)
 
     async def get(self, digest: B3Digest) -> Directory | None:
         async def call() -> bytes | None:
@@ -90,7 +64,7 @@ class GRPCDirectoryService(DirectoryService):
                     first: bytes = raw
                     return first
             except Exception as e:
-                if _is_not_found(e):
+                if is_not_found(e):
                     return None
                 raise
             return None
@@ -116,7 +90,7 @@ class GRPCDirectoryService(DirectoryService):
             except StopAsyncIteration:
                 first = None
             except Exception as e:
-                if _is_not_found(e):
+                if is_not_found(e):
                     first = None
                 else:
                     raise
@@ -169,10 +143,7 @@ class _GrpcDirectoryPutter(DirectoryPutter):
 
     async def _start(self) -> StreamSender:
         if self._sender is None:
-            chan = self._service._chan
-            channel = await chan.get_ready()
-            put = channel.stream_unary(_PUT, request_serializer=_identity, response_deserializer=_identity)
-            self._sender = StreamSender(put, "Put", self._service.url, chan.stream_timeout, depth=64)
+            self._sender = await self._service._stream_sender(_PUT, depth=64)
         return self._sender
 
     async def put(self, directory: Directory) -> None:

@@ -17,16 +17,15 @@ Differences from the reference server, all wire-compatible:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn, TypeAlias
 
 import grpc
 import grpc.aio
 
 from castore_di.blobservice.base import BlobService
-from castore_di.digests import B3_LEN, B3Digest
-from castore_di.errors import DigestError, ValidationError
+from castore_di.errors import ValidationError
 from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
 from castore_di.grpc_channel import decode_blob_chunk, encode_blob_chunk
+from castore_di.server.common import Context, Servicer, not_found, parse_digest, parse_message
 from castore_di.server.errors import abort_with
 
 __all__ = ["BlobServicer", "READ_MESSAGE_SIZE", "SERVICE_NAME", "encode_blob_chunk"]
@@ -40,29 +39,11 @@ SERVICE_NAME = "tvix.castore.v1.BlobService"
 # under the 4 MiB default receive limit of other clients.
 READ_MESSAGE_SIZE = 1 << 20
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
-
-async def _not_found(context: Context, message: str) -> NoReturn:
-    await context.abort(grpc.StatusCode.NOT_FOUND, message)
-    raise AssertionError("unreachable")  # pragma: no cover - abort raises
-
-
-def _parse(msg_cls: Any, raw: bytes, what: str) -> Any:
-    try:
-        return msg_cls.FromString(raw)
-    except Exception as e:  # protobuf's DecodeError
-        raise ValidationError(f"cannot decode {what}: {e}") from e
-
-
-def _digest(raw: bytes) -> B3Digest:
-    if len(raw) != B3_LEN:
-        raise DigestError(f"invalid digest length: {len(raw)}")
-    return B3Digest(raw)
-
-
-class BlobServicer:
+class BlobServicer(Servicer):
     """Serves one blob service; register it with :meth:`add_to_server`."""
+
+    SERVICE_NAME = SERVICE_NAME
 
     def __init__(self, service: BlobService, read_message_size: int = READ_MESSAGE_SIZE) -> None:
         self.service = service
@@ -70,15 +51,15 @@ class BlobServicer:
 
     async def Stat(self, raw: bytes, context: Context) -> bytes:
         try:
-            request = _parse(pb.StatBlobRequest, raw, "StatBlobRequest")
-            digest = _digest(request.digest)
+            request = parse_message(pb.StatBlobRequest, raw, "StatBlobRequest")
+            digest = parse_digest(request.digest)
             if not request.send_chunks:
                 if not await self.service.has(digest):
-                    await _not_found(context, f"blob {digest} not found")
+                    await not_found(context, f"blob {digest} not found")
                 return b""
             chunks = await self.service.chunks(digest)
             if chunks is None:
-                await _not_found(context, f"blob {digest} not found")
+                await not_found(context, f"blob {digest} not found")
             response = pb.StatBlobResponse()
             if chunks:
                 for c in chunks:
@@ -86,7 +67,7 @@ class BlobServicer:
             else:
                 reader = await self.service.open_read(digest)
                 if reader is None:
-                    await _not_found(context, f"blob {digest} not found")
+                    await not_found(context, f"blob {digest} not found")
                 async with reader:
                     response.chunks.add(digest=digest, size=reader.size)
             out: bytes = response.SerializeToString()
@@ -98,11 +79,11 @@ class BlobServicer:
 
     async def Read(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
         try:
-            request = _parse(pb.ReadBlobRequest, raw, "ReadBlobRequest")
-            digest = _digest(request.digest)
+            request = parse_message(pb.ReadBlobRequest, raw, "ReadBlobRequest")
+            digest = parse_digest(request.digest)
             reader = await self.service.open_read(digest)
             if reader is None:
-                await _not_found(context, f"blob {digest} not found")
+                await not_found(context, f"blob {digest} not found")
             async with reader:
                 async for block in reader.iter_blocks(self.read_message_size):
                     yield encode_blob_chunk(block)
@@ -131,12 +112,8 @@ class BlobServicer:
         return out
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        """Method handlers; messages are (de)serialised here so bad bytes are INVALID_ARGUMENT."""
         return {
             "Stat": grpc.unary_unary_rpc_method_handler(self.Stat),
             "Read": grpc.unary_stream_rpc_method_handler(self.Read),
             "Put": grpc.stream_unary_rpc_method_handler(self.Put),
         }
-
-    def add_to_server(self, server: grpc.aio.Server) -> None:
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, self.handlers()),))

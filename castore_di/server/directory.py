@@ -15,53 +15,42 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn, TypeAlias
 
 import grpc
 import grpc.aio
 
-from castore_di.digests import B3_LEN, B3Digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.directoryservice.closure import LeavesToRoot
-from castore_di.errors import DigestError, ValidationError
+from castore_di.errors import ValidationError
 from castore_di.nodes import Directory
 from castore_di.proto.tvix.castore.protos import castore_pb2
 from castore_di.proto.tvix.castore.protos import rpc_directory_pb2 as pb
+from castore_di.server.common import Context, Servicer, not_found, parse_digest, parse_message
 from castore_di.server.errors import abort_with
 
 __all__ = ["DirectoryServicer", "SERVICE_NAME"]
 
 SERVICE_NAME = "tvix.castore.v1.DirectoryService"
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
-
-async def _not_found(context: Context, message: str) -> NoReturn:
-    await context.abort(grpc.StatusCode.NOT_FOUND, message)
-    raise AssertionError("unreachable")  # pragma: no cover - abort raises
-
-
-class DirectoryServicer:
+class DirectoryServicer(Servicer):
     """Serves one directory service; register it with :meth:`add_to_server`."""
+
+    SERVICE_NAME = SERVICE_NAME
 
     def __init__(self, service: DirectoryService) -> None:
         self.service = service
 
     async def Get(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
         try:
-            try:
-                request = pb.GetDirectoryRequest.FromString(raw)
-            except Exception as e:  # protobuf's DecodeError
-                raise ValidationError(f"cannot decode GetDirectoryRequest: {e}") from e
+            request = parse_message(pb.GetDirectoryRequest, raw, "GetDirectoryRequest")
             if request.WhichOneof("by_what") is None:
                 raise ValidationError("invalid by_what")
-            if len(request.digest) != B3_LEN:
-                raise DigestError(f"invalid digest length: {len(request.digest)}")
-            digest = B3Digest(request.digest)
+            digest = parse_digest(request.digest)
             if not request.recursive:
                 directory = await self.service.get(digest)
                 if directory is None:
-                    await _not_found(context, f"directory {digest} not found")
+                    await not_found(context, f"directory {digest} not found")
                 yield directory.encode()
                 return
             async for directory in self.service.get_recursive(digest):
@@ -105,6 +94,3 @@ class DirectoryServicer:
             "Get": grpc.unary_stream_rpc_method_handler(self.Get),
             "Put": grpc.stream_unary_rpc_method_handler(self.Put),
         }
-
-    def add_to_server(self, server: grpc.aio.Server) -> None:
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, self.handlers()),))

@@ -66,6 +66,13 @@ class GrpcServerProcess:
         assert self.address is not None, "server not started"
         return "grpc+http://" + self.address
 
+    @property
+    def data_dir(self) -> Path:
+        """The embedded backend's data directory (platformdirs' ``$XDG_DATA_HOME/castore``)."""
+        if self.backend != "embedded":
+            raise ValueError(f"the {self.backend} backend has no data directory")
+        return self.workdir / "data" / "castore"
+
     def _command(self) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
@@ -76,7 +83,7 @@ class GrpcServerProcess:
             cmd += ["--config", str(config)]
         elif self.backend == "embedded":
             env.pop("CASTORE_CONFIG", None)
-            env["XDG_DATA_HOME"] = str(self.workdir / "data")
+            env["XDG_DATA_HOME"] = str(self.data_dir.parent)
             env["HOME"] = str(self.workdir)
         else:
             raise ValueError(f"unknown backend {self.backend!r}")

@@ -250,6 +250,21 @@ async def test_a_writer_whose_chunks_were_collected_refuses_to_commit(tmp_path: 
     await service.close()
 
 
+async def test_gc_removes_the_lock_files_of_dead_writers_only(tmp_path: Path) -> None:
+    service = EmbeddedBlobService(str(tmp_path), avg_chunk_size=AVG)
+    store = service._store()
+    live, dead = store.new_lease(), store.new_lease()
+    dead._file.close()  # as if its process died before storing anything
+    assert sorted(p.name for p in (tmp_path / "writers").iterdir()) == sorted([live.token.hex(), dead.token.hex()])
+    assert (await service.gc(dry_run=True)).removed == []
+    assert len(list((tmp_path / "writers").iterdir())) == 2  # a dry run changes nothing
+    await service.gc()
+    assert [p.name for p in (tmp_path / "writers").iterdir()] == [live.token.hex()]
+    live.release()
+    assert not list((tmp_path / "writers").iterdir())
+    await service.close()
+
+
 # --- gc against writer processes ---------------------------------------------------------------
 
 

@@ -20,9 +20,12 @@ Contract every backend keeps:
 from __future__ import annotations
 
 import abc
+import asyncio
+import bisect
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
+from typing import Any
 
 import attrs
 import blake3
@@ -165,7 +168,11 @@ class ChunkedReader(PositionedReader):
 
     ``fetch(chunk_digest)`` returns the chunk's bytes or ``None``; bytes that do not hash to
     the chunk digest raise :class:`IntegrityError` naming the blob and the chunk. Seeking
-    fetches only the chunk that holds the target position.
+    fetches only the chunk that holds the target position. When the blob is read from the
+    start to the end, the whole-blob digest is checked too, which catches an index listing
+    wrong (but intact) chunks. With ``readahead`` > 0, once a read moves from one chunk into
+    the next, that many following chunks are fetched in the background (never earlier ones;
+    a seek cancels what it skips).
     """
 
     def __init__(
@@ -173,6 +180,8 @@ class ChunkedReader(PositionedReader):
         blob: B3Digest,
         chunks: Sequence[ChunkMeta],
         fetch: Callable[[B3Digest], Awaitable[bytes | None]],
+        *,
+        readahead: int = 0,
     ) -> None:
         if not chunks:
             raise ValueError("ChunkedReader needs at least one chunk")
@@ -187,16 +196,34 @@ class ChunkedReader(PositionedReader):
         super().__init__(total)
         self._cur_index = -1
         self._cur: bytes = b""
+        self._readahead = readahead
+        self._pending: dict[int, asyncio.Future[bytes | None]] = {}
+        self._hasher: Any = blake3.blake3()
+        self._hashed = 0
 
     def _index_of(self, pos: int) -> int:
-        import bisect
-
         return bisect.bisect_right(self._offsets, pos) - 1
+
+    def _schedule(self, index: int) -> None:
+        sequential = index == self._cur_index + 1 and self._cur_index >= 0
+        end = min(index + 1 + self._readahead, len(self._chunks)) if sequential else index + 1
+        wanted = range(index + 1, end)
+        for i in list(self._pending):
+            if i != index and i not in wanted:
+                self._pending.pop(i).cancel()
+        for i in wanted:
+            if i not in self._pending:
+                task = asyncio.ensure_future(self._fetch(self._chunks[i].digest))
+                task.add_done_callback(_retrieve)  # a skipped chunk's error is not an error
+                self._pending[i] = task
 
     async def _load(self, index: int) -> bytes:
         if index != self._cur_index:
             meta = self._chunks[index]
-            data = await self._fetch(meta.digest)
+            if self._readahead:
+                self._schedule(index)
+            task = self._pending.pop(index, None)
+            data = await task if task is not None else await self._fetch(meta.digest)
             if data is None:
                 raise StorageError(f"blob {self._blob}: chunk #{index} {meta.digest} is missing")
             if len(data) != meta.size or blake3_digest(data) != meta.digest:
@@ -206,21 +233,46 @@ class ChunkedReader(PositionedReader):
 
     async def read(self, n: int = -1) -> bytes:
         self._check_open()
+        start = self._pos
         want = self._wanted(n)
         parts: list[bytes] = []
         while want > 0:
             index = self._index_of(self._pos)
             data = await self._load(index)
-            start = self._pos - self._offsets[index]
-            piece = data[start : start + want]
+            offset = self._pos - self._offsets[index]
+            piece = data[offset : offset + want]
             parts.append(piece)
             self._pos += len(piece)
             want -= len(piece)
-        return b"".join(parts)
+        out = b"".join(parts)
+        self._check_whole(start, out)
+        return out
+
+    def _check_whole(self, start: int, out: bytes) -> None:
+        if self._hasher is None or not out:
+            return
+        if start != self._hashed:  # not a start-to-end read: no whole-blob check
+            self._hasher = None
+            return
+        self._hasher.update(out)
+        self._hashed += len(out)
+        if self._hashed == self.size and B3Digest(self._hasher.digest()) != self._blob:
+            self._hasher = None
+            raise IntegrityError(f"blob {self._blob}: its chunks do not add up to the blob's digest")
 
     async def close(self) -> None:
+        for task in self._pending.values():
+            task.cancel()
+        if self._pending:
+            await asyncio.gather(*self._pending.values(), return_exceptions=True)
+        self._pending.clear()
         await super().close()
         self._cur = b""
+
+
+def _retrieve(task: "asyncio.Future[bytes | None]") -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class BlobWriter(abc.ABC):

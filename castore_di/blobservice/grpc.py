@@ -30,7 +30,7 @@ digest the server returns must equal the digest of the bytes written.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -152,7 +152,7 @@ class GRPCBlobService(GrpcClient, BlobService):
         if chunks is None:
             return None
         if len(chunks) >= 2:
-            return _VerifyingChunkedReader(digest, chunks, self._read_whole)
+            return ChunkedReader(digest, chunks, self._read_whole, readahead=2)
         if len(chunks) == 1:
             size = chunks[0].size
             if size <= BUFFER_LIMIT:
@@ -201,25 +201,6 @@ class GRPCBlobService(GrpcClient, BlobService):
 
     def open_write(self) -> BlobWriter:
         return _GrpcBlobWriter(self)
-
-
-class _VerifyingChunkedReader(ChunkedReader):
-    """A :class:`ChunkedReader` that also checks the blob digest when read start to end."""
-
-    def __init__(self, blob: B3Digest, chunks: Sequence[ChunkMeta], fetch: Any) -> None:
-        super().__init__(blob, chunks, fetch)
-        self._hasher = blake3.blake3()
-        self._hashed = 0
-
-    async def read(self, n: int = -1) -> bytes:
-        start = self.tell()
-        data = await super().read(n)
-        if start == self._hashed and data:
-            self._hasher.update(data)
-            self._hashed += len(data)
-            if self._hashed == self.size and B3Digest(self._hasher.digest()) != self._blob:
-                raise IntegrityError(f"blob {self._blob}: the chunks do not add up to the blob digest")
-        return data
 
 
 class _FileReader(PositionedReader):

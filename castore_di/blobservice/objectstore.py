@@ -154,7 +154,7 @@ class ObjectStoreBlobService(BlobService):
         async def fetch(chunk: B3Digest) -> bytes | None:
             return await self._read_chunk(chunk, f"blob {digest}: chunk {chunk}")
 
-        return _VerifyingChunkedReader(digest, chunks, fetch)
+        return ChunkedReader(digest, chunks, fetch, readahead=2)
 
     def open_write(self) -> BlobWriter:
         return _ObjectStoreBlobWriter(self)
@@ -282,75 +282,6 @@ def _digest_of_key(area: str, key: str) -> B3Digest | None:
     except ValueError:
         return None
     return digest if object_key(area, digest) == key else None
-
-
-def _retrieve(task: asyncio.Future[bytes | None]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-class _VerifyingChunkedReader(ChunkedReader):
-    """A ChunkedReader with read-ahead and a whole-blob check on sequential reads.
-
-    Once a read crosses from one chunk into the next, the following ``READAHEAD`` chunks
-    are fetched in the background (never earlier ones; a seek cancels what it skips).
-    Chunks are verified one by one by the base class; the whole-blob digest check catches
-    an index that lists wrong (but intact) chunks, when the blob is read start to end.
-    """
-
-    READAHEAD = 2
-
-    def __init__(
-        self, blob: B3Digest, chunks: list[ChunkMeta], fetch: Callable[[B3Digest], Awaitable[bytes | None]]
-    ) -> None:
-        super().__init__(blob, chunks, self._fetch_ahead)
-        self._real_fetch = fetch
-        self._pending: dict[int, asyncio.Future[bytes | None]] = {}
-        self._hasher: Any = blake3.blake3()
-        self._hashed = 0
-        self._loading = -1
-
-    async def _fetch_ahead(self, digest: B3Digest) -> bytes | None:
-        task = self._pending.pop(self._loading, None)
-        if task is not None:
-            return await task
-        return await self._real_fetch(digest)
-
-    async def _load(self, index: int) -> bytes:
-        if index != self._cur_index:
-            sequential = index == self._cur_index + 1 and self._cur_index >= 0
-            wanted = range(index + 1, min(index + 1 + self.READAHEAD, len(self._chunks))) if sequential else range(0)
-            for i in list(self._pending):
-                if i != index and i not in wanted:
-                    self._pending.pop(i).cancel()
-            for i in wanted:
-                if i not in self._pending:
-                    task = asyncio.ensure_future(self._real_fetch(self._chunks[i].digest))
-                    task.add_done_callback(_retrieve)  # a skipped chunk's error is not an error
-                    self._pending[i] = task
-            self._loading = index
-        return await super()._load(index)
-
-    async def read(self, n: int = -1) -> bytes:
-        start = self.tell()
-        out = await super().read(n)
-        if self._hasher is not None and start == self._hashed and out:
-            self._hasher.update(out)
-            self._hashed += len(out)
-            if self._hashed == self.size and B3Digest(self._hasher.digest()) != self._blob:
-                self._hasher = None
-                raise IntegrityError(f"blob {self._blob}: its chunks do not add up to the blob's digest")
-        elif start != self._hashed:
-            self._hasher = None
-        return out
-
-    async def close(self) -> None:
-        for task in self._pending.values():
-            task.cancel()
-        if self._pending:
-            await asyncio.gather(*self._pending.values(), return_exceptions=True)
-        self._pending.clear()
-        await super().close()
 
 
 class _ObjectStoreBlobWriter(BlobWriter):

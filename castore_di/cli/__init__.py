@@ -15,7 +15,7 @@ import asyncio
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
 

@@ -77,7 +77,7 @@ def _flatten(exc: BaseException, path: str, cls: type | None, out: list[ConfigEr
         for key in sorted(exc.extra_fields):
             out.append(UnknownFieldError(f"unknown field {key!r}{suggest(key, known)}", path=path))
     elif isinstance(exc, KeyError):
-        out.append(ConfigError(f"required field missing", path=path))
+        out.append(ConfigError("required field missing", path=path))
     elif isinstance(exc, ConfigError):
         out.append(ConfigError(exc.detail, path=f"{path}.{exc.path}" if exc.path else path))
     else:

@@ -51,6 +51,8 @@ def validate_name(name: bytes | str) -> bytes:
     """Return ``name`` as bytes, or raise :class:`InvalidNameError` (rules checked in order)."""
     if isinstance(name, str):
         name = name.encode("utf-8", "surrogateescape")
+    if type(name) is bytes and 2 < len(name) <= MAX_NAME_LEN and b"\0" not in name and b"/" not in name:
+        return name  # the common case, decided in one pass
     if not name:
         raise InvalidNameError(name, "empty", "cannot be empty")
     if name == b"..":
@@ -122,6 +124,10 @@ class Directory:
     __slots__ = ("_entries", "_index", "_size", "_encoded", "_digest")
 
     _entries: tuple[tuple[bytes, Node], ...]
+    _index: dict[bytes, Node]
+    _size: int
+    _encoded: bytes | None
+    _digest: B3Digest | None
 
     def __init__(
         self, entries: Mapping[bytes, Node] | Mapping[str, Node] | Iterable[tuple[bytes | str, Node]] = ()
@@ -142,8 +148,8 @@ class Directory:
         self._index = index
         self._entries = tuple(sorted(index.items(), key=lambda kv: kv[0]))
         self._size = size
-        self._encoded: bytes | None = None
-        self._digest: B3Digest | None = None
+        self._encoded = None
+        self._digest = None
 
     # -- mapping-like access --------------------------------------------------------
 
@@ -250,8 +256,27 @@ class Directory:
             except InvalidSymlinkTargetError as e:
                 raise InvalidNodeError(s.name, "invalid_symlink_target", f"invalid symlink target: {e.reason}") from e
             pairs.append((validate_name(s.name), SymlinkNode(target)))
-        # 3. across lists (duplicates, size overflow)
-        return cls(pairs)
+        # 3. across lists (duplicates, size overflow); names are already valid
+        index: dict[bytes, Node] = {}
+        size = 0
+        for name, node in pairs:
+            if name in index:
+                raise DuplicateNameError(name)
+            index[name] = node
+            size += 1 + (node.size if type(node) is DirectoryNode else 0)
+        if size > U64_MAX:
+            raise SizeOverflowError()
+        return cls._from_index(index, size)
+
+    @classmethod
+    def _from_index(cls, index: dict[bytes, Node], size: int) -> "Directory":
+        self = cls.__new__(cls)
+        self._index = index
+        self._entries = tuple(sorted(index.items(), key=lambda kv: kv[0]))
+        self._size = size
+        self._encoded = None
+        self._digest = None
+        return self
 
     @classmethod
     def decode(cls, data: bytes) -> "Directory":

@@ -12,6 +12,10 @@ at most ``concurrency`` files in flight). Small files are read whole and hashed 
 when the blob is already present (``has``) the upload is skipped, so importing the same
 tree twice stores nothing new. Large files stream in blocks read in worker threads.
 Finally the directories go through one ``put_multiple_start`` putter, leaves first.
+
+Measured and not kept: a reader thread handing small files to the loop in batches (to
+overlap ``os.read`` with the store's work) made a stdlib import slower on this 2-core
+machine, 7.1 s against 6.1 s, from GIL hand-offs; LMDB's ``writemap`` gave no gain either.
 """
 
 from __future__ import annotations

@@ -50,8 +50,16 @@ def grpc_backends() -> list[str]:
 class GrpcServerProcess:
     """One ``castore serve`` subprocess; restartable on the same address."""
 
-    def __init__(self, workdir: Path, backend: str = "memory", listen: str = "127.0.0.1:0", grace: float = 2.0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        backend: str = "memory",
+        listen: str = "127.0.0.1:0",
+        grace: float = 2.0,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.workdir = workdir
+        self.extra_args = extra_args
         self.backend = backend
         self.listen = listen
         self.grace = grace
@@ -88,7 +96,7 @@ class GrpcServerProcess:
         else:
             raise ValueError(f"unknown backend {self.backend!r}")
         cmd += ["serve", "--grace", str(self.grace)]
-        cmd += ["--listen", self.address if self.address else self.listen]
+        cmd += ["--listen", self.address if self.address else self.listen, *self.extra_args]
         return cmd, env
 
     def _pump(self, stream: object, sink: list[str], notify: bool) -> None:

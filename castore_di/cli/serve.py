@@ -28,8 +28,12 @@ __all__ = ["serve_command"]
     show_default=True,
     help="Seconds in-flight calls may take to finish after SIGTERM/SIGINT.",
 )
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True),
+              help="PEM certificate chain: serve TLS (clients use grpc+https://). Needs --tls-key.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="PEM private key for --tls-cert.")
 @pass_ctx
-def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float) -> None:
+def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_cert: str | None,
+                  tls_key: str | None) -> None:
     """Serve tvix.castore.v1 BlobService and DirectoryService (with health and reflection).
 
     Prints "castore serve: listening on ADDRESS" for every bound address; stops on
@@ -37,6 +41,8 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float) -> Non
     """
     from castore_di.server import normalize_listen, serve
 
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
     for address in listen:
         normalize_listen(address)  # refuse bad addresses before building anything
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -51,6 +57,7 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float) -> Non
             grace=grace,
             describe=f"blob service {blob_name}, directory service {directory_name}",
             on_stopped=ctx.aclose,
+            tls=(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None,
         )
 
     run_async(ctx, main)

@@ -65,14 +65,34 @@ def normalize_listen(address: str) -> str:
     return address
 
 
+def _server_credentials(tls: tuple[str, str]) -> "grpc.ServerCredentials":
+    cert_file, key_file = tls
+    try:
+        with open(cert_file, "rb") as f:
+            cert = f.read()
+        with open(key_file, "rb") as f:
+            key = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read TLS certificate or key: {e}") from e
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
 class CastoreServer:
     """A ``grpc.aio`` server for one blob and one directory service (either may be None)."""
 
-    def __init__(self, blob_service: BlobService | None, directory_service: DirectoryService | None) -> None:
+    def __init__(
+        self,
+        blob_service: BlobService | None,
+        directory_service: DirectoryService | None,
+        *,
+        tls: tuple[str, str] | None = None,
+    ) -> None:
+        """``tls`` is ``(certificate chain PEM file, private key PEM file)``; plaintext without it."""
         if blob_service is None and directory_service is None:
             raise ConfigError("nothing to serve: no blob and no directory service")
         self.blob_service = blob_service
         self.directory_service = directory_service
+        self._credentials = _server_credentials(tls) if tls is not None else None
         self._server: grpc.aio.Server | None = None
         self._health: object | None = None
         self.addresses: list[str] = []
@@ -103,7 +123,10 @@ class CastoreServer:
         bound: list[str] = []
         for address in binds:
             try:
-                port = server.add_insecure_port(address)
+                if self._credentials is not None:
+                    port = server.add_secure_port(address, self._credentials)
+                else:
+                    port = server.add_insecure_port(address)
             except RuntimeError as e:
                 raise StorageError(f"cannot listen on {address}: {e}") from e
             if address.startswith("unix:"):
@@ -139,6 +162,7 @@ async def serve(
     grace: float = 5.0,
     describe: str = "",
     on_stopped: Callable[[], Awaitable[None]] | None = None,
+    tls: tuple[str, str] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully and run ``on_stopped``.
 
@@ -156,7 +180,7 @@ async def serve(
     # handlers first: a signal that arrives right after the listening line must not kill us
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    server = CastoreServer(blob_service, directory_service)
+    server = CastoreServer(blob_service, directory_service, tls=tls)
     try:
         addresses = await server.start(listen)
         log.info("castore serve: started%s on %s", f" ({describe})" if describe else "", ", ".join(addresses))

@@ -34,6 +34,7 @@ from dependency_injector import containers, providers
 
 from castore_di.blobservice.base import BlobService
 from castore_di.composition.config import KINDS
+from castore_di.composition.converter import listing
 from castore_di.composition.graph import CompositionGraph, Instance, InstanceId
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import ConfigError, InstantiationError, UnknownInstanceError
@@ -133,7 +134,7 @@ class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
             return self._all[instance_id]
         except KeyError:
             raise UnknownInstanceError(
-                f"unknown instance (known: {', '.join(sorted(self._all)) or 'none'})", path=instance_id
+                f"unknown instance (known: {listing(self._all)})", path=instance_id
             ) from None
 
     def blob_service(self, name: str = "default") -> BlobService:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -17,13 +17,19 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 
 from castore_di.errors import ConfigError, UnknownFieldError
 
-__all__ = ["converter", "structure_config", "suggest"]
+__all__ = ["converter", "structure_config", "suggest", "listing", "brief"]
 
 T = TypeVar("T")
 
 
+def brief(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters so a message fits on a line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 1]}… ({len(text)} characters)"
+
+
 def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {brief(value)}"
 
 
 def _strict(expected: type, *accepted: type) -> Any:
@@ -50,10 +56,22 @@ def _make_converter() -> cattrs.Converter:
 converter = _make_converter()
 
 
-def suggest(word: str, known: list[str] | tuple[str, ...] | set[str]) -> str:
+def listing(names: Iterable[str], limit: int = 20) -> str:
+    """``a, b, c`` for a message; past ``limit`` names, ``a, b, … and N more``."""
+    shown = sorted(names)
+    if not shown:
+        return "none"
+    if len(shown) <= limit:
+        return ", ".join(shown)
+    return f"{', '.join(shown[:limit])} … and {len(shown) - limit} more"
+
+
+def suggest(word: str, known: Iterable[str]) -> str:
     """`` (known: a, b)``, plus ``; did you mean 'x'?`` when one is close, to end a message."""
-    text = f" (known: {', '.join(sorted(known)) or 'none'})"
-    close = difflib.get_close_matches(word, list(known), n=1)
+    known = list(known)
+    text = f" (known: {listing(known)})"
+    # difflib is quadratic in the word: skip the hint for long words or huge lists.
+    close = difflib.get_close_matches(word, known, n=1) if len(word) <= 100 and len(known) <= 5000 else []
     if close:
         text += f"; did you mean {close[0]!r}?"
     return text

@@ -9,6 +9,7 @@ own, named after the field that holds it (``blobservices.default.remote``).
 
 from __future__ import annotations
 
+import functools
 import graphlib
 import keyword
 import re
@@ -18,22 +19,31 @@ from typing import Any
 import attrs
 
 from castore_di.composition.config import KINDS, ServiceConfig, reference_fields
-from castore_di.composition.converter import structure_config, suggest
+from castore_di.composition.loader import check_structure
+from castore_di.composition.converter import brief, structure_config, suggest
 from castore_di.composition.registry import Registry, default_registry
 from castore_di.errors import ConfigError, CycleError, UnknownInstanceError
 
-__all__ = ["Instance", "CompositionGraph", "build_graph", "InstanceId"]
+__all__ = ["Instance", "CompositionGraph", "build_graph", "InstanceId", "reserved_names"]
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-# Names dependency-injector containers use themselves; a provider by that name would shadow them.
-_RESERVED = {
-    "wire", "unwire", "override", "reset_override", "providers", "overridden", "parent", "container",
-    "declarative_parent", "dependencies", "traverse", "resolve_provider_id", "set_provider",
-    "set_providers", "init_resources", "shutdown_resources", "reset_singletons", "check_dependencies",
-    "from_schema", "from_yaml_schema", "from_json_schema", "apply_container_providers_overridings",
-    "is_async_mode_enabled", "enable_async_mode", "disable_async_mode", "assign_parent", "parent_name",
-    "wiring_config", "load_config", "reset_last_overriding", "override_providers", "provider_type",
-}
+
+
+@functools.cache
+def reserved_names() -> frozenset[str]:
+    """Names an instance cannot have: every public attribute of the dependency-injector
+    classes a lookup such as ``Provide["blobservices.<name>"]`` passes through (the section's
+    ``providers.Container`` and ``DynamicContainer``, and the ``ThreadSafeSingleton`` of an
+    instance), plus the kind names (anonymous instance ids use them)."""
+    from dependency_injector import containers, providers
+
+    names: set[str] = set(KINDS)
+    for obj in (containers.DynamicContainer, containers.DynamicContainer(), providers.Container,
+                providers.Container(containers.DynamicContainer), providers.ThreadSafeSingleton,
+                providers.ThreadSafeSingleton(object)):
+        names.update(n for n in dir(obj) if _NAME_RE.match(n))
+    return frozenset(names)
+
 
 InstanceId = str  # "<kind>.<name>", e.g. "blobservices.default"
 
@@ -79,10 +89,10 @@ class CompositionGraph:
 
 def _check_name(kind: str, name: object) -> str:
     path = f"{kind}.{name}"
-    if not isinstance(name, str) or not _NAME_RE.match(name) or keyword.iskeyword(name) or name in _RESERVED:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or keyword.iskeyword(name) or name in reserved_names():
         raise ConfigError(
             "invalid instance name: use letters, digits and '_', starting with a letter, "
-            "and not a Python keyword or a container method name",
+            "and not a Python keyword, a section name or a dependency-injector attribute name",
             path=path,
         )
     return name
@@ -103,8 +113,7 @@ def _structure(registry: Registry, kind: str, path: str, raw: Any) -> tuple[Serv
 def build_graph(config: Mapping[str, Any], registry: Registry | None = None) -> CompositionGraph:
     """Validate a parsed config and return its instance graph. Builds no service."""
     registry = registry or default_registry()
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"a config must be a mapping of sections, got {type(config).__name__}")
+    check_structure(config)
     for key in config:
         if key not in KINDS:
             raise ConfigError(f"unknown section {key!r}{suggest(str(key), KINDS)}", path=str(key))
@@ -130,15 +139,18 @@ def build_graph(config: Mapping[str, Any], registry: Registry | None = None) -> 
             path = f"{iid}.{field}"
             if "://" in value:
                 sub_cfg = registry.resolve_url(ref_kind, value, path)
-                pending.append((ref_kind, f"{name}.{field}", sub_cfg, value, True))
-                refs[field] = f"{ref_kind}.{name}.{field}"
+                # Named after the field that holds it; crossing kinds adds the holder's kind, so
+                # ids stay unique (kind names are reserved instance names).
+                sub_name = f"{name}.{field}" if ref_kind == kind else f"{kind}.{name}.{field}"
+                pending.append((ref_kind, sub_name, sub_cfg, value, True))
+                refs[field] = f"{ref_kind}.{sub_name}"
             elif (ref_kind, value) in names:
                 refs[field] = f"{ref_kind}.{value}"
             else:
-                known = sorted(n for k, n in names if k == ref_kind)
-                raise UnknownInstanceError(
-                    f"unknown instance {value!r} (known: {', '.join(known) or 'none'})", path=path
-                )
+                known = [n for k, n in names if k == ref_kind]
+                raise UnknownInstanceError(f"unknown instance {brief(value)}{suggest(value, known)}", path=path)
+        if iid in instances:  # cannot happen (ids follow the config's paths); never replace silently
+            raise ConfigError("two instances with one id", path=iid)
         instances[iid] = Instance(iid, kind, name, cfg, refs, anonymous, url)
 
     sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()

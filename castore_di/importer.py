@@ -44,7 +44,12 @@ _O_READ: Final = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLO
 
 
 class ImportProgress(Protocol):
-    """Receives progress: the totals once the walk is done, then each finished file."""
+    """Receives progress: the totals once the walk is done, then each finished file.
+
+    A progress object may also have ``partial(key, nbytes)``: the importer then reports the
+    bytes done inside a large file while it is read (``key`` names the file; ``0`` before
+    its ``advance``). A file read twice (hashed, then uploaded) counts each pass as half.
+    """
 
     def start(self, files: int, nbytes: int) -> None: ...
 
@@ -152,13 +157,15 @@ class _Walk:
                     raise UnsupportedFileTypeError(entry.path, _file_type(mode))
 
 
-def _hash_fd(fd: int, path: str) -> tuple[B3Digest, int]:
+def _hash_fd(fd: int, path: str, report: Callable[[int], None] | None = None) -> tuple[B3Digest, int]:
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     size = 0
     try:
         while block := os.read(fd, 4 * _BLOCK):
             hasher.update(block)
             size += len(block)
+            if report is not None:
+                report(size)
     except OSError as e:
         raise StorageError(f"unable to read {path}: {e.strerror or e}") from e
     return B3Digest(hasher.digest()), size
@@ -190,12 +197,14 @@ class _Uploader:
     """Reads files and uploads their contents with at most ``concurrency`` in flight."""
 
     def __init__(
-        self, blob: BlobService, concurrency: int, stats: ImportStats, advance: Callable[[int], None] | None
+        self, blob: BlobService, concurrency: int, stats: ImportStats, advance: Callable[[int], None] | None,
+        partial: Callable[[object, int], None] | None = None,
     ) -> None:
         self._blob = blob
         self._concurrency = max(1, concurrency)
         self._stats = stats
         self._advance = advance
+        self._partial: Callable[[object, int], None] | None = partial
         self._presence = _Presence()
 
     async def upload_all(self, files: list[_File]) -> list[FileNode]:
@@ -238,6 +247,8 @@ class _Uploader:
             os.close(fd)
         self._stats.files += 1
         self._stats.bytes += size
+        if self._partial is not None:
+            self._partial(f.path, 0)
         if self._advance is not None:
             self._advance(size)
         return FileNode(digest, size, f.executable)
@@ -281,19 +292,21 @@ class _Uploader:
     async def _put_large(self, fd: int, f: _File) -> tuple[B3Digest, int]:
         # Hashing in a worker thread (blake3 releases the GIL) is far cheaper than an
         # upload, so a large file already present costs one read and no write.
-        digest, size = await asyncio.to_thread(_hash_fd, fd, f.path)
+        partial = self._partial
+        report = (lambda n: partial(f.path, n // 2)) if partial is not None else None
+        digest, size = await asyncio.to_thread(_hash_fd, fd, f.path, report)
         try:
             if await self._blob.has(digest):
                 return digest, size
         except StorageError as e:
             raise StorageError(f"unable to upload {f.path}: {e}") from e
         os.lseek(fd, 0, os.SEEK_SET)
-        stored, size = await self._stream(fd, f)
+        stored, size = await self._stream(fd, f, halves=True)
         if stored != digest:
             raise StorageError(f"{f.path} changed while it was imported")
         return stored, size
 
-    async def _stream(self, fd: int, f: _File) -> tuple[B3Digest, int]:
+    async def _stream(self, fd: int, f: _File, halves: bool = False) -> tuple[B3Digest, int]:
         writer = self._blob.open_write()
         size = 0
         try:
@@ -306,6 +319,8 @@ class _Uploader:
                     break
                 size += len(block)
                 await writer.write(block)
+                if self._partial is not None:
+                    self._partial(f.path, f.size // 2 + size // 2 if halves else size)
         except BaseException:
             await writer.abort()
             raise
@@ -349,7 +364,7 @@ async def ingest_path(
     except OSError as e:
         raise StorageError(f"unable to stat {root}: {e.strerror or e}") from e
     advance = progress.advance if progress is not None else None
-    uploader = _Uploader(blob, concurrency, stats, advance)
+    uploader = _Uploader(blob, concurrency, stats, advance, getattr(progress, "partial", None))
 
     if stat.S_ISLNK(st.st_mode):
         stats.symlinks += 1

@@ -8,7 +8,9 @@ import attrs
 
 from castore_di.blobservice.base import BlobService
 from castore_di.composition import CastoreContainer, container_from_addrs, default_registry, load_container
+from castore_di.composition.config import ServiceConfig
 from castore_di.directoryservice.base import DirectoryService
+from castore_di.errors import ConfigError, CycleError, UnknownTypeError
 
 __all__ = ["CliContext", "default_config"]
 
@@ -22,6 +24,38 @@ def default_config() -> dict[str, Any]:
             "directoryservices": {"default": {"type": "embedded"}},
         }
     return {"blobservices": {"default": {"type": "memory"}}, "directoryservices": {"default": {"type": "memory"}}}
+
+
+_OPTIONS = {"blobservices": "--blob-service-addr", "directoryservices": "--directory-service-addr"}
+
+
+def url_schemes(kind: str) -> list[str]:
+    """The type tags of ``kind`` that have a URL form (``memory``, ``grpc`` …)."""
+    registry = default_registry()
+    schemes = []
+    for tag in registry.tags(kind):
+        try:
+            cls = registry.resolve(kind, tag)
+        except ConfigError:
+            continue
+        if cls.from_url.__func__ is not ServiceConfig.from_url.__func__:  # type: ignore[attr-defined]
+            schemes.append(tag)
+    return schemes
+
+
+def _addr_error(e: ConfigError, blob_addr: str | None, directory_addr: str | None) -> ConfigError:
+    """A config error about an ``--…-addr`` URL, named after the option rather than a config path."""
+    kind, _, rest = (e.path or "").partition(".")
+    option = _OPTIONS.get(kind)
+    if option is None:
+        return e
+    where = option + rest.removeprefix("default")
+    url = blob_addr if kind == "blobservices" else directory_addr
+    if isinstance(e, UnknownTypeError):
+        return UnknownTypeError(
+            f"unknown URL scheme in {url!r} (known schemes: {', '.join(url_schemes(kind))}; "
+            "e.g. memory://, grpc+http://HOST:PORT, embedded:///PATH, objectstore+s3://BUCKET/PREFIX)", path=where)
+    return type(e)(e.detail, path=where) if type(e) is not CycleError else e
 
 
 @attrs.define
@@ -43,7 +77,10 @@ class CliContext:
 
     def _addrs(self) -> CastoreContainer:
         if self._addr_container is None:
-            self._addr_container = container_from_addrs(blob=self.blob_addr, directory=self.directory_addr)
+            try:
+                self._addr_container = container_from_addrs(blob=self.blob_addr, directory=self.directory_addr)
+            except ConfigError as e:
+                raise _addr_error(e, self.blob_addr, self.directory_addr) from None
         return self._addr_container
 
     def blob_service(self) -> BlobService:

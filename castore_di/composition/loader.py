@@ -40,7 +40,7 @@ MAX_DEPTH = 32
 """Deepest nesting of mappings and lists a config may have (the root counts as level 1)."""
 MAX_ALIASES = 10_000
 """Most YAML aliases (``*name``) one document may use."""
-MAX_ALIAS_EXPANSION = 1_000_000
+MAX_ALIAS_EXPANSION = 100_000
 """Most units (nodes, or 64 characters of a string) that shared values may add when expanded."""
 
 _VAR_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -94,7 +94,16 @@ def check_structure(data: Any) -> None:
     leaves: set[int] = set()
     distinct = 0
 
-    def walk(value: Any, path: str, depth: int) -> int:
+    # A path is built only for a message: (parent path, key or index) pairs until then.
+    def render(path: tuple[Any, ...] | None) -> str | None:
+        parts: list[str] = []
+        while path is not None:
+            path, part = path
+            parts.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+        text = "".join(reversed(parts)).removeprefix(".")
+        return text or None
+
+    def walk(value: Any, path: tuple[Any, ...] | None, depth: int) -> int:
         nonlocal distinct
         if not isinstance(value, (Mapping, list)):
             w = _weight(value)
@@ -106,30 +115,30 @@ def check_structure(data: Any) -> None:
         if key in sizes:
             return sizes[key]
         if key in active:
-            raise ConfigError("a value contains itself (recursive alias)", path=path or None)
+            raise ConfigError("a value contains itself (recursive alias)", path=render(path))
         if depth > MAX_DEPTH:
-            raise ConfigError(f"nested deeper than {MAX_DEPTH} levels", path=path or None)
+            raise ConfigError(f"nested deeper than {MAX_DEPTH} levels", path=render(path))
         active.add(key)
         size = 1
         distinct += 1
         if isinstance(value, Mapping):
             for k, v in value.items():
                 if not isinstance(k, str):
-                    raise ConfigError(f"keys must be strings, got {_describe(k)}", path=path or None)
-                size += walk(v, f"{path}.{k}" if path else k, depth + 1)
+                    raise ConfigError(f"keys must be strings, got {_describe(k)}", path=render(path))
+                size += walk(v, (path, k), depth + 1)
         else:
             for i, v in enumerate(value):
-                size += walk(v, f"{path}[{i}]", depth + 1)
+                size += walk(v, (path, i), depth + 1)
         active.discard(key)
         sizes[key] = size
         if size - distinct > MAX_ALIAS_EXPANSION:
             raise ConfigError(
                 f"shared values (YAML aliases) expand to more than {MAX_ALIAS_EXPANSION} extra nodes",
-                path=path or None,
+                path=render(path),
             )
         return size
 
-    walk(data, "", 1)
+    walk(data, None, 1)
 
 
 def _yaml_load(text: str) -> Any:

@@ -9,7 +9,10 @@ Differences from the reference server, all wire-compatible:
 * Read streams the blob in messages of at most :data:`READ_MESSAGE_SIZE` bytes (the
   reference uses 4 KiB).
 * Put streams every message into ``open_write`` as it arrives; nothing is buffered beyond
-  what the backend's writer keeps, and an interrupted Put is aborted (nothing stored).
+  one message and what the backend's writer keeps. The blob is committed only when the
+  client half-closes the stream; a cancelled call, a deadline, a lost connection, an idle
+  stream (``ServerLimits.idle_timeout``) or an error aborts the writer: nothing is stored.
+* Read, Put and the other streams count against ``ServerLimits.max_streams``.
 * Bad digests and garbage requests are INVALID_ARGUMENT; other errors follow the table in
   :mod:`castore_di.server.errors`.
 """
@@ -25,8 +28,16 @@ from castore_di.blobservice.base import BlobService
 from castore_di.errors import ValidationError
 from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
 from castore_di.grpc_channel import decode_blob_chunk, encode_blob_chunk
-from castore_di.server.common import Context, Servicer, not_found, parse_digest, parse_message
+from castore_di.server.common import (
+    Context,
+    Servicer,
+    not_found,
+    parse_digest,
+    parse_message,
+    require_clean_end,
+)
 from castore_di.server.errors import abort_with
+from castore_di.limits import ServerLimits, StreamGate, exceeded, idle_bounded
 
 __all__ = ["BlobServicer", "READ_MESSAGE_SIZE", "SERVICE_NAME", "encode_blob_chunk"]
 
@@ -45,9 +56,18 @@ class BlobServicer(Servicer):
 
     SERVICE_NAME = SERVICE_NAME
 
-    def __init__(self, service: BlobService, read_message_size: int = READ_MESSAGE_SIZE) -> None:
+    def __init__(
+        self,
+        service: BlobService,
+        read_message_size: int = READ_MESSAGE_SIZE,
+        *,
+        limits: ServerLimits | None = None,
+        gate: StreamGate | None = None,
+    ) -> None:
         self.service = service
-        self.read_message_size = read_message_size
+        self.limits = limits if limits is not None else ServerLimits()
+        self.read_message_size = min(read_message_size, self.limits.max_message_size - 16)
+        self.gate = gate if gate is not None else StreamGate(self.limits.max_streams)
 
     async def Stat(self, raw: bytes, context: Context) -> bytes:
         try:
@@ -79,6 +99,10 @@ class BlobServicer(Servicer):
 
     async def Read(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
         try:
+            self.gate.enter("Read")
+        except Exception as e:
+            await abort_with(context, e, "Read")
+        try:
             request = parse_message(pb.ReadBlobRequest, raw, "ReadBlobRequest")
             digest = parse_digest(request.digest)
             reader = await self.service.open_read(digest)
@@ -91,17 +115,39 @@ class BlobServicer(Servicer):
             raise
         except Exception as e:
             await abort_with(context, e, "Read")
+        finally:
+            self.gate.leave()
 
     async def Put(self, requests: AsyncIterator[bytes], context: Context) -> bytes:
-        writer = self.service.open_write()
         try:
-            async for raw in requests:
+            self.gate.enter("Put")
+        except Exception as e:
+            await abort_with(context, e, "Put")
+        try:
+            return await self._put(requests, context)
+        finally:
+            self.gate.leave()
+
+    async def _put(self, requests: AsyncIterator[bytes], context: Context) -> bytes:
+        limits = self.limits
+        writer = self.service.open_write()
+        size = 0
+        try:
+            async for raw in idle_bounded(requests, limits.idle_timeout, "Put"):
                 try:
                     data = decode_blob_chunk(raw)
                 except Exception as e:  # protobuf's DecodeError
                     raise ValidationError(f"cannot decode BlobChunk: {e}") from e
                 if data:
+                    size += len(data)
+                    if size > limits.max_blob_size:
+                        exceeded(
+                            "RESOURCE_EXHAUSTED",
+                            f"blob larger than {limits.max_blob_size} bytes "
+                            "(the limit is set by castore serve --max-blob-size)",
+                        )
                     await writer.write(data)
+            await require_clean_end(context, "Put")
             digest = await writer.close()
         except BaseException as e:
             await writer.abort()

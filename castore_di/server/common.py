@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, ClassVar, NoReturn, TypeAlias
 
 import grpc
@@ -10,7 +11,7 @@ import grpc.aio
 from castore_di.digests import B3_LEN, B3Digest
 from castore_di.errors import DigestError, ValidationError
 
-__all__ = ["Context", "Servicer", "not_found", "parse_digest", "parse_message"]
+__all__ = ["Context", "Servicer", "StreamInterrupted", "not_found", "parse_digest", "parse_message", "require_clean_end"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -19,6 +20,27 @@ async def not_found(context: Context, message: str) -> NoReturn:
     """Abort with NOT_FOUND (how the servicers report absence)."""
     await context.abort(grpc.StatusCode.NOT_FOUND, message)
     raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+
+class StreamInterrupted(Exception):
+    """The client's stream ended by cancellation, deadline or a lost connection, not a half-close."""
+
+
+async def require_clean_end(context: Context, what: str) -> None:
+    """Return only if the client half-closed its stream; raise if the call was cancelled.
+
+    grpc.aio ends the request iterator the same way for a half-close and for a cancelled
+    call (client cancel, deadline, lost connection), so a Put cannot tell a complete upload
+    from an interrupted one by its messages. Sending the (empty) initial metadata can: on a
+    cancelled call the send fails, or the handler task is cancelled while it waits (grpc
+    delivers the cancellation first), and a half-closed call takes it.
+    """
+    try:
+        await context.send_initial_metadata(())
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # grpc's ExecuteBatchError / UsageError on a finished call
+        raise StreamInterrupted(f"{what}: the client did not finish the stream (cancelled or disconnected)") from e
 
 
 def parse_message(msg_cls: Any, raw: bytes, what: str) -> Any:

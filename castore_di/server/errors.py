@@ -9,6 +9,8 @@ Decisions (divergences from the reference, which maps nearly everything to INTER
 * a backend failure (:class:`StorageError`) is INTERNAL: it is not a transport problem, so
   clients should not blindly retry it; a store locked by another process or a service
   already closed (server shutting down) is UNAVAILABLE, which clients may retry;
+* a call past a server limit (:mod:`castore_di.limits`) is RESOURCE_EXHAUSTED or
+  DEADLINE_EXCEEDED; a stream the client did not finish is CANCELLED (nothing is stored);
 * anything unexpected is INTERNAL with the exception's type and message.
 
 Absence is not an error of the services (``None``/``False``); the servicers turn it into
@@ -55,6 +57,14 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
     """The status code of an exception (INTERNAL when no row matches)."""
+    from castore_di.server.common import StreamInterrupted
+    from castore_di.limits import LimitExceeded
+
+    if isinstance(exc, LimitExceeded):
+        code: grpc.StatusCode = getattr(grpc.StatusCode, exc.code)
+        return code
+    if isinstance(exc, StreamInterrupted):
+        return grpc.StatusCode.CANCELLED
     for cls, code in STATUS_TABLE:
         if isinstance(exc, cls):
             return code
@@ -65,7 +75,7 @@ async def abort_with(context: "grpc.aio.ServicerContext[object, object]", exc: B
     """Abort the call with the status of ``exc``; its class and rule code go in trailing metadata."""
     code = status_for(exc)
     text = str(exc) or type(exc).__name__
-    if not isinstance(exc, CastoreError):
+    if not isinstance(exc, CastoreError) and status_for(exc) == grpc.StatusCode.INTERNAL:
         text = f"internal error ({type(exc).__name__}): {text}"
     details = f"{what}: {text}" if what else text
     metadata: list[tuple[str, str]] = [(ERROR_CLASS_KEY, type(exc).__name__)]

@@ -23,7 +23,6 @@ from castore_di.directoryservice.grpc import GRPCDirectoryService
 from castore_di.errors import CastoreError
 from castore_di.grpc_channel import encode_blob_chunk
 from castore_di.nodes import Directory, DirectoryNode, FileNode
-from castore_di.testing.fixtures import CLOSURE_D
 from tests.servers_grpc import GrpcServerProcess, grpc_backends
 
 MESSAGE = 256 * 1024

@@ -383,5 +383,6 @@ async def test_gc_in_a_loop_against_writer_processes(tmp_path: Path) -> None:
 
 
 def test_gc_on_a_backend_without_one(tmp_path: Path) -> None:
-    out = castore("--blob-service-addr=memory://", "gc", expect=0).stdout
-    assert "no garbage collection for this backend" in out
+    proc = castore("--blob-service-addr=memory://", "gc", expect=3)
+    assert "no garbage collection for this backend" in proc.stdout
+    assert "nothing checked for blob service memory://" in proc.stderr

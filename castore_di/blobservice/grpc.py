@@ -111,6 +111,22 @@ class GRPCBlobService(GrpcClient, BlobService):
     async def has(self, digest: B3Digest) -> bool:
         return await self._stat(digest, send_chunks=False) is not None
 
+    async def stat_size(self, digest: B3Digest) -> int | None:
+        """The blob's size from Stat alone (our server lists an unchunked blob as one chunk).
+
+        Falls back to reading when the server gives no chunk list.
+        """
+        chunks = await self._stat(digest, send_chunks=True)
+        if chunks is None:
+            return None
+        if chunks:
+            return sum(c.size for c in chunks)
+        reader = await self.open_read(digest)
+        if reader is None:
+            return None
+        async with reader:
+            return reader.size
+
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         chunks = await self._stat(digest, send_chunks=True)
         if chunks is not None and len(chunks) == 1 and chunks[0].digest == digest:

@@ -33,6 +33,7 @@ from castore_di.server.common import (
     Servicer,
     not_found,
     parse_digest,
+    give_back_memory,
     parse_message,
     require_clean_end,
 )
@@ -151,6 +152,8 @@ class BlobServicer(Servicer):
             digest = await writer.close()
         except BaseException as e:
             await writer.abort()
+            if size >= 1 << 20:
+                give_back_memory()
             if isinstance(e, (grpc.aio.AbortError, KeyboardInterrupt, SystemExit)) or not isinstance(e, Exception):
                 raise
             await abort_with(context, e, "Put")

@@ -43,6 +43,43 @@ async def require_clean_end(context: Context, what: str) -> None:
         raise StreamInterrupted(f"{what}: the client did not finish the stream (cancelled or disconnected)") from e
 
 
+_trim_state: dict[str, Any] = {"fn": None, "pending": False}
+
+
+def _malloc_trim() -> Any:
+    if _trim_state["fn"] is None:
+        fn: Any = False
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            pass
+        _trim_state["fn"] = fn
+    return _trim_state["fn"]
+
+
+def give_back_memory() -> None:
+    """Return freed heap to the OS after an aborted Put (glibc keeps it otherwise).
+
+    A cancelled Put of a memory backend frees its buffer, but glibc keeps freed blocks below
+    its (growing) mmap threshold in the heap, so RSS stayed at the high-water mark of
+    abandoned uploads. ``malloc_trim`` runs in a thread, at most one at a time.
+    """
+    trim = _malloc_trim()
+    if not trim or _trim_state["pending"]:
+        return
+    _trim_state["pending"] = True
+
+    def run() -> None:
+        try:
+            trim(0)
+        finally:
+            _trim_state["pending"] = False
+
+    asyncio.get_running_loop().run_in_executor(None, run)
+
+
 def parse_message(msg_cls: Any, raw: bytes, what: str) -> Any:
     """Decode a request; undecodable bytes are a :class:`ValidationError` (INVALID_ARGUMENT)."""
     try:

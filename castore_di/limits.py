@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import attrs
 
-from castore_di.errors import ConfigError
+from castore_di.errors import CastoreError, ConfigError
 
 __all__ = ["LimitExceeded", "ServerLimits", "StreamGate", "idle_bounded"]
 
@@ -52,12 +52,12 @@ class ServerLimits:
     max_depth: int = attrs.field(default=1000, validator=_positive)
 
 
-class LimitExceeded(Exception):
-    """A call went past a :class:`ServerLimits` bound; the servicers answer with ``code``."""
+class LimitExceeded(CastoreError):
+    """A call went past a :class:`ServerLimits` bound; the server answers with ``grpc_status``."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, grpc_status: str, message: str) -> None:
         super().__init__(message)
-        self.code = code  # a grpc.StatusCode name (this module loads without grpc)
+        self.grpc_status = grpc_status  # a grpc.StatusCode member name
 
 
 def exceeded(code: str, message: str) -> NoReturn:

@@ -21,7 +21,7 @@ from castore_di.blobservice.grpc import GRPCBlobService
 from castore_di.digests import blake3_digest
 from castore_di.directoryservice.grpc import GRPCDirectoryService
 from castore_di.errors import CastoreError
-from castore_di.grpc_channel import encode_blob_chunk
+from castore_di._grpc.wire import encode_blob_chunk
 from castore_di.nodes import Directory, DirectoryNode, FileNode
 from tests.servers_grpc import GrpcServerProcess, grpc_backends
 

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 import grpc
 import grpc.aio
 
+from castore_di._grpc.wire import DIRECTORY_SERVICE
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.directoryservice.closure import LeavesToRoot
@@ -31,23 +32,21 @@ from castore_di.proto.tvix.castore.protos import rpc_directory_pb2 as pb
 from castore_di.server.common import (
     Context,
     Servicer,
+    abort_with,
     not_found,
     parse_digest,
     parse_message,
     require_clean_end,
 )
-from castore_di.server.errors import abort_with
 from castore_di.limits import ServerLimits, StreamGate, exceeded, idle_bounded
 
-__all__ = ["DirectoryServicer", "SERVICE_NAME"]
-
-SERVICE_NAME = "tvix.castore.v1.DirectoryService"
+__all__ = ["DirectoryServicer"]
 
 
 class DirectoryServicer(Servicer):
     """Serves one directory service; register it with :meth:`add_to_server`."""
 
-    SERVICE_NAME = SERVICE_NAME
+    SERVICE_NAME = DIRECTORY_SERVICE
 
     def __init__(
         self, service: DirectoryService, *, limits: ServerLimits | None = None, gate: StreamGate | None = None

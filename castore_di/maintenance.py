@@ -15,7 +15,7 @@ import attrs
 if TYPE_CHECKING:
     from castore_di.digests import B3Digest
 
-__all__ = ["Checkable", "Collectable", "DirectoryListing", "FsckReport", "GcReport"]
+__all__ = ["Checkable", "Collectable", "Compactable", "DirectoryListing", "FsckReport", "GcReport"]
 
 
 @attrs.define(kw_only=True)
@@ -96,4 +96,13 @@ class DirectoryListing(Protocol):
 
     def directory_digests(self) -> "AsyncIterator[B3Digest]":
         """Digests of stored directories: at least every closure root (inner ones may follow)."""
+        ...
+
+
+@runtime_checkable
+class Compactable(Protocol):
+    """A service whose storage can be rewritten to give freed space back to the file system."""
+
+    async def compact(self) -> tuple[int, int]:
+        """Rewrite the storage compactly; ``(bytes on disk before, after)``."""
         ...

@@ -10,7 +10,7 @@ from castore_di.cli import NothingCheckedError, cli, pass_ctx, run_async
 from castore_di.cli.context import CliContext
 from castore_di.cli.transfer import DigestParam
 from castore_di.errors import IntegrityError
-from castore_di.maintenance import Checkable, Collectable, DirectoryListing
+from castore_di.maintenance import Checkable, Collectable, Compactable, DirectoryListing
 
 __all__ = ["fsck_command", "gc_command"]
 
@@ -99,15 +99,23 @@ def fsck_command(ctx: CliContext, blobs: bool, directories: bool, refs: bool, ro
 
 @cli.command("gc")
 @click.option("-n", "--dry-run", is_flag=True, help="Print the chunks that would be removed; remove nothing.")
+@click.option("--compact", is_flag=True,
+              help="Then rewrite the store compactly so its file shrinks (embedded; refused while another "
+                   "process has the store open).")
 @pass_ctx
-def gc_command(ctx: CliContext, dry_run: bool) -> None:
+def gc_command(ctx: CliContext, dry_run: bool, compact: bool) -> None:
     """Remove blob data that no blob refers to (chunks of writes that never finished).
 
     Safe while other processes write to the same store: chunks of writes still in progress
-    are kept. With --dry-run, the digest of each chunk that would be removed is printed,
-    one per line, then the summary. A backend without garbage collection exits 3
-    ("nothing checked for <instance>").
+    are kept; chunks of writers that died (their lock is gone) are removed. With --dry-run,
+    the digest of each chunk that would be removed is printed, one per line, then the
+    summary. Removing frees space inside the store for later writes; --compact then
+    rewrites the store (a copy of the pages in use, swapped in atomically) so the file
+    itself shrinks. A backend without garbage collection exits 3 ("nothing checked for
+    <instance>").
     """
+    if compact and dry_run:
+        raise click.UsageError("--compact and --dry-run exclude each other")
 
     async def run() -> None:
         service = ctx.blob_service()
@@ -120,5 +128,11 @@ def gc_command(ctx: CliContext, dry_run: bool) -> None:
             for digest in report.removed:
                 click.echo(digest)
         click.echo(f"{label}: {report.summary()}")
+        if compact:
+            if not isinstance(service, Compactable):
+                click.echo(f"{label}: no compaction for this backend")
+                raise NothingCheckedError(f"nothing compacted for blob service {_name('blob', ctx)}")
+            before, after = await service.compact()
+            click.echo(f"{label}: compacted, {before} -> {after} bytes on disk")
 
     run_async(ctx, run)

@@ -170,3 +170,22 @@ async def test_combined_imports_with_remote_down(tmp_path: pathlib.Path, caplog:
     for _n, f in directory.files():
         assert await local.has(f.digest)
 
+
+
+async def test_recursive_get_is_bounded_by_max_directories() -> None:
+    server = CastoreServer(MemoryBlobService(), MemoryDirectoryService())
+    [address] = await server.start(["127.0.0.1:0"])
+    url = "grpc+http://" + address
+    closure = _exploding(4, 2)  # four distinct directories
+    writer = GRPCDirectoryService(url)
+    root = await writer.put_closure(closure)
+    bounded = GRPCDirectoryService(url, max_directories=3)
+    try:
+        with pytest.raises(IntegrityError, match="more than 3 directories"):
+            async for _ in bounded.get_recursive(root):
+                pass
+        assert len([d async for d in writer.get_recursive(root)]) == 4
+    finally:
+        await writer.close()
+        await bounded.close()
+        await server.stop(0)

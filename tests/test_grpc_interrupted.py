@@ -199,6 +199,7 @@ async def test_memory_returns_after_cancelled_puts(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
             await writer.abort()
 
+        start = _rss(server.proc.pid)
         for _round in range(10):
             await asyncio.gather(*(one(_round * 100 + i) for i in range(24)))
             await asyncio.sleep(SETTLE)
@@ -206,8 +207,9 @@ async def test_memory_returns_after_cancelled_puts(tmp_path: Path) -> None:
         await blobs.close()
     finally:
         server.stop()
-    # storing the prefixes would add ~200 MiB per round; allocator slack stays far below
-    assert rss[-1] - rss[2] < 64 << 20, [r >> 20 for r in rss]
+    # storing the prefixes adds ~200 MiB per round (2 GiB over the ten); what one round
+    # holds in flight (24 x 8 MiB, buffers growing by doubling) is the most that may remain
+    assert max(rss) - start < 450 << 20, [r >> 20 for r in [start, *rss]]
 
 
 # -- limits -----------------------------------------------------------------------------

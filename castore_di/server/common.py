@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any, ClassVar, NoReturn, TypeAlias
 
 import grpc
@@ -70,7 +71,8 @@ async def require_clean_end(context: Context, what: str) -> None:
         raise StreamInterrupted(f"{what}: the client did not finish the stream (cancelled or disconnected)") from e
 
 
-_trim_state: dict[str, Any] = {"fn": None, "pending": False}
+_trim_lock = threading.Lock()
+_trim_state: dict[str, Any] = {"fn": None, "running": False, "dirty": False}
 
 
 def _malloc_trim() -> Any:
@@ -91,18 +93,26 @@ def give_back_memory() -> None:
 
     A cancelled Put of a memory backend frees its buffer, but glibc keeps freed blocks below
     its (growing) mmap threshold in the heap, so RSS stayed at the high-water mark of
-    abandoned uploads. ``malloc_trim`` runs in a thread, at most one at a time.
+    abandoned uploads. ``malloc_trim`` runs in a thread, one at a time, again as long as
+    more Puts were aborted meanwhile.
     """
     trim = _malloc_trim()
-    if not trim or _trim_state["pending"]:
+    if not trim:
         return
-    _trim_state["pending"] = True
+    with _trim_lock:
+        _trim_state["dirty"] = True
+        if _trim_state["running"]:
+            return
+        _trim_state["running"] = True
 
     def run() -> None:
-        try:
+        while True:
+            with _trim_lock:
+                if not _trim_state["dirty"]:
+                    _trim_state["running"] = False
+                    return
+                _trim_state["dirty"] = False
             trim(0)
-        finally:
-            _trim_state["pending"] = False
 
     asyncio.get_running_loop().run_in_executor(None, run)
 

@@ -17,7 +17,7 @@ import attrs
 
 from castore_di.errors import CastoreError, ConfigError
 
-__all__ = ["LimitExceeded", "ServerLimits", "StreamGate", "idle_bounded"]
+__all__ = ["LimitExceeded", "ServerLimits", "Slot", "StreamGate", "idle_bounded"]
 
 
 def _positive(_inst: object, attribute: "attrs.Attribute[Any]", value: float) -> None:
@@ -30,8 +30,8 @@ class ServerLimits:
     """Bounds on what one call can make the server hold.
 
     Attributes:
-        idle_timeout: seconds a Put stream may go without a message before it is aborted
-            (``--idle-timeout``).
+        idle_timeout: seconds a Put stream may go without a message, or a Read's client
+            without taking one, before the call is aborted (``--idle-timeout``).
         max_streams: streaming calls (Read, Put, recursive Get) served at once
             (``--max-streams``); one more is refused, not queued.
         max_message_size: bytes of one message, i.e. what the server buffers for an
@@ -71,17 +71,30 @@ class StreamGate:
         self.max_streams = max_streams
         self.active = 0
 
-    def enter(self, what: str) -> None:
+    def enter(self, what: str) -> "Slot":
+        """Take a slot (give it back with :meth:`Slot.leave`) or raise :class:`LimitExceeded`."""
         if self.active >= self.max_streams:
             exceeded(
                 "RESOURCE_EXHAUSTED",
-                f"{what}: too many concurrent streams ({self.max_streams} in flight; "
+                f"too many concurrent streams ({self.max_streams} in flight; "
                 f"the limit is set by castore serve --max-streams)",
             )
         self.active += 1
+        return Slot(self)
+
+
+class Slot:
+    """One stream's place in a :class:`StreamGate`; :meth:`leave` is idempotent."""
+
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: StreamGate) -> None:
+        self._gate: StreamGate | None = gate
 
     def leave(self) -> None:
-        self.active -= 1
+        if self._gate is not None:
+            self._gate.active -= 1
+            self._gate = None
 
 
 async def idle_bounded(requests: AsyncIterator[bytes], timeout: float, what: str) -> AsyncIterator[bytes]:

@@ -312,3 +312,29 @@ def test_serve_bind_failure_is_one_line(tmp_path: Path) -> None:
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines == [f"castore: cannot listen on {first.address}: Address already in use"], done.stderr
     assert "listening" not in done.stdout
+
+
+async def test_a_client_that_stops_reading_is_cut_off(limited: GrpcServerProcess) -> None:
+    """Reads whose client takes no message for the idle timeout end and give their slots back."""
+    blobs = GRPCBlobService(limited.url)
+    data = os.urandom(2_900_000)
+    digest = await blobs.put(data)
+    from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
+
+    request = pb.ReadBlobRequest(digest=digest).SerializeToString()
+    # small windows so the server's writes stall once the client stops reading
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)]
+    async with grpc.aio.insecure_channel(limited.address or "", options=options) as channel:
+        read = channel.unary_stream("/tvix.castore.v1.BlobService/Read", request_serializer=_ident,
+                                    response_deserializer=_ident)
+        calls = [read(request) for _ in range(3)]
+        for call in calls:
+            await call.read()  # one message, then nothing more is taken
+        # all three stream slots are held by stalled Reads
+        with pytest.raises(CastoreError, match="--max-streams"):
+            await blobs.put(b"while stalled")
+        await asyncio.sleep(4)  # longer than the 1.5 s idle timeout
+        assert await blobs.put(b"after the timeout") == blake3_digest(b"after the timeout")
+        for call in calls:
+            call.cancel()
+    await blobs.close()

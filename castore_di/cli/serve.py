@@ -35,7 +35,8 @@ _LIMITS = ServerLimits()
               help="PEM certificate chain: serve TLS (clients use grpc+https://). Needs --tls-key.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="PEM private key for --tls-cert.")
 @click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=_LIMITS.idle_timeout,
-              show_default=True, help="Seconds a Put stream may go without a message before it is aborted.")
+              show_default=True, help="Seconds a Put stream may go without a message (or a Read's client without taking one) "
+                   "before the call is aborted.")
 @click.option("--max-streams", type=click.IntRange(min=1), default=_LIMITS.max_streams, show_default=True,
               help="Streaming calls (Read, Put, recursive Get) served at once; more are refused.")
 @click.option("--max-message-size", type=click.IntRange(min=1024), default=_LIMITS.max_message_size,

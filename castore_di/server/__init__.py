@@ -83,6 +83,14 @@ def _server_credentials(tls: tuple[str, str]) -> "grpc.ServerCredentials":
     return grpc.ssl_server_credentials([(key, cert)])
 
 
+class _DroppedPeerNoise(logging.Filter):
+    """Drops grpc's traceback for a write to a call that already ended (client gone, or cut off
+    by the idle timeout): expected on a server that bounds its clients, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("ExecuteBatchError raised in core by servicer method")
+
+
 class BindError(ConfigError):
     """An address could not be bound (in use, not permitted, no such interface)."""
 
@@ -242,6 +250,7 @@ async def serve(
     An address that cannot be bound raises :class:`BindError` (a :class:`ConfigError`)
     naming it and the reason; nothing is logged as started or stopped then.
     """
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_DroppedPeerNoise())
     stop = asyncio.Event()
     received: list[str] = []
     loop = asyncio.get_running_loop()

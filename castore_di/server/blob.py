@@ -30,6 +30,7 @@ from castore_di._grpc.wire import BLOB_SERVICE, CHUNK_MESSAGE_SIZE, decode_blob_
 from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
 from castore_di.server.common import (
     Context,
+    SendWatch,
     Servicer,
     abort_with,
     give_back_memory,
@@ -96,7 +97,7 @@ class BlobServicer(Servicer):
 
     async def Read(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
         try:
-            self.gate.enter("Read")
+            slot = self.gate.enter("Read")
         except Exception as e:
             await abort_with(context, e, "Read")
         try:
@@ -105,25 +106,33 @@ class BlobServicer(Servicer):
             reader = await self.service.open_read(digest)
             if reader is None:
                 await not_found(context, f"blob {digest} not found")
-            async with reader:
-                async for block in reader.iter_blocks(self.read_message_size):
-                    yield encode_blob_chunk(block)
+            # grpc does not close a generator whose write failed: the watch frees the slot
+            # and the reader itself when it cuts a stalled client off
+            watch = SendWatch(context, self.limits.idle_timeout, "Read", (slot.leave, reader.close))
+            try:
+                async with reader:
+                    async for block in reader.iter_blocks(self.read_message_size):
+                        watch.waiting()
+                        yield encode_blob_chunk(block)
+                        watch.sent()
+            finally:
+                watch.close()
         except grpc.aio.AbortError:
             raise
         except Exception as e:
             await abort_with(context, e, "Read")
         finally:
-            self.gate.leave()
+            slot.leave()
 
     async def Put(self, requests: AsyncIterator[bytes], context: Context) -> bytes:
         try:
-            self.gate.enter("Put")
+            slot = self.gate.enter("Put")
         except Exception as e:
             await abort_with(context, e, "Put")
         try:
             return await self._put(requests, context)
         finally:
-            self.gate.leave()
+            slot.leave()
 
     async def _put(self, requests: AsyncIterator[bytes], context: Context) -> bytes:
         limits = self.limits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, NoReturn, TypeAlias
 
 import grpc
@@ -16,6 +17,7 @@ from castore_di.errors import CastoreError, DigestError, ValidationError
 __all__ = [
     "Context",
     "Servicer",
+    "SendWatch",
     "StreamInterrupted",
     "abort_with",
     "give_back_memory",
@@ -115,6 +117,58 @@ def give_back_memory() -> None:
             trim(0)
 
     asyncio.get_running_loop().run_in_executor(None, run)
+
+
+class SendWatch:
+    """Aborts a server-streaming call whose client takes no message for ``timeout`` seconds.
+
+    A client that stops reading a Read stream stalls the server's write (HTTP/2 flow
+    control) while it holds a stream slot and an open reader; the servicer marks when a
+    message waits for the client (:meth:`waiting`) and when it went (:meth:`sent`).
+    """
+
+    def __init__(
+        self,
+        context: Context,
+        timeout: float,
+        what: str,
+        on_expire: Iterable[Callable[[], Awaitable[None] | None]] = (),
+    ) -> None:
+        self._on_expire = tuple(on_expire)
+        self._context = context
+        self._timeout = timeout
+        self._what = what
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None
+        self._task = asyncio.ensure_future(self._watch())
+
+    def waiting(self) -> None:
+        self._since = self._loop.time()
+
+    def sent(self) -> None:
+        self._since = None
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._timeout / 4)
+            since = self._since
+            if since is not None and self._loop.time() - since >= self._timeout:
+                for release in self._on_expire:
+                    done = release()
+                    if done is not None:
+                        await done
+                try:
+                    await self._context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"{self._what}: the client took no message for {self._timeout:g} s "
+                        "(idle timeout; set by castore serve --idle-timeout)",
+                    )
+                except BaseException:  # AbortError, or the call already ended
+                    pass
+                return
+
+    def close(self) -> None:
+        self._task.cancel()
 
 
 def parse_message(msg_cls: Any, raw: bytes, what: str) -> Any:

@@ -67,12 +67,12 @@ class DirectoryServicer(Servicer):
                     await not_found(context, f"directory {digest} not found")
                 yield directory.encode()
                 return
-            self.gate.enter("Get")
+            slot = self.gate.enter("Get")
             try:
                 async for directory in self.service.get_recursive(digest):
                     yield directory.encode()
             finally:
-                self.gate.leave()
+                slot.leave()
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -80,11 +80,11 @@ class DirectoryServicer(Servicer):
 
     async def Put(self, requests: AsyncIterator[bytes], context: Context) -> bytes:
         try:
-            self.gate.enter("Put")
+            slot = self.gate.enter("Put")
             try:
                 root, directories = await self._receive(requests, context)
             finally:
-                self.gate.leave()
+                slot.leave()
             putter = self.service.put_multiple_start()
             for directory in directories:
                 await putter.put(directory)

@@ -31,6 +31,7 @@ from castore_di.proto.tvix.castore.protos import castore_pb2
 from castore_di.proto.tvix.castore.protos import rpc_directory_pb2 as pb
 from castore_di.server.common import (
     Context,
+    SendWatch,
     Servicer,
     abort_with,
     not_found,
@@ -68,10 +69,14 @@ class DirectoryServicer(Servicer):
                 yield directory.encode()
                 return
             slot = self.gate.enter("Get")
+            watch = SendWatch(context, self.limits.idle_timeout, "Get", (slot.leave,))
             try:
                 async for directory in self.service.get_recursive(digest):
+                    watch.waiting()
                     yield directory.encode()
+                    watch.sent()
             finally:
+                watch.close()
                 slot.leave()
         except grpc.aio.AbortError:
             raise

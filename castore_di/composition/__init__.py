@@ -45,17 +45,24 @@ def load_graph(source: ConfigSource, registry: Registry | None = None) -> Compos
     return build_graph(read_config(source), registry)
 
 
-def load_container(source: ConfigSource, registry: Registry | None = None) -> CastoreContainer:
+def load_container(
+    source: ConfigSource, registry: Registry | None = None, *, metrics: "Metrics | None" = None
+) -> CastoreContainer:
     """Read a config (a YAML/JSON/TOML path or a mapping) and return its container.
 
     The whole config is validated first (types, fields, references, cycles); services are
-    created on first use of their providers.
+    created on first use of their providers. With ``metrics`` (a
+    :class:`castore_di.metrics.Metrics`), every service's operations are recorded.
     """
-    return build_container(load_graph(source, registry))
+    return build_container(load_graph(source, registry), metrics)
 
 
 def container_from_addrs(
-    blob: str | None = None, directory: str | None = None, registry: Registry | None = None
+    blob: str | None = None,
+    directory: str | None = None,
+    registry: Registry | None = None,
+    *,
+    metrics: "Metrics | None" = None,
 ) -> CastoreContainer:
     """A container whose ``default`` instances are built from URLs (``memory://`` …)."""
     config: dict[str, dict[str, str]] = {}
@@ -63,7 +70,7 @@ def container_from_addrs(
         config["blobservices"] = {"default": blob}
     if directory is not None:
         config["directoryservices"] = {"default": directory}
-    return build_container(build_graph(config, registry))
+    return build_container(build_graph(config, registry), metrics)
 
 
 def blob_service_from_addr(url: str, registry: Registry | None = None) -> "BlobService":
@@ -77,4 +84,5 @@ def directory_service_from_addr(url: str, registry: Registry | None = None) -> "
 
 
 from castore_di.blobservice.base import BlobService  # noqa: E402
+from castore_di.metrics import Metrics  # noqa: E402
 from castore_di.directoryservice.base import DirectoryService  # noqa: E402

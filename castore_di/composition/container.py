@@ -72,7 +72,7 @@ class _State:
         self.metrics = metrics
 
     def __deepcopy__(self, memo: dict[Any, Any]) -> "_State":
-        _orphan_copy()
+        return cast(_State, _orphan_copy())
 
 
 def _orphan_copy() -> Any:
@@ -428,7 +428,7 @@ class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
             except Exception as e:  # keep closing the rest; report the first failure
                 errors.append(e)
         if self.lifecycle.initialized:  # a later init_resources() starts again
-            self.lifecycle.reset_state()
+            self.lifecycle.reset_state()  # type: ignore[attr-defined]  # in 4.49, not in its stub
         if errors:
             raise errors[0]
 

@@ -102,27 +102,24 @@ class Metrics:
 class _Op:
     """One operation in flight: a latency timer and, with tracing, a span."""
 
-    __slots__ = ("recorder", "name", "start", "span", "done")
+    __slots__ = ("children", "start", "span", "done")
 
     def __init__(self, recorder: "_Recorder", name: str) -> None:
-        self.recorder = recorder
-        self.name = name
-        recorder.calls.labels(recorder.instance_id, recorder.type_tag, name).inc()
-        tracer = recorder.metrics.tracer
-        self.span = None if tracer is None else tracer.start_span(
-            f"castore.{name}", attributes={"castore.instance": recorder.instance_id, "castore.type": recorder.type_tag}
-        )
-        self.start = time.perf_counter()
+        self.children = children = recorder.children(name)
+        children[0].inc()
+        tracer = recorder.tracer
+        self.span = None if tracer is None else tracer.start_span(f"castore.{name}", attributes=recorder.attributes)
         self.done = False
+        self.start = time.perf_counter()
 
     def end(self, error: BaseException | None = None, **attributes: Any) -> None:
         if self.done:  # e.g. a failed write, then its abort
             return
         self.done = True
-        r = self.recorder
-        r.latency.labels(r.instance_id, r.type_tag, self.name).observe(time.perf_counter() - self.start)
+        _calls, errors, latency = self.children
+        latency.observe(time.perf_counter() - self.start)
         if error is not None:
-            r.errors.labels(r.instance_id, r.type_tag, self.name).inc()
+            errors.inc()
         span = self.span
         if span is not None:
             self.span = None
@@ -137,15 +134,28 @@ class _Op:
 
 
 class _Recorder:
-    __slots__ = ("metrics", "instance_id", "type_tag", "calls", "errors", "latency", "read", "written")
+    """One instance's labelled metrics (children looked up once per operation name)."""
+
+    __slots__ = ("metrics", "instance_id", "type_tag", "tracer", "attributes", "read", "written", "_children")
 
     def __init__(self, metrics: Metrics, instance_id: str, type_tag: str) -> None:
         self.metrics = metrics
         self.instance_id = instance_id
         self.type_tag = type_tag
-        self.calls, self.errors, self.latency = metrics.calls, metrics.errors, metrics.latency
+        self.tracer = metrics.tracer
+        self.attributes = {"castore.instance": instance_id, "castore.type": type_tag}
         self.read = metrics.bytes_read.labels(instance_id, type_tag)
         self.written = metrics.bytes_written.labels(instance_id, type_tag)
+        self._children: dict[str, tuple[Any, Any, Any]] = {}
+
+    def children(self, name: str) -> tuple[Any, Any, Any]:
+        children = self._children.get(name)
+        if children is None:
+            m, labels = self.metrics, (self.instance_id, self.type_tag, name)
+            children = self._children[name] = (
+                m.calls.labels(*labels), m.errors.labels(*labels), m.latency.labels(*labels)
+            )
+        return children
 
     async def run(self, name: str, coro: Any) -> Any:
         op = _Op(self, name)

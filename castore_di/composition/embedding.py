@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from dependency_injector import containers, providers
 
@@ -62,9 +62,37 @@ from castore_di.composition.registry import Registry
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import ConfigError
 
-__all__ = ["CastoreContainerProvider", "LazyCastoreSlot", "castore_container", "fresh_copy"]
+if TYPE_CHECKING:
+    from castore_di.metrics import Metrics
+
+__all__ = [
+    "CastoreContainerProvider",
+    "LazyCastoreSlot",
+    "castore_container",
+    "fresh_copy",
+    "init_resources",
+    "shutdown_resources",
+]
 
 HostConfig = providers.Configuration | providers.ConfigurationOption
+
+
+async def init_resources(container: Any) -> None:
+    """``await container.init_resources()`` for strictly typed code.
+
+    dependency-injector's stub types the call as an optional awaitable (it is ``None`` when
+    no resource is async); this awaits it when there is something to await.
+    """
+    result = container.init_resources()
+    if result is not None:
+        await result
+
+
+async def shutdown_resources(container: Any) -> None:
+    """``await container.shutdown_resources()`` for strictly typed code (see :func:`init_resources`)."""
+    result = container.shutdown_resources()
+    if result is not None:
+        await result
 
 
 def fresh_copy(container: CastoreContainer, memo: dict[int, Any] | None = None) -> CastoreContainer:
@@ -110,20 +138,27 @@ class CastoreContainerProvider(providers.Container):  # type: ignore[type-arg]
 
 
 def castore_container(
-    source: "ConfigSource | HostConfig", registry: Registry | None = None
+    source: "ConfigSource | HostConfig",
+    registry: Registry | None = None,
+    *,
+    metrics: "Metrics | providers.Provider[Metrics] | None" = None,
 ) -> "CastoreContainerProvider | LazyCastoreSlot":
     """A host-container slot holding the castore container of ``source``.
 
     ``source`` is what :func:`castore_di.load_container` takes (a file path or a mapping),
     read and validated now; or a host ``providers.Configuration`` (or an option of one),
     read and validated when first needed, per host instance (see the module docs).
-    Services are created on first use, per host instance.
+    Services are created on first use, per host instance. ``metrics`` (a
+    :class:`~castore_di.metrics.Metrics`, or with a Configuration source also a host
+    provider of one, e.g. ``providers.Singleton(Metrics)``) records every operation.
     """
     if isinstance(source, (providers.Configuration, providers.ConfigurationOption)):
-        return LazyCastoreSlot(source, registry)
+        return LazyCastoreSlot(source, registry, metrics=metrics)
+    if isinstance(metrics, providers.Provider):
+        raise ConfigError("a metrics provider needs a Configuration source; pass a Metrics object")
     from castore_di.composition import load_container
 
-    return CastoreContainerProvider(load_container(source, registry))
+    return CastoreContainerProvider(load_container(source, registry, metrics=metrics))
 
 
 def _instance(container: CastoreContainer, instance_id: str) -> Any:
@@ -156,9 +191,16 @@ class LazyCastoreSlot(providers.Provider):  # type: ignore[type-arg]
     blobservices: Any
     directoryservices: Any
 
-    def __init__(self, config: "HostConfig | None" = None, registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        config: "HostConfig | None" = None,
+        registry: Registry | None = None,
+        *,
+        metrics: "Metrics | providers.Provider[Metrics] | None" = None,
+    ) -> None:
         self._config = config
         self._registry = registry
+        self._metrics = metrics
         self._container: CastoreContainer | None = None
         self._lock = threading.Lock()
         self._refs: dict[str, providers.Provider[Any]] = {}
@@ -179,6 +221,10 @@ class LazyCastoreSlot(providers.Provider):  # type: ignore[type-arg]
         memo[id(self)] = fresh
         memo[id(self.lifecycle)] = fresh.lifecycle
         fresh._config = copy.deepcopy(self._config, memo)
+        if isinstance(self._metrics, providers.Provider):
+            fresh._metrics = copy.deepcopy(self._metrics, memo)
+        else:
+            fresh._metrics = self._metrics  # one registry for every host instance
         for iid, ref in self._refs.items():
             memo[id(ref)] = fresh.ref(iid)
         for overriding in self.overridden:
@@ -190,6 +236,8 @@ class LazyCastoreSlot(providers.Provider):  # type: ignore[type-arg]
         yield self.lifecycle
         if self._config is not None:
             yield self._config
+        if isinstance(self._metrics, providers.Provider):
+            yield self._metrics
         yield from super().related
 
     def _provide(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CastoreContainer:
@@ -215,8 +263,9 @@ class LazyCastoreSlot(providers.Provider):  # type: ignore[type-arg]
         raw = self._config()
         if raw is None:
             raise ConfigError("no castore configuration given (empty host config)", path=name)
+        metrics = self._metrics() if isinstance(self._metrics, providers.Provider) else self._metrics
         try:
-            return load_container(raw, self._registry)
+            return load_container(raw, self._registry, metrics=metrics)
         except ConfigError as e:
             path = f"{name}.{e.path}" if e.path else name
             try:

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = ["EmbeddedBlobService", "EmbeddedBlobServiceConfig"]
 
+_ABSENT = B3Digest(bytes(32))  # a digest no store holds: a read that finds nothing
+
 DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
 
 
@@ -77,6 +79,16 @@ class EmbeddedBlobService(BlobService):
                 raise ClosedError("embedded blob service is closed")
             self._engine = acquire(self.path, self.options)
         return self._engine
+
+    async def check_connectivity(self) -> str:
+        """Open the store's environment (in a thread) and read from it once."""
+
+        def open_and_read() -> None:
+            store = self._store()
+            store.has_blob(_ABSENT)
+
+        await asyncio.to_thread(open_and_read)
+        return f"embedded store {self.path}: open"
 
     def _chunker(self) -> Any:
         if self._cdc is None:

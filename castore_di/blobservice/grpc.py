@@ -77,6 +77,8 @@ _PUT = "/tvix.castore.v1.BlobService/Put"
 class GRPCBlobService(GrpcClient, BlobService):
     """A :class:`BlobService` client of a ``tvix.castore.v1.BlobService`` server."""
 
+    _health_service = "tvix.castore.v1.BlobService"
+
     # -- Stat --------------------------------------------------------------------------
 
     async def _stat(self, digest: B3Digest, send_chunks: bool) -> list[ChunkMeta] | None:

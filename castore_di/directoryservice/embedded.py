@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig"]
 
+_ABSENT = B3Digest(bytes(32))  # a digest no store holds: a read that finds nothing
+
 
 class EmbeddedDirectoryService(DirectoryService):
     """Directories by digest in LMDB; a closure is committed in one transaction.
@@ -53,6 +55,16 @@ class EmbeddedDirectoryService(DirectoryService):
                 raise ClosedError("embedded directory service is closed")
             self._engine = acquire(self.path, self.options)
         return self._engine
+
+    async def check_connectivity(self) -> str:
+        """Open the store's environment (in a thread) and read from it once."""
+
+        def open_and_read() -> None:
+            store = self._store()
+            store.get_directory_bytes(_ABSENT)
+
+        await asyncio.to_thread(open_and_read)
+        return f"embedded store {self.path}: open"
 
     async def get(self, digest: B3Digest) -> Directory | None:
         raw = self._store().get_directory_bytes(digest)

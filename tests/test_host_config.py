@@ -138,3 +138,39 @@ def test_sync_host_lifecycle_closes_dependents_first_once() -> None:
     host.shutdown_resources()
     assert recording.EVENTS[2:] == [("close", "b"), ("close", "a")]
     recording.EVENTS.clear()
+
+
+async def _archive(castore: CastoreContainer) -> Any:
+    """A host async resource on castore services: records its own shutdown."""
+    blobs = await castore.ablob_service("a")
+    yield blobs
+    recording.record("close", "host-resource")
+
+
+class ResourceHost(containers.DeclarativeContainer):
+    config = providers.Configuration()
+    castore = castore_container(config.castore, recording.registry())
+    # Taking castore.lifecycle (a Resource) makes the direct edge dependency-injector needs to
+    # shut this resource down before the castore services.
+    archive = providers.Resource(_archive, castore=castore.lifecycle)
+
+
+async def test_a_host_resource_on_castore_lifecycle_shuts_down_first() -> None:
+    recording.EVENTS.clear()
+    host = ResourceHost()
+    host.config.from_dict({"castore": {"blobservices": {
+        "a": {"type": "leaf", "label": "a"}, "b": {"type": "peer", "label": "b", "peer": "a"}}}})
+    await host.init_resources()
+    assert await host.archive() is host.castore().blob_service("a")  # an async resource: awaited
+    await host.shutdown_resources()
+    assert [e for e in recording.EVENTS if e[0] == "close"] == [("close", "host-resource"), ("close", "b"), ("close", "a")]
+    recording.EVENTS.clear()
+
+
+def test_reset_override_wipes_a_from_dict_config() -> None:
+    """dependency-injector stores from_dict as an override: reset_override() removes it."""
+    host = Host()
+    host.config.from_dict({"castore": MEMORY})
+    host.reset_override()
+    with pytest.raises(Exception, match="config.castore: no castore configuration"):
+        host.castore()

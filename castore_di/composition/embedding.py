@@ -42,8 +42,8 @@ instances with ``app.castore().override_instance(...)``.
 Lifecycle: the slot takes part in the host's ``init_resources()`` / ``shutdown_resources()``
 (sync or awaited): init builds every castore instance, shutdown closes them, dependents
 first, once. Resource shutdown in dependency-injector follows direct Resource edges only,
-so a host *Resource* that uses castore services should take the castore container
-(``castore``) or be shut down by the host before.
+so a host *Resource* that uses castore services should take ``castore.lifecycle`` (a
+Resource whose value is the castore container) as an argument: it is then shut down first.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from castore_di import BlobService, load_container
 from castore_di.blobservice.combined import CombinedBlobService
 from castore_di.blobservice.memory import MemoryBlobService
 from castore_di.composition.container import CastoreContainer
-from castore_di.composition.embedding import LazyCastoreSlot, castore_container
+from castore_di.composition.host import LazyCastoreSlot, castore_container
 from castore_di.errors import CycleError, UnknownInstanceError, UnknownTypeError
 from tests import recording
 

@@ -13,7 +13,7 @@ from dependency_injector import containers, providers
 from castore_di import load_container
 from castore_di.blobservice.combined import CombinedBlobService
 from castore_di.blobservice.memory import MemoryBlobService
-from castore_di.composition.embedding import castore_container
+from castore_di.composition.host import castore_container
 from castore_di.digests import blake3_digest
 from castore_di.errors import InstantiationError
 

@@ -46,13 +46,13 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from dependency_injector import containers, providers
 
-from castore_di.blobservice.base import BlobService
 from castore_di.composition.config import KINDS
 from castore_di.composition.graph import CompositionGraph, Instance, InstanceId
-from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import ConfigError, InstantiationError, UnknownInstanceError
 
 if TYPE_CHECKING:
+    from castore_di.blobservice.base import BlobService
+    from castore_di.directoryservice.base import DirectoryService
     from castore_di.connectivity import ConnectivityReport
     from castore_di.metrics import Metrics
 
@@ -366,7 +366,7 @@ class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
             access = self._blobs[name]
         except KeyError:
             access = self._slot(f"blobservices.{name}").access  # raises UnknownInstanceError
-        return cast(BlobService, access())
+        return cast("BlobService", access())
 
     def directory_service(self, name: str = "default") -> DirectoryService:
         """The directory service instance ``name``, created on first use (see :meth:`blob_service`)."""
@@ -374,15 +374,15 @@ class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
             access = self._directories[name]
         except KeyError:
             access = self._slot(f"directoryservices.{name}").access  # raises UnknownInstanceError
-        return cast(DirectoryService, access())
+        return cast("DirectoryService", access())
 
     async def ablob_service(self, name: str = "default") -> BlobService:
         """The blob service instance ``name``, awaiting an async build."""
-        return cast(BlobService, await self.aget(f"blobservices.{name}"))
+        return cast("BlobService", await self.aget(f"blobservices.{name}"))
 
     async def adirectory_service(self, name: str = "default") -> DirectoryService:
         """The directory service instance ``name``, awaiting an async build."""
-        return cast(DirectoryService, await self.aget(f"directoryservices.{name}"))
+        return cast("DirectoryService", await self.aget(f"directoryservices.{name}"))
 
     async def aget(self, instance_id: str) -> Any:
         """Any instance by id, through its provider (overrides apply), awaited when async."""

@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
 
 from castore_di import B3Digest, BlobReader, BlobService
-from castore_di.composition.embedding import castore_container, init_resources, shutdown_resources
+from castore_di.composition.host import castore_container, init_resources, shutdown_resources
 from castore_di.metrics import Metrics
 
 CONTAINERS = Path(__file__).resolve().parents[2] / "containers"

@@ -9,7 +9,7 @@ from dependency_injector import containers, providers
 
 import castore_di
 from castore_di import B3Digest, BlobService
-from castore_di.composition.embedding import castore_container
+from castore_di.composition.host import castore_container
 
 CONFIG = Path(__file__).with_name("catalog.yaml")
 

@@ -13,7 +13,7 @@ import pytest
 from dependency_injector import providers
 
 import castore_di
-from castore_di.composition.embedding import init_resources, shutdown_resources
+from castore_di.composition.host import init_resources, shutdown_resources
 from castore_di.blobservice.combined import CombinedBlobService
 from castore_di.blobservice.memory import MemoryBlobService
 

@@ -1,4 +1,4 @@
-"""Tests of the embedding example: host config, lifecycle, wiring, overrides, metrics."""
+"""Tests of the host_container example: host config, lifecycle, wiring, overrides, metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from castore_di import CastoreContainer, load_container
 from castore_di.blobservice.combined import CombinedBlobService
 from castore_di.blobservice.memory import MemoryBlobService
-from castore_di.composition.embedding import init_resources, shutdown_resources
+from castore_di.composition.host import init_resources, shutdown_resources
 from castore_di.digests import blake3_digest
 from castore_di.metrics import MeteredBlobService
 

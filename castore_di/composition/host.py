@@ -1,4 +1,4 @@
-"""Embedding a castore container in a host application's ``DeclarativeContainer``.
+"""A castore container as a slot of a host application's ``DeclarativeContainer``.
 
 A host declares the castore container as a class attribute and wires its own providers to
 the instances it needs::
@@ -54,15 +54,15 @@ from typing import TYPE_CHECKING, Any, cast
 
 from dependency_injector import containers, providers
 
-from castore_di.blobservice.base import BlobService
 from castore_di.composition.config import KINDS
 from castore_di.composition.container import CastoreContainer, _lifecycle
 from castore_di.composition.loader import ConfigSource
 from castore_di.composition.registry import Registry
-from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import ConfigError
 
 if TYPE_CHECKING:
+    from castore_di.blobservice.base import BlobService
+    from castore_di.directoryservice.base import DirectoryService
     from castore_di.metrics import Metrics
 
 __all__ = [

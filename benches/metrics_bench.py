@@ -5,7 +5,8 @@ Rows, measured in the same run, interleaved, best of ``--repeat``:
 - a container's ``blobservices.default`` with metrics off (the default): the very same
   class, not wrapped, so any difference to the peer is noise (a second peer row shows it);
 - metrics on, tracing off; metrics on with OpenTelemetry spans (API only, no SDK installed
-  as provider: the no-op tracer), when ``opentelemetry-api`` is importable.
+  as provider: the no-op tracer), when ``opentelemetry-api`` is importable;
+- peer: prometheus-client's own cost per recorded operation (one counter inc, one observe).
 
     python benches/metrics_bench.py [--calls N] [--repeat R]
 """
@@ -57,6 +58,21 @@ async def main() -> None:
     for round_ in range(args.repeat):
         for name, service in built if round_ % 2 else reversed(built):  # alternate the order
             best[name] = min(best[name], await per_call(service, args.calls))
+    # What prometheus-client itself costs per recorded operation (one counter inc, one
+    # histogram observe), measured in the same run: the floor of any "metrics on" row.
+    metrics = Metrics(tracing=False)
+    counter = metrics.calls.labels("blobservices.default", "memory", "has")
+    histogram = metrics.latency.labels("blobservices.default", "memory", "has")
+
+    def prometheus_only() -> float:
+        start = time.perf_counter()
+        for _ in range(args.calls):
+            counter.inc()
+            histogram.observe(0.0001)
+        return (time.perf_counter() - start) / args.calls
+
+    best["peer: prometheus-client alone (inc + observe)"] = min(prometheus_only() for _ in range(args.repeat))
+    built.append(("peer: prometheus-client alone (inc + observe)", MemoryBlobService()))
     base = best[built[0][0]]
     print(f"resolved has() on a memory blob service, {args.calls} calls x {args.repeat} rounds (best)")
     print(f"{'measure':<58} {'ns/call':>9} {'ratio':>7}")

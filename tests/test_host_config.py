@@ -87,7 +87,8 @@ def test_wiring_by_string_id() -> None:
     ({"blobservices": {"default": {"type": "combined", "local": "x", "remote": "memory://"}}}, UnknownInstanceError,
      "config.castore.blobservices.default.local: unknown instance 'x'"),
     ({"blobservices": {"a": {"type": "combined", "local": "b", "remote": "b"},
-                       "b": {"type": "combined", "local": "a", "remote": "a"}}}, CycleError, "reference cycle"),
+                       "b": {"type": "combined", "local": "a", "remote": "a"}}}, CycleError,
+     "config.castore: reference cycle: blobservices.a -> blobservices.b -> blobservices.a"),
     (None, Exception, "config.castore: no castore configuration"),
 ])
 def test_errors_name_the_path_in_the_host_config(castore: Any, error: type[Exception], message: str) -> None:

@@ -153,7 +153,8 @@ class _Slot:
                     if inspect.isawaitable(dep):
                         _discard(dep)
                         raise InstantiationError(
-                            f"{field!r} is built asynchronously (an async override?): await this instance", path=self.instance.id
+                            f"{field!r} is built asynchronously (an async override?): await this instance",
+                            path=self.instance.id,
                         )
                     deps[field] = dep
                 self._publish(self._call_build(deps))

@@ -58,7 +58,7 @@ from castore_di.composition.config import KINDS
 from castore_di.composition.container import CastoreContainer, _lifecycle
 from castore_di.composition.loader import ConfigSource
 from castore_di.composition.registry import Registry
-from castore_di.errors import ConfigError
+from castore_di.errors import ConfigError, CycleError
 
 if TYPE_CHECKING:
     from castore_di.blobservice.base import BlobService
@@ -266,12 +266,14 @@ class LazyCastoreSlot(providers.Provider):  # type: ignore[type-arg]
         metrics = self._metrics() if isinstance(self._metrics, providers.Provider) else self._metrics
         try:
             return load_container(raw, self._registry, metrics=metrics)
+        except CycleError as e:  # its message names full instance ids: prefix the config's place
+            raise CycleError(f"{name}: {e}", e.cycle) from e
         except ConfigError as e:
             path = f"{name}.{e.path}" if e.path else name
             try:
                 error = type(e)(e.detail, path=path)
             except TypeError:  # a subclass with its own constructor keeps its message
-                raise e
+                raise e from None
             raise error from e
 
     def ref(self, instance_id: str) -> providers.Provider[Any]:

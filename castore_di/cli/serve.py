@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import click
 
@@ -49,11 +50,13 @@ _LIMITS = ServerLimits()
               show_default=True, help="Encoded bytes of one Directory Put.")
 @click.option("--max-depth", type=click.IntRange(min=1), default=_LIMITS.max_depth, show_default=True,
               help="Nesting depth of a closure sent in one Directory Put.")
+@click.option("--metrics-listen", metavar="HOST:PORT",
+              help="Serve Prometheus metrics of every service operation at http://HOST:PORT/metrics.")
 @pass_ctx
 def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_cert: str | None,
                   tls_key: str | None, idle_timeout: float, max_streams: int, max_message_size: int,
                   max_blob_size: int, max_put_directories: int, max_put_directory_bytes: int,
-                  max_depth: int) -> None:
+                  max_depth: int, metrics_listen: str | None) -> None:
     """Serve tvix.castore.v1 BlobService and DirectoryService (with health and reflection).
 
     Prints "castore serve: listening on ADDRESS" for every bound address; stops on
@@ -77,6 +80,7 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
         max_put_directory_bytes=max_put_directory_bytes,
         max_depth=max_depth,
     )
+    metrics_server = _start_metrics(ctx, metrics_listen) if metrics_listen else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     blob_name = ctx.blob_addr or ctx.blob_name
     directory_name = ctx.directory_addr or ctx.directory_name
@@ -93,4 +97,25 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
             limits=limits,
         )
 
-    run_async(ctx, main)
+    try:
+        run_async(ctx, main)
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+
+
+def _start_metrics(ctx: CliContext, address: str) -> Any:
+    """Record every operation of the served services and serve /metrics from a thread."""
+    from castore_di.metrics import Metrics
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"expected HOST:PORT, got {address!r}", param_hint="--metrics-listen")
+    ctx.metrics = Metrics()
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        server = ctx.metrics.serve(host, int(port))
+    except OSError as e:
+        raise click.BadParameter(f"cannot listen on {address}: {e.strerror or e}", param_hint="--metrics-listen")
+    click.echo(f"castore serve: metrics on http://{host}:{server.server_port}/metrics", err=True)
+    return server

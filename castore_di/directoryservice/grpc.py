@@ -51,6 +51,8 @@ DEFAULT_MAX_DIRECTORIES = 1_000_000
 class GRPCDirectoryService(GrpcClient, DirectoryService):
     """A :class:`DirectoryService` client of a ``tvix.castore.v1.DirectoryService`` server."""
 
+    _health_service = "tvix.castore.v1.DirectoryService"
+
     def __init__(self, url: str, *, max_directories: int = DEFAULT_MAX_DIRECTORIES, **options: Any) -> None:
         super().__init__(url, **options)
         self.max_directories = max_directories

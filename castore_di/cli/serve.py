@@ -31,21 +31,41 @@ __all__ = ["serve_command"]
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True),
               help="PEM certificate chain: serve TLS (clients use grpc+https://). Needs --tls-key.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="PEM private key for --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False, exists=True),
+              help="PEM CA certificate(s): require client certificates signed by it (mutual TLS). Needs --tls-cert.")
+@click.option("--auth-tokens", type=click.Path(dir_okay=False, exists=True),
+              help="File of 'read TOKEN' / 'write TOKEN' lines: require 'authorization: Bearer TOKEN'. "
+                   "Re-read on SIGHUP.")
+@click.option("--read-only", is_flag=True, help="Refuse every Put (PERMISSION_DENIED).")
+@click.option("--allow-unauthenticated", is_flag=True,
+              help="Allow a non-loopback address without --tls-client-ca, --auth-tokens or --read-only.")
 @pass_ctx
 def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_cert: str | None,
-                  tls_key: str | None) -> None:
+                  tls_key: str | None, tls_client_ca: str | None, auth_tokens: str | None, read_only: bool,
+                  allow_unauthenticated: bool) -> None:
     """Serve tvix.castore.v1 BlobService and DirectoryService (with health and reflection).
 
     Prints "castore serve: listening on ADDRESS" for every bound address; stops on
-    SIGTERM/SIGINT after a grace period and closes every service.
+    SIGTERM/SIGINT after a grace period and closes every service. Refused calls leave one
+    JSON audit line each on stderr. An address other than loopback or a unix socket needs
+    --tls-client-ca, --auth-tokens or --read-only (or --allow-unauthenticated).
     """
-    from castore_di.server import normalize_listen, serve
+    from castore_di.errors import ConfigError
+    from castore_di.server import AuthPolicy, TokenTable, check_exposure, normalize_listen, serve
 
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_client_ca is not None and tls_cert is None:
+        raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
     for address in listen:
         normalize_listen(address)  # refuse bad addresses before building anything
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tokens = TokenTable(auth_tokens) if auth_tokens is not None else None
+    auth = AuthPolicy(read_only=read_only, tokens=tokens, client_ca=tls_client_ca)
+    try:
+        check_exposure(listen, auth, allow_unauthenticated=allow_unauthenticated)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
     blob_name = ctx.blob_addr or ctx.blob_name
     directory_name = ctx.directory_addr or ctx.directory_name
 
@@ -58,6 +78,7 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
             describe=f"blob service {blob_name}, directory service {directory_name}",
             on_stopped=ctx.aclose,
             tls=(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None,
+            auth=auth,
         )
 
     run_async(ctx, main)

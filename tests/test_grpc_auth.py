@@ -181,8 +181,23 @@ async def test_each_token_role_against_each_rpc_raw_grpcio(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await ch.unary_unary("/tvix.castore.v1.BlobService/Stat")(b"", timeout=10)
         assert info.value.code() == UNAUTHENTICATED and "bearer token" in (info.value.details() or "")
+        # reflection and unknown methods need a token too; with one, an unknown method is UNIMPLEMENTED
+        reflect = ch.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+        unknown = ch.unary_unary("/x.Y/Z")
+        cases = ((reflect, "none", UNAUTHENTICATED), (unknown, "none", UNAUTHENTICATED),
+                 (unknown, "read", grpc.StatusCode.UNIMPLEMENTED))
+        for method, who, code in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                request = iter([b""]) if method is reflect else b""
+                call = method(request, metadata=credentials[who], timeout=10)
+                if method is reflect:
+                    async for _ in call:
+                        pass
+                else:
+                    await call
+            assert info.value.code() == code
     refused = audit_lines(token_server)
-    assert len(refused) == 5 + 5 + 5 + 2 + 1  # one line per refused call
+    assert len(refused) == 5 + 5 + 5 + 2 + 1 + 2  # one line per refused call
     assert {r["reason"] for r in refused} == {"no-token", "unknown-token", "malformed-authorization",
                                               "read-token-on-write"}
     assert all(set(r) == {"event", "peer", "method", "status", "reason"} for r in refused)

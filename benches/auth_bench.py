@@ -2,8 +2,9 @@
 
 Rows (each server a separate process with memory services, run one after the other):
 Stat and small-Put calls per second through raw grpcio, 8 concurrent callers, against an
-open server (baseline) and one with bearer tokens, both running, measured alternately (interceptor + SHA-256 + constant-time
-compare against 100 tokens); and how fast a tokens server answers refused calls.
+open server (baseline) and one with bearer tokens (interceptor + SHA-256 + constant-time
+compare against 100 tokens), both running and measured alternately; and how fast a tokens
+server answers refused calls.
 
 Usage: ``python benches/auth_bench.py [--calls N] [--rounds R]``.
 """
@@ -51,7 +52,9 @@ class Proc:
 def castore_serve(workdir: Path, *args: str) -> Proc:
     config = workdir / "bench.json"
     config.write_text(
-        json.dumps({"blobservices": {"default": {"type": "memory"}}, "directoryservices": {"default": {"type": "memory"}}})
+        json.dumps(
+            {"blobservices": {"default": {"type": "memory"}}, "directoryservices": {"default": {"type": "memory"}}}
+        )
     )
     return Proc([sys.executable, "-m", "castore_di.cli", "--config", str(config), "serve", "--listen", "127.0.0.1:0",
                  *args])
@@ -145,7 +148,8 @@ async def main() -> None:
         finally:
             open_server.stop()
             token_server.stop()
-    print(f"{args.calls} calls per measurement, best of {args.rounds} alternating rounds, {CONCURRENCY} concurrent callers, loopback, servers in subprocesses\n")
+    print(f"{args.calls} calls per measurement, best of {args.rounds} alternating rounds, "
+          f"{CONCURRENCY} concurrent callers, loopback, servers in subprocesses\n")
     print("| calls/s                                  | calls/s   | ratio  |")
     print("|------------------------------------------|-----------|--------|")
     print(row("Stat, open server (baseline)", base["stat"], None))

@@ -99,7 +99,8 @@ def tokens(tmp_path: Path) -> dict[str, str]:
 
 
 def write_tokens(path: Path, lines: list[tuple[str, str]]) -> Path:
-    path.write_text("# castore serve tokens\n\n" + "".join(f"{role} {token}  # {role} client\n" for role, token in lines))
+    body = "".join(f"{role} {token}  # {role} client\n" for role, token in lines)
+    path.write_text("# castore serve tokens\n\n" + body)
     path.chmod(0o600)
     return path
 

@@ -15,8 +15,8 @@ this module. Combined with tokens, a call needs both.
 
 A refused call is answered before its request is read and leaves one audit line on the
 ``castore_di.server.audit`` logger: a JSON object with ``peer``, ``method``, ``status`` and
-``reason`` (and ``client``, the certificate's common name, over mutual TLS). Tokens are kept only as SHA-256 digests, compared in constant time, and never
-logged nor echoed.
+``reason`` (and ``client``, the certificate's common name, over mutual TLS). Tokens are kept
+only as SHA-256 digests, compared in constant time, and never logged nor echoed.
 """
 
 from __future__ import annotations
@@ -154,7 +154,9 @@ _NO_TOKEN = Refusal(
     grpc.StatusCode.UNAUTHENTICATED, "this server needs a bearer token (authorization: Bearer TOKEN)", "no-token"
 )
 _BAD_HEADER = Refusal(
-    grpc.StatusCode.UNAUTHENTICATED, "the authorization header is not a single 'Bearer TOKEN'", "malformed-authorization"
+    grpc.StatusCode.UNAUTHENTICATED,
+    "the authorization header is not a single 'Bearer TOKEN'",
+    "malformed-authorization",
 )
 _UNKNOWN_TOKEN = Refusal(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not accepted", "unknown-token")
 _READ_ONLY = Refusal(grpc.StatusCode.PERMISSION_DENIED, "this server is read-only: Put is refused", "read-only")

@@ -35,6 +35,7 @@ import attrs
 import grpc
 import grpc.aio
 
+from castore_di._grpc.wire import BLOB_PUT, DIRECTORY_PUT
 from castore_di.errors import ConfigError
 
 __all__ = [
@@ -54,7 +55,7 @@ audit_log = logging.getLogger("castore_di.server.audit")
 log = logging.getLogger("castore_di.server")
 
 # The calls that change a store; every other call (Stat, Read, Get, reflection) reads.
-WRITE_METHODS = frozenset({"/tvix.castore.v1.BlobService/Put", "/tvix.castore.v1.DirectoryService/Put"})
+WRITE_METHODS = frozenset({BLOB_PUT, DIRECTORY_PUT})
 # Methods every client may call, with or without credentials.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 MIN_TOKEN_LENGTH = 16

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import secrets
 import signal
 import subprocess
@@ -21,7 +23,9 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from castore_di.errors import ConfigError
+from castore_di.blobservice.grpc import GRPCBlobService
+from castore_di.composition import CastoreContainer, load_container, load_graph
+from castore_di.errors import AccessDeniedError, ConfigError, StorageError
 from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as bpb
 from castore_di.proto.tvix.castore.protos import rpc_directory_pb2 as dpb
 from castore_di.server.auth import AuthPolicy, TokenTable, check_exposure, is_loopback, parse_tokens
@@ -422,3 +426,162 @@ async def test_unix_socket_with_tokens(tmp_path: Path, tokens: dict[str, str]) -
         assert audit_lines(server)[0]["peer"].startswith("unix:")
     finally:
         server.stop()
+
+
+# -- the library's client --------------------------------------------------------------
+
+
+def client_config(url: str, **fields: str) -> dict[str, dict[str, dict[str, str]]]:
+    entry = {"type": "grpc", "url": url, **fields}
+    return {"blobservices": {"default": entry}, "directoryservices": {"default": entry}}
+
+
+@pytest.mark.parametrize("way", ["token_file", "url query", "CASTORE_TOKEN"])
+async def test_each_token_role_against_each_rpc_library_client(
+    token_server: GrpcServerProcess, tokens: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    way: str,
+) -> None:
+    monkeypatch.delenv("CASTORE_TOKEN", raising=False)
+
+    def container(who: str | None) -> CastoreContainer:
+        fields: dict[str, object] = {"type": "grpc", "url": token_server.url, "retries": 0}
+        monkeypatch.delenv("CASTORE_TOKEN", raising=False)
+        if who is not None:
+            token_file = tmp_path / f"{who}.token"
+            token_file.write_text(tokens[who] + "\n")
+            if way == "token_file":
+                fields["token_file"] = str(token_file)
+            elif way == "url query":
+                fields["url"] = f"{token_server.url}?token_file={token_file}"
+            else:
+                monkeypatch.setenv("CASTORE_TOKEN", tokens[who])
+        return load_container({"blobservices": {"default": fields}, "directoryservices": {"default": fields}})
+
+    errors: list[str] = []
+
+    async def attempt(rpc: str, c: CastoreContainer) -> str:
+        blobs, dirs = c.blob_service(), c.directory_service()
+        try:
+            if rpc == "blob.Put":
+                assert await blobs.put(BLOB_A) == BLOB_A_DIGEST
+            elif rpc == "directory.Put":
+                assert await dirs.put(DIRECTORY_A) == DIRECTORY_A.digest
+            elif rpc == "blob.Stat":
+                assert await blobs.has(BLOB_A_DIGEST)
+            elif rpc == "blob.Read":
+                assert await blobs.read_bytes(BLOB_A_DIGEST) == BLOB_A
+            else:
+                assert await dirs.get(DIRECTORY_A.digest) == DIRECTORY_A
+        except AccessDeniedError as e:
+            errors.append(str(e))
+            return "UNAUTHENTICATED" if "UNAUTHENTICATED" in str(e) else "PERMISSION_DENIED"
+        return "OK"
+
+    expected = {
+        "write": dict.fromkeys(RPCS, "OK"),
+        "read": {rpc: "PERMISSION_DENIED" if rpc in WRITES else "OK" for rpc in RPCS},
+        "other": dict.fromkeys(RPCS, "UNAUTHENTICATED"),
+        None: dict.fromkeys(RPCS, "UNAUTHENTICATED"),
+    }
+    for who in ("write", "read", "other", None):
+        async with container(who) as c:
+            assert {rpc: await attempt(rpc, c) for rpc in RPCS} == expected[who], who
+    assert errors and all("refused the call" in e for e in errors)
+    for message in errors:
+        for token in tokens.values():
+            assert token not in message
+    assert any("may only read" in e for e in errors) and any("bearer token" in e for e in errors)
+
+
+async def test_library_client_with_a_client_certificate(tmp_path: Path, pki: dict[str, Path]) -> None:
+    server = GrpcServerProcess(tmp_path, extra_args=mtls_args(pki)).start()
+    try:
+        assert server.address is not None
+        url = f"grpc+https://localhost:{server.address.rpartition(':')[2]}"
+        trusted = GRPCBlobService(url, ca_file=str(pki["ca"]), cert_file=str(pki["client_cert"]),
+                                  key_file=str(pki["client_key"]), retries=0)
+        try:
+            assert await trusted.put(BLOB_A) == BLOB_A_DIGEST
+            for cert, key in ((None, None), (pki["untrusted_cert"], pki["untrusted_key"])):
+                other = GRPCBlobService(url, ca_file=str(pki["ca"]), cert_file=cert and str(cert),
+                                        key_file=key and str(key), retries=0, timeout=10)
+                try:
+                    with pytest.raises(StorageError, match="unavailable"):
+                        await other.has(BLOB_A_DIGEST)
+                finally:
+                    await other.close()
+            assert await trusted.read_bytes(BLOB_A_DIGEST) == BLOB_A  # still served
+        finally:
+            await trusted.close()
+    finally:
+        server.stop()
+
+
+def test_client_config_rules(tmp_path: Path) -> None:
+    https, http = "grpc+https://localhost:1", "grpc+http://localhost:1"
+    bad = [
+        ({"url": https, "cert_file": "c.pem"}, "cert_file and key_file go together"),
+        ({"url": http, "cert_file": "c.pem", "key_file": "k.pem"}, "cert_file is only meaningful with a grpc+https"),
+        ({"url": f"{http}?token_file=a", "token_file": "b"}, "token_file is given twice"),
+        ({"url": f"{http}?token_file="}, "token_file takes one path"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_graph(client_config(**fields))  # type: ignore[arg-type]
+    load_graph(client_config(f"{http}?token_file=a", token_file="a"))
+
+
+async def test_bad_token_file_is_one_error_without_the_token(
+    token_server: GrpcServerProcess, tmp_path: Path, tokens: dict[str, str]
+) -> None:
+    path = tmp_path / "token"
+    for content in (f"{tokens['write']} {tokens['read']}\n", "\n"):
+        path.write_text(content)
+        client = GRPCBlobService(token_server.url, token_file=str(path), retries=0)
+        try:
+            with pytest.raises(ConfigError, match="expected one token") as info:
+                await client.has(BLOB_A_DIGEST)
+            assert tokens["write"] not in str(info.value)
+        finally:
+            await client.close()
+    client = GRPCBlobService(token_server.url, token_file=str(tmp_path / "missing"), retries=0)
+    try:
+        with pytest.raises(ConfigError, match="cannot read token_file"):
+            await client.has(BLOB_A_DIGEST)
+    finally:
+        await client.close()
+
+
+def test_check_graph_and_errors_never_print_a_token(
+    token_server: GrpcServerProcess, tokens: dict[str, str], tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(tokens["read"])
+    config = tmp_path / "castore.json"
+    config.write_text(json.dumps({
+        "blobservices": {"default": {"type": "grpc", "url": token_server.url, "token_file": str(token_file)},
+                         "env": f"{token_server.url}?token_file={token_file}"},
+        "directoryservices": {"default": {"type": "grpc", "url": token_server.url, "token_file": str(token_file)}},
+    }))
+    env = {**os.environ, "CASTORE_TOKEN": tokens["write"]}
+    outputs = []
+    for args in (["check", str(config)], ["graph", str(config)], ["graph", "--format", "tree", str(config)],
+                 ["graph", "--format", "mermaid", str(config)], ["-v", "check", str(config)]):
+        result = subprocess.run([sys.executable, "-m", "castore_di.cli", *args], capture_output=True, text=True,
+                                env=env, timeout=60)
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout + result.stderr)
+    # a refused call, with and without --verbose (the traceback)
+    token_file.write_text(tokens["other"])
+    for verbose in ([], ["-v"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "castore_di.cli", *verbose, "--config", str(config), "stat", str(BLOB_A_DIGEST)],
+            capture_output=True, text=True, env=env, timeout=60,
+        )
+        assert result.returncode == 1 and "UNAUTHENTICATED" in result.stderr, result.stderr
+        outputs.append(result.stdout + result.stderr)
+    for out in outputs:
+        for token in tokens.values():
+            assert token not in out
+    token_server.stop()
+    assert_no_token_anywhere(token_server, tokens)

@@ -406,6 +406,17 @@ def test_tokens_file_errors_name_the_line_never_the_token(tmp_path: Path) -> Non
     assert secret not in repr(table)
 
 
+def test_tokens_file_open_to_others_draws_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_tokens(tmp_path / "t", [("write", secrets.token_urlsafe(24))])
+    TokenTable(str(path))
+    assert not caplog.records
+    path.chmod(0o644)
+    TokenTable(str(path))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"castore serve: the tokens file {path} is open to group or others (chmod 600 it)"
+    ]
+
+
 def test_serve_refuses_a_bad_tokens_file(tmp_path: Path) -> None:
     secret = secrets.token_urlsafe(24)
     path = tmp_path / "tokens"

@@ -122,7 +122,7 @@ class TokenTable:
         except OSError as e:
             raise ConfigError(f"cannot read the tokens file {self.path}: {e.strerror or e}") from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("castore serve: the tokens file %s is readable by others (chmod 600 it)", self.path)
+            log.warning("castore serve: the tokens file %s is open to group or others (chmod 600 it)", self.path)
         self._entries = tuple(parse_tokens(text, self.path))
         return len(self._entries)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import click
 
@@ -39,10 +40,12 @@ __all__ = ["serve_command"]
 @click.option("--read-only", is_flag=True, help="Refuse every Put (PERMISSION_DENIED).")
 @click.option("--allow-unauthenticated", is_flag=True,
               help="Allow a non-loopback address without --tls-client-ca, --auth-tokens or --read-only.")
+@click.option("--metrics-listen", metavar="HOST:PORT",
+              help="Serve Prometheus metrics of every service operation at http://HOST:PORT/metrics.")
 @pass_ctx
 def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_cert: str | None,
                   tls_key: str | None, tls_client_ca: str | None, auth_tokens: str | None, read_only: bool,
-                  allow_unauthenticated: bool) -> None:
+                  allow_unauthenticated: bool, metrics_listen: str | None) -> None:
     """Serve tvix.castore.v1 BlobService and DirectoryService (with health and reflection).
 
     Prints "castore serve: listening on ADDRESS" for every bound address; stops on
@@ -66,6 +69,7 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
         check_exposure(listen, auth, allow_unauthenticated=allow_unauthenticated)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
+    metrics_server = _start_metrics(ctx, metrics_listen) if metrics_listen else None
     blob_name = ctx.blob_addr or ctx.blob_name
     directory_name = ctx.directory_addr or ctx.directory_name
 
@@ -81,4 +85,25 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
             auth=auth,
         )
 
-    run_async(ctx, main)
+    try:
+        run_async(ctx, main)
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+
+
+def _start_metrics(ctx: CliContext, address: str) -> Any:
+    """Record every operation of the served services and serve /metrics from a thread."""
+    from castore_di.metrics import Metrics
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"expected HOST:PORT, got {address!r}", param_hint="--metrics-listen")
+    ctx.metrics = Metrics()
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        server = ctx.metrics.serve(host, int(port))
+    except OSError as e:
+        raise click.BadParameter(f"cannot listen on {address}: {e.strerror or e}", param_hint="--metrics-listen")
+    click.echo(f"castore serve: metrics on http://{host}:{server.server_port}/metrics", err=True)
+    return server

@@ -7,6 +7,9 @@ compare against 100 tokens), both running and measured alternately; and how fast
 server answers refused calls.
 
 Usage: ``python benches/auth_bench.py [--calls N] [--rounds R]``.
+
+Four runs on 2 shared vCPUs (load 5-8): token/open ratio 0.93-1.00 for Stat and 0.50-1.57
+for Put, the best rows of each equal within 5 %: no cost shows above the noise.
 """
 
 from __future__ import annotations

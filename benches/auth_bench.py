@@ -9,7 +9,8 @@ server answers refused calls.
 Usage: ``python benches/auth_bench.py [--calls N] [--rounds R]``.
 
 Four runs on 2 shared vCPUs (load 5-8): token/open ratio 0.93-1.00 for Stat and 0.50-1.57
-for Put, the best rows of each equal within 5 %: no cost shows above the noise.
+for Put; a six-round run sending the header to both servers had best rows within 5 % (Stat
+1743 vs 1718, Put 1357 vs 1423 calls/s). No cost shows above this machine's noise.
 """
 
 from __future__ import annotations

@@ -50,25 +50,39 @@ _LIMITS = ServerLimits()
               show_default=True, help="Encoded bytes of one Directory Put.")
 @click.option("--max-depth", type=click.IntRange(min=1), default=_LIMITS.max_depth, show_default=True,
               help="Nesting depth of a closure sent in one Directory Put.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False, exists=True),
+              help="PEM CA certificate(s): require client certificates signed by it (mutual TLS). Needs --tls-cert.")
+@click.option("--auth-tokens", type=click.Path(dir_okay=False, exists=True),
+              help="File of 'read TOKEN' / 'write TOKEN' lines: require 'authorization: Bearer TOKEN'. "
+                   "Re-read on SIGHUP.")
+@click.option("--read-only", is_flag=True, help="Refuse every Put (PERMISSION_DENIED).")
+@click.option("--allow-unauthenticated", is_flag=True,
+              help="Allow a non-loopback address without --tls-client-ca, --auth-tokens or --read-only.")
 @click.option("--metrics-listen", metavar="HOST:PORT",
               help="Serve Prometheus metrics of every service operation at http://HOST:PORT/metrics.")
 @pass_ctx
 def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_cert: str | None,
                   tls_key: str | None, idle_timeout: float, max_streams: int, max_message_size: int,
                   max_blob_size: int, max_put_directories: int, max_put_directory_bytes: int,
-                  max_depth: int, metrics_listen: str | None) -> None:
+                  max_depth: int, tls_client_ca: str | None, auth_tokens: str | None, read_only: bool,
+                  allow_unauthenticated: bool, metrics_listen: str | None) -> None:
     """Serve tvix.castore.v1 BlobService and DirectoryService (with health and reflection).
 
     Prints "castore serve: listening on ADDRESS" for every bound address; stops on
     SIGTERM/SIGINT after a grace period and closes every service. The --idle-timeout and
     --max-* options bound what one client can make the server hold; a call past a limit
     fails alone (RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, naming the option). An address
-    that cannot be bound is one error line and exit code 2.
+    that cannot be bound is one error line and exit code 2. Refused calls leave one
+    JSON audit line each on stderr. An address other than loopback or a unix socket needs
+    --tls-client-ca, --auth-tokens or --read-only (or --allow-unauthenticated).
     """
-    from castore_di.server import normalize_listen, serve
+    from castore_di.errors import ConfigError
+    from castore_di.server import AuthPolicy, TokenTable, check_exposure, normalize_listen, serve
 
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_client_ca is not None and tls_cert is None:
+        raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
     for address in listen:
         normalize_listen(address)  # refuse bad addresses before building anything
     limits = ServerLimits(
@@ -80,8 +94,14 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
         max_put_directory_bytes=max_put_directory_bytes,
         max_depth=max_depth,
     )
-    metrics_server = _start_metrics(ctx, metrics_listen) if metrics_listen else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tokens = TokenTable(auth_tokens) if auth_tokens is not None else None
+    auth = AuthPolicy(read_only=read_only, tokens=tokens, client_ca=tls_client_ca)
+    try:
+        check_exposure(listen, auth, allow_unauthenticated=allow_unauthenticated)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    metrics_server = _start_metrics(ctx, metrics_listen) if metrics_listen else None
     blob_name = ctx.blob_addr or ctx.blob_name
     directory_name = ctx.directory_addr or ctx.directory_name
 
@@ -95,6 +115,7 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
             on_stopped=ctx.aclose,
             tls=(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None,
             limits=limits,
+            auth=auth,
         )
 
     try:

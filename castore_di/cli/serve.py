@@ -35,6 +35,14 @@ _LIMITS = ServerLimits()
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True),
               help="PEM certificate chain: serve TLS (clients use grpc+https://). Needs --tls-key.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="PEM private key for --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False, exists=True),
+              help="PEM CA certificate(s): require client certificates signed by it (mutual TLS). Needs --tls-cert.")
+@click.option("--auth-tokens", type=click.Path(dir_okay=False, exists=True),
+              help="File of 'read TOKEN' / 'write TOKEN' lines: require 'authorization: Bearer TOKEN'. "
+                   "Re-read on SIGHUP.")
+@click.option("--read-only", is_flag=True, help="Refuse every Put (PERMISSION_DENIED).")
+@click.option("--allow-unauthenticated", is_flag=True,
+              help="Allow a non-loopback address without --tls-client-ca, --auth-tokens or --read-only.")
 @click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=_LIMITS.idle_timeout,
               show_default=True, help="Seconds a Put stream may go without a message (or a Read's client without taking one) "
                    "before the call is aborted.")
@@ -50,30 +58,22 @@ _LIMITS = ServerLimits()
               show_default=True, help="Encoded bytes of one Directory Put.")
 @click.option("--max-depth", type=click.IntRange(min=1), default=_LIMITS.max_depth, show_default=True,
               help="Nesting depth of a closure sent in one Directory Put.")
-@click.option("--tls-client-ca", type=click.Path(dir_okay=False, exists=True),
-              help="PEM CA certificate(s): require client certificates signed by it (mutual TLS). Needs --tls-cert.")
-@click.option("--auth-tokens", type=click.Path(dir_okay=False, exists=True),
-              help="File of 'read TOKEN' / 'write TOKEN' lines: require 'authorization: Bearer TOKEN'. "
-                   "Re-read on SIGHUP.")
-@click.option("--read-only", is_flag=True, help="Refuse every Put (PERMISSION_DENIED).")
-@click.option("--allow-unauthenticated", is_flag=True,
-              help="Allow a non-loopback address without --tls-client-ca, --auth-tokens or --read-only.")
 @click.option("--metrics-listen", metavar="HOST:PORT",
               help="Serve Prometheus metrics of every service operation at http://HOST:PORT/metrics.")
 @pass_ctx
 def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_cert: str | None,
-                  tls_key: str | None, idle_timeout: float, max_streams: int, max_message_size: int,
+                  tls_key: str | None, tls_client_ca: str | None, auth_tokens: str | None, read_only: bool,
+                  allow_unauthenticated: bool, idle_timeout: float, max_streams: int, max_message_size: int,
                   max_blob_size: int, max_put_directories: int, max_put_directory_bytes: int,
-                  max_depth: int, tls_client_ca: str | None, auth_tokens: str | None, read_only: bool,
-                  allow_unauthenticated: bool, metrics_listen: str | None) -> None:
+                  max_depth: int, metrics_listen: str | None) -> None:
     """Serve tvix.castore.v1 BlobService and DirectoryService (with health and reflection).
 
     Prints "castore serve: listening on ADDRESS" for every bound address; stops on
     SIGTERM/SIGINT after a grace period and closes every service. The --idle-timeout and
     --max-* options bound what one client can make the server hold; a call past a limit
     fails alone (RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, naming the option). An address
-    that cannot be bound is one error line and exit code 2. Refused calls leave one
-    JSON audit line each on stderr. An address other than loopback or a unix socket needs
+    that cannot be bound is one error line and exit code 2. Refused calls leave one JSON
+    audit line each on stderr. An address other than loopback or a unix socket needs
     --tls-client-ca, --auth-tokens or --read-only (or --allow-unauthenticated).
     """
     from castore_di.errors import ConfigError
@@ -114,8 +114,8 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
             describe=f"blob service {blob_name}, directory service {directory_name}",
             on_stopped=ctx.aclose,
             tls=(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None,
-            limits=limits,
             auth=auth,
+            limits=limits,
         )
 
     try:

@@ -167,14 +167,14 @@ class CastoreServer:
         directory_service: DirectoryService | None,
         *,
         tls: tuple[str, str] | None = None,
-        limits: ServerLimits | None = None,
         auth: AuthPolicy | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         """``tls`` is ``(certificate chain PEM file, private key PEM file)``; plaintext without it.
 
-        ``limits`` bound what one call can make the server hold (:class:`ServerLimits`).
         ``auth`` says who may call what (everyone everything without it); its ``client_ca``
-        needs ``tls``.
+        needs ``tls``. ``limits`` bound what one call can make the server hold
+        (:class:`ServerLimits`).
         """
         if blob_service is None and directory_service is None:
             raise ConfigError("nothing to serve: no blob and no directory service")
@@ -260,17 +260,16 @@ async def serve(
     describe: str = "",
     on_stopped: Callable[[], Awaitable[None]] | None = None,
     tls: tuple[str, str] | None = None,
-    limits: ServerLimits | None = None,
     auth: AuthPolicy | None = None,
+    limits: ServerLimits | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully and run ``on_stopped``.
 
     Prints ``castore serve: listening on ADDRESS`` on stdout for every bound address (the
     machine-readable line test fixtures wait for), and logs one line at start and one at stop.
-    An address that cannot be bound raises :class:`BindError` (a :class:`ConfigError`)
-    naming it and the reason; nothing is logged as started or stopped then.
     With bearer tokens in ``auth``, SIGHUP re-reads the tokens file (a broken file keeps the
-    previous tokens and logs why).
+    previous tokens and logs why). An address that cannot be bound raises :class:`BindError`
+    (a :class:`ConfigError`) naming it and the reason; nothing is logged as started or stopped then.
     """
     logging.getLogger("grpc._cython.cygrpc").addFilter(_DroppedPeerNoise())
     stop = asyncio.Event()
@@ -293,7 +292,7 @@ async def serve(
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    server = CastoreServer(blob_service, directory_service, tls=tls, limits=limits, auth=auth)
+    server = CastoreServer(blob_service, directory_service, tls=tls, auth=auth, limits=limits)
     try:
         addresses = await server.start(listen)
     except BaseException:

@@ -23,10 +23,11 @@ from castore_di.blobservice.embedded import EmbeddedBlobService
 from castore_di.blobservice.objectstore import ObjectStoreBlobService
 from castore_di.digests import B3Digest, blake3_digest
 from castore_di.directoryservice.embedded import EmbeddedDirectoryService
-from castore_di.embedded_store import BATCH_BYTES, fsck
+from castore_di.blobservice.embedded import BATCH_BYTES
+from tests.cases_embedded import fsck
 from castore_di.maintenance import Checkable, Collectable
 from castore_di.nodes import Directory, FileNode
-from castore_di.objectstore_common import object_key
+from castore_di._objectstore.store import object_key
 from tests.cases_embedded import EmbeddedBlobBackdoor, EmbeddedDirectoryBackdoor
 from tests.cases_objectstore import ObjectStoreBlobBackdoor
 
@@ -79,8 +80,8 @@ async def test_fsck_cli_embedded_clean_then_damaged(tmp_path: Path) -> None:
     await dirs.close()
 
     out = castore(*embedded_args(path), "fsck", expect=0).stdout
-    assert out.count(": ok") == 2, out
-    assert "blob service" in out and "directory service" in out
+    assert out.count(": ok") == 3, out  # each service, then the references between them
+    assert "blob service" in out and "directory service" in out and "references: 2 directories" in out
 
     blobs = EmbeddedBlobService(str(path), avg_chunk_size=AVG)
     dirs = EmbeddedDirectoryService(str(path))
@@ -88,7 +89,7 @@ async def test_fsck_cli_embedded_clean_then_damaged(tmp_path: Path) -> None:
     await EmbeddedDirectoryBackdoor(dirs).corrupt(root)
     await blobs.close()
     await dirs.close()
-    proc = castore(*embedded_args(path), "fsck", expect=1)
+    proc = castore(*embedded_args(path), "fsck", "--no-refs", expect=1)
     assert str(big) in proc.stdout and root.hex() in proc.stdout, proc.stdout
     assert "fsck found 3 problems" in proc.stderr  # the chunk, its blob, the directory
     problems = [line for line in proc.stdout.splitlines() if line.startswith("  ") and "note:" not in line]
@@ -240,7 +241,7 @@ async def test_a_writer_whose_chunks_were_collected_refuses_to_commit(tmp_path: 
     await writer.write(data[: BATCH_BYTES + 1_000_000])
     store = service._store()
     first = _chunk_digests(data, service)[0]
-    with store.write() as txn:
+    with store.env.write() as txn:
         txn.delete(first, db=store.chunks_db)
     await writer.write(data[BATCH_BYTES + 1_000_000 :])
     with pytest.raises(Exception, match="gone"):
@@ -253,7 +254,7 @@ async def test_a_writer_whose_chunks_were_collected_refuses_to_commit(tmp_path: 
 async def test_gc_removes_the_lock_files_of_dead_writers_only(tmp_path: Path) -> None:
     service = EmbeddedBlobService(str(tmp_path), avg_chunk_size=AVG)
     store = service._store()
-    live, dead = store.new_lease(), store.new_lease()
+    live, dead = store.env.new_lease(), store.env.new_lease()
     dead._file.close()  # as if its process died before storing anything
     assert sorted(p.name for p in (tmp_path / "writers").iterdir()) == sorted([live.token.hex(), dead.token.hex()])
     assert (await service.gc(dry_run=True)).removed == []
@@ -383,5 +384,6 @@ async def test_gc_in_a_loop_against_writer_processes(tmp_path: Path) -> None:
 
 
 def test_gc_on_a_backend_without_one(tmp_path: Path) -> None:
-    out = castore("--blob-service-addr=memory://", "gc", expect=0).stdout
-    assert "no garbage collection for this backend" in out
+    proc = castore("--blob-service-addr=memory://", "gc", expect=3)
+    assert "no garbage collection for this backend" in proc.stdout
+    assert "nothing checked for blob service memory://" in proc.stderr

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import attrs
 
 from castore_di._embedded.codec import Compression
+from castore_di.composition.validators import duration, map_size, path_text
 from castore_di.errors import ConfigError
 
 __all__ = [
@@ -76,6 +77,14 @@ def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) 
         raise ConfigError(f"{attribute.name} must not be negative, got {value!r}")
 
 
+def _at_most(limit: int) -> Any:
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+        if value > limit:
+            raise ConfigError(f"{attribute.name} must be at most {limit}, got {value!r}", path=attribute.name)
+
+    return check
+
+
 def _one_of(*choices: str) -> Any:
     def check(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
         if value not in choices:
@@ -93,15 +102,15 @@ def _path_field(_inst: object, _attribute: attrs.Attribute[Any], value: str | No
 class EmbeddedStoreFields:
     """Config fields of both ``embedded`` kinds (they may share one data directory)."""
 
-    path: str | None = attrs.field(default=None, validator=_path_field)
+    path: str | None = attrs.field(default=None, validator=[_path_field, path_text])
     """Data directory; default ``$XDG_DATA_HOME/castore`` (platformdirs ``user_data_dir``)."""
-    map_size: int = attrs.field(default=DEFAULT_MAP_SIZE, validator=_positive)
+    map_size: int = attrs.field(default=DEFAULT_MAP_SIZE, validator=map_size)
     """Largest size the LMDB map may grow to, in bytes (reserved address space, not disk)."""
     durability: Durability = attrs.field(default="process", validator=_one_of("process", "full"))
     """``process``: commit per close, fsync every ``sync_interval`` s; ``full``: fsync per commit."""
-    sync_interval: float = attrs.field(default=1.0, validator=_non_negative)
+    sync_interval: float = attrs.field(default=1.0, validator=duration())
     """Seconds between fsyncs with ``durability: process``."""
-    max_readers: int = attrs.field(default=126, validator=_positive)
+    max_readers: int = attrs.field(default=126, validator=[_positive, _at_most((1 << 31) - 1)])
     """Concurrent read transactions across all processes (LMDB's reader table)."""
     compression: Compression = attrs.field(default="auto", validator=_one_of("auto", "none"))
     """``auto``: zstd when it saves at least 1/8; ``none``: store raw."""

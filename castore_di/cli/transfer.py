@@ -69,7 +69,7 @@ class Progress:
         self._total_files = files
         self._bar = tqdm(total=nbytes, desc=self._label, file=self._stream, unit="B", unit_scale=True,
                          unit_divisor=1024, dynamic_ncols=True, leave=True, mininterval=0.1, miniters=1,
-                         postfix=self._postfix(), bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                         postfix=self._postfix(), bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B"
                          "{postfix} [{elapsed}<{remaining}, {rate_fmt}]")
 
     def _postfix(self) -> str:

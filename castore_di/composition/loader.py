@@ -151,7 +151,7 @@ def _yaml_load(text: str) -> Any:
         depth = 0
 
         def compose_node(self, parent: Any, index: Any) -> Any:
-            mark = self.peek_event().start_mark
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
             where = f"line {mark.line + 1}, column {mark.column + 1}"
             if self.check_event(yaml.AliasEvent):
                 self.aliases += 1

@@ -317,4 +317,4 @@ def test_hostile_documents_only_ever_get_config_errors() -> None:
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["examples"] >= 100 and summary["config_errors"] > 0
+    assert summary["examples"] >= 150 and summary["config_errors"] > 0

@@ -3,28 +3,35 @@
 Reads try ``local`` first, then ``remote``. Unlike the reference, a blob read from
 ``remote`` is copied into ``local`` (``populate_local``, on by default) and verified
 against its digest on the way, so the next read is local; set it to ``false`` for the
-reference's read-only behaviour. Writes go to ``local`` only; ``remote`` is never written.
+reference's read-only behaviour. ``write_to`` picks where writes go: ``local`` (the
+default, as the reference), ``remote``, or ``both``: remote first, then local, and the
+digest is reported only once both hold the blob (a failure names the side).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import attrs
 
 from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from castore_di.blobservice.mirrored import FanOutWriter
 from castore_di.composition.config import BlobServiceConfig, reference
 from castore_di.digests import B3Digest
 from castore_di.errors import IntegrityError
 
-__all__ = ["CombinedBlobService", "CombinedBlobServiceConfig"]
+__all__ = ["CombinedBlobService", "CombinedBlobServiceConfig", "WriteTo"]
+
+WriteTo = Literal["local", "remote", "both"]
 
 
 class CombinedBlobService(BlobService):
-    def __init__(self, local: BlobService, remote: BlobService, *, populate_local: bool = True) -> None:
+    def __init__(self, local: BlobService, remote: BlobService, *, populate_local: bool = True,
+                 write_to: WriteTo = "local") -> None:
         self.local = local
         self.remote = remote
         self.populate_local = populate_local
+        self.write_to = write_to
 
     async def has(self, digest: B3Digest) -> bool:
         return await self.local.has(digest) or await self.remote.has(digest)
@@ -50,7 +57,13 @@ class CombinedBlobService(BlobService):
         return await self.local.open_read(digest)
 
     def open_write(self) -> BlobWriter:
-        return self.local.open_write()
+        if self.write_to == "local":
+            return self.local.open_write()
+        if self.write_to == "remote":
+            return self.remote.open_write()
+        # both: every block to both; the remote commits first, then the local side
+        writers = [self.remote.open_write(), self.local.open_write()]
+        return FanOutWriter(writers, ["remote", "local"], "side", stages=[[0], [1]])
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         local = await self.local.chunks(digest)
@@ -62,10 +75,12 @@ class CombinedBlobServiceConfig(BlobServiceConfig):
     """``local`` (written and read first) in front of ``remote`` (read on a local miss)."""
 
     type_tag: ClassVar[str] = "combined"
-    local: str = reference("blobservices", doc="read first; all writes go here")
-    remote: str = reference("blobservices", doc="read when local misses; never written")
+    local: str = reference("blobservices", doc="read first; written unless `write_to` is `remote`")
+    remote: str = reference("blobservices", doc="read when local misses; written when `write_to` is `remote` or `both`")
     populate_local: bool = True
     """copy a blob read from ``remote`` into ``local``, verified against its digest"""
+    write_to: WriteTo = "local"
+    """where writes go: ``local`` (as the reference), ``remote``, or ``both`` (remote first, then local)"""
 
     def build(self, local: BlobService, remote: BlobService) -> CombinedBlobService:
-        return CombinedBlobService(local, remote, populate_local=self.populate_local)
+        return CombinedBlobService(local, remote, populate_local=self.populate_local, write_to=self.write_to)

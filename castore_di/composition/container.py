@@ -1,9 +1,11 @@
 """The dependency-injector container generated from a composition graph.
 
 Shape: a :class:`CastoreContainer` (a ``DynamicContainer``) with one sub-container per
-kind (``blobservices``, ``directoryservices``) holding one ``ThreadSafeSingleton`` provider
-per named instance, created in dependency order; reference fields become provider keyword
-arguments. Anonymous instances (URLs in reference fields) get providers that are not
+kind (``blobservices``, ``directoryservices``, and any kind the registry adds) holding one
+``ThreadSafeSingleton`` provider per named instance, created in dependency order; reference
+fields become provider keyword arguments: the referenced provider, ``None`` for an absent
+optional reference, a ``providers.List`` of providers for a list, a ``providers.Dict`` for
+a map. Anonymous instances (URLs in reference fields) get providers that are not
 attributes. Applications inject ``Provide["blobservices.default"]``; tests override
 providers with :meth:`CastoreContainer.override_instance`, which also resets every dependent's
 cached instance; :meth:`CastoreContainer.aclose` closes services in reverse creation order.
@@ -33,8 +35,7 @@ from typing import Any, TypeVar, cast
 from dependency_injector import containers, providers
 
 from castore_di.blobservice.base import BlobService
-from castore_di.composition.config import KINDS
-from castore_di.composition.graph import CompositionGraph, Instance, InstanceId
+from castore_di.composition.graph import CompositionGraph, Instance, InstanceId, Wiring
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import ConfigError, InstantiationError, UnknownInstanceError
 
@@ -70,6 +71,15 @@ def _instantiate(instance: Instance, tracker: _Tracker, **deps: Any) -> Any:
     return service
 
 
+def _wire(wiring: Wiring, all_providers: dict[InstanceId, providers.Provider[Any]]) -> Any:
+    """The provider argument of one reference field (see :data:`~castore_di.composition.graph.Wiring`)."""
+    if wiring is None or isinstance(wiring, str):
+        return None if wiring is None else all_providers[wiring]
+    if isinstance(wiring, tuple):
+        return providers.List(*(all_providers[i] for i in wiring))
+    return providers.Dict({key: all_providers[i] for key, i in wiring.items()})
+
+
 class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
     """The container of a composition. Build it with :func:`castore_di.load_container`."""
 
@@ -89,11 +99,12 @@ class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
         object.__setattr__(self, "_blobs", {})
         object.__setattr__(self, "_directories", {})
         by_kind: dict[str, dict[str, Any]] = {"blobservices": self._blobs, "directoryservices": self._directories}
-        for kind in KINDS:
+        for kind in graph.kinds:
             setattr(self, kind, providers.Container(containers.DynamicContainer))
+            by_kind.setdefault(kind, {})
         all_providers: dict[InstanceId, providers.Provider[Any]] = self._all
         for instance in graph:
-            deps = {field: all_providers[ref] for field, ref in instance.refs.items()}
+            deps = {field: _wire(wiring, all_providers) for field, wiring in instance.wiring.items()}
             provider: providers.Provider[Any] = providers.ThreadSafeSingleton(
                 _instantiate, instance, self._tracker, **deps
             )
@@ -111,7 +122,7 @@ class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
         fresh = type(self)()
         fresh._setup(self.graph)
         memo[id(self)] = fresh
-        for kind in KINDS:
+        for kind in self.graph.kinds:
             old_sub, new_sub = getattr(self, kind), getattr(fresh, kind)
             memo[id(old_sub)] = new_sub
             memo[id(old_sub.container)] = new_sub.container

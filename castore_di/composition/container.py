@@ -76,7 +76,8 @@ def _wire(wiring: Wiring, all_providers: dict[InstanceId, providers.Provider[Any
     if wiring is None or isinstance(wiring, str):
         return None if wiring is None else all_providers[wiring]
     if isinstance(wiring, tuple):
-        return providers.List(*(all_providers[i] for i in wiring))
+        # an empty providers.List gives a tuple; build() is promised a list
+        return providers.List(*(all_providers[i] for i in wiring)) if wiring else providers.Factory(list)
     return providers.Dict({key: all_providers[i] for key, i in wiring.items()})
 
 

@@ -94,6 +94,12 @@ BLOB_CASES: list[Case] = _cases(MemoryBlobBackdoor, _embedded_blob) + [
         lambda s, r: MemoryBlobBackdoor(s.remote),
     ),
 ]
+BLOB_CASES.append(Case(
+    "embedded-bounded", ("embedded",),
+    lambda r: {"default": {"type": "embedded", "path": str(r.getfixturevalue("tmp_path") / "b"),
+                           "avg_chunk_size": 65536, "max_bytes": 1 << 30}},
+    lambda s, r: _embedded_blob(s),
+))
 DIRECTORY_CASES: list[Case] = _cases(MemoryDirectoryBackdoor, _embedded_dir) + [
     Case("memory-bounded", ("memory",), lambda r: {"default": "memory://?max_entries=100000"},
          lambda s, r: MemoryDirectoryBackdoor(s)),

@@ -390,3 +390,32 @@ def test_random_well_formed_configs_build_or_are_refused_for_a_reason(config: di
         assert "is listed twice" in str(e), str(e)
         return
     assert _check(config)
+
+
+async def test_embedded_eviction_keeps_the_bound_and_shared_chunks(tmp_path: Path) -> None:
+    config = {"blobservices": {"default": {"type": "embedded", "path": str(tmp_path / "c"), "avg_chunk_size": 4096,
+                                           "max_bytes": 200_000}}}
+    shared = os.urandom(40_000)
+    async with load_container(config) as container:
+        store = container.blob_service()
+        blobs: dict[B3Digest, bytes] = {}
+        order: list[B3Digest] = []
+        for i in range(12):
+            # every other blob shares most of its chunks with the first one
+            data = shared + os.urandom(20_000) if i % 2 else os.urandom(30_000 + i)
+            digest = await store.put(data)
+            blobs[digest] = data
+            order.append(digest)
+            if i >= 1:  # blob 1 is read after every write: the most recently used
+                assert await store.read_bytes(order[1]) == blobs[order[1]]
+        present = [d for d in order if await store.has(d)]
+        assert sum(len(blobs[d]) for d in present) <= 200_000
+        assert set(order[-2:]) <= set(present) and order[1] in present and order[0] not in present
+        for digest in present:  # what remains reads back whole: shared chunks were kept
+            assert await store.read_bytes(digest) == blobs[digest]
+        for digest in order:
+            if digest not in present:
+                assert await store.open_read(digest) is None
+        with pytest.raises(StorageError, match="exceeds this store's max_bytes"):
+            await store.put(os.urandom(200_001))
+        assert (await store.fsck()).problems == []  # type: ignore[attr-defined]

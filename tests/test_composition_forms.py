@@ -66,10 +66,9 @@ def test_every_form_is_wired_as_provider_arguments() -> None:
         "directoryservices": {"d": "memory://"},
     }
     container = load_container(config, _registry())
-    provider = container.provider("blobservices.default")
-    kwargs = provider.kwargs
+    kwargs = container._slots["blobservices.default"].deps  # the provider arguments of the instance
     assert kwargs["one"] is container.provider("blobservices.a")
-    assert kwargs["maybe"] is None
+    assert isinstance(kwargs["maybe"], providers.Object) and kwargs["maybe"]() is None
     assert isinstance(kwargs["many"], providers.List)
     assert isinstance(kwargs["named"], providers.Dict) and isinstance(kwargs["either"], providers.Dict)
     deps = container.blob_service().deps
@@ -402,3 +401,29 @@ def test_kind_registration_rules_and_docs() -> None:
     schema = config_schema(reg)
     assert "pathinfoservices" in schema["properties"]
     jsonschema.validate(KIND_CONFIG, schema)
+
+
+@attrs.frozen(kw_only=True)
+class AsyncMemoryConfig(BlobServiceConfig):
+    """A memory store whose build is async."""
+
+    type_tag: ClassVar[str] = "async_memory"
+
+    async def build(self) -> MemoryBlobService:
+        return MemoryBlobService()
+
+
+async def test_async_builds_through_lists_and_maps() -> None:
+    reg = _registry()
+    reg.register("blobservices", "async_memory", AsyncMemoryConfig)
+    container = load_container({"blobservices": {
+        "x": {"type": "async_memory"},
+        "m": {"type": "mirrored", "members": ["x", "memory://"]},
+        "s": {"type": "sharded", "shards": {"a": "x", "b": "m"}},
+    }}, reg)
+    m = await container.ablob_service("m")
+    s = await container.ablob_service("s")
+    x = await container.ablob_service("x")
+    assert isinstance(m, MirroredBlobService) and m.members[0] is x
+    assert isinstance(s, ShardedBlobService) and s.shards == {"a": x, "b": m}
+    await container.aclose()

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from castore_di import ConfigError, CycleError, load_container, load_graph
+from castore_di import ConfigError, CycleError, container_from_addrs, load_container, load_graph
 from castore_di.blobservice.sharded import Rendezvous
 from castore_di.digests import B3Digest, blake3_digest
 from castore_di.errors import StorageError, UnknownInstanceError, UnsupportedOperationError
@@ -419,3 +419,34 @@ async def test_embedded_eviction_keeps_the_bound_and_shared_chunks(tmp_path: Pat
         with pytest.raises(StorageError, match="exceeds this store's max_bytes"):
             await store.put(os.urandom(200_001))
         assert (await store.fsck()).problems == []  # type: ignore[attr-defined]
+
+
+def _readme_topology() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- topology -->", 1)[1].split("<!-- /topology -->", 1)[0]
+    return block.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+async def test_readme_topology(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's bounded cache over two mirrored servers, from its config alone, against real servers."""
+    config = tmp_path / "topology.yaml"
+    config.write_text(_readme_topology())
+    with CastoreServer() as eu, CastoreServer() as us:
+        monkeypatch.setenv("CASTORE_EU", eu.url)
+        monkeypatch.setenv("CASTORE_US", us.url)
+        monkeypatch.setenv("CASTORE_CACHE_DIR", str(tmp_path / "cache"))
+        data = os.urandom(1 << 20)
+        async with load_container(config) as container:
+            digest = await container.blob_service().put(data)
+            root = await container.directory_service().put_closure(CLOSURE_D)
+        for server in (eu, us):  # both remotes hold everything written
+            async with container_from_addrs(blob=server.url, directory=server.url) as remote:
+                assert await remote.blob_service().read_bytes(digest) == data
+                assert len([d async for d in remote.directory_service().get_recursive(root)]) == len(CLOSURE_D)
+        us.stop()
+        monkeypatch.setenv("CASTORE_CACHE_DIR", str(tmp_path / "fresh-cache"))  # nothing local
+        async with load_container(config) as container:  # us is down: reads keep working from eu
+            assert await container.blob_service().read_bytes(digest) == data
+            assert await container.directory_service().get(root) == DIRECTORY_D
+            with pytest.raises(StorageError, match="member 'us'"):
+                await container.blob_service().put(b"needs both remotes")

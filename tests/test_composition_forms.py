@@ -23,7 +23,7 @@ from castore_di.composition import (
     default_registry,
     reference,
 )
-from castore_di.composition.config import ReferenceListOrMap, reference_list, reference_map
+from castore_di.composition import ReferenceListOrMap, reference_list, reference_map
 from castore_di.composition.docs import render_types
 from castore_di.composition.draw import to_dot, to_mermaid, to_tree
 from castore_di.composition.schema import config_schema

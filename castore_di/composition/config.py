@@ -140,14 +140,21 @@ class Reference:
     allow_list: bool = False
 
 
+_SPECS: dict[type, dict[str, Reference]] = {}
+
+
 def reference_specs(cls: type) -> dict[str, Reference]:
-    """``{field name: Reference}`` for every reference field of a config class."""
+    """``{field name: Reference}`` for every reference field of a config class (cached per class)."""
+    cached = _SPECS.get(cls)
+    if cached is not None:
+        return cached
     out: dict[str, Reference] = {}
     for f in attrs.fields(cls):
         if REFERENCE_KEY in f.metadata:
             md = f.metadata
             out[f.name] = Reference(f.name, md[REFERENCE_KEY], md.get(REFERENCE_FORM_KEY, "one"),
                                     md.get("min_items", 0), md.get("allow_list", False))
+    _SPECS[cls] = out
     return out
 
 

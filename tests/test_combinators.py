@@ -450,3 +450,17 @@ async def test_readme_topology(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             assert await container.directory_service().get(root) == DIRECTORY_D
             with pytest.raises(StorageError, match="member 'us'"):
                 await container.blob_service().put(b"needs both remotes")
+
+
+async def test_cache_with_a_bounded_near_serves_evicted_closures_from_far() -> None:
+    config = {"directoryservices": {"near": "memory://?max_entries=3", "far": "memory://",
+                                    "default": {"type": "cache", "near": "near", "far": "far"}}}
+    async with load_container(config) as container:
+        cache = container.directory_service()
+        await cache.put_closure(CLOSURE_D)  # 5 directories: near keeps the last 3 written
+        near = container.directory_service("near")
+        assert await near.get(DIRECTORY_D.digest) == DIRECTORY_D
+        with pytest.raises(StorageError):  # near alone has an incomplete closure
+            [d async for d in near.get_recursive(DIRECTORY_D.digest)]
+        received = [d async for d in cache.get_recursive(DIRECTORY_D.digest)]
+        assert {d.digest for d in received} == {d.digest for d in CLOSURE_D} and received[0] == DIRECTORY_D

@@ -464,3 +464,23 @@ async def test_cache_with_a_bounded_near_serves_evicted_closures_from_far() -> N
             [d async for d in near.get_recursive(DIRECTORY_D.digest)]
         received = [d async for d in cache.get_recursive(DIRECTORY_D.digest)]
         assert {d.digest for d in received} == {d.digest for d in CLOSURE_D} and received[0] == DIRECTORY_D
+
+
+async def test_sharded_writer_spools_large_blobs_to_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    from castore_di.blobservice import sharded
+
+    monkeypatch.setattr(sharded, "SPOOL_MEMORY", 64 * 1024)
+    config = {"blobservices": {"default": {"type": "sharded", "shards": {"a": "memory://", "b": "memory://"}}}}
+    async with load_container(config) as c:
+        store = c.blob_service()
+        data = os.urandom(1 << 20)
+        writer = store.open_write()
+        for i in range(0, len(data), 100_000):
+            await writer.write(data[i : i + 100_000])
+        assert writer._file is not None  # type: ignore[attr-defined]  # spooled past the memory bound
+        digest = await writer.close()
+        assert await store.read_bytes(digest) == data
+        aborted = store.open_write()
+        await aborted.write(os.urandom(200_000))
+        await aborted.abort()
+        assert aborted._file is None  # type: ignore[attr-defined]  # the temporary file is closed

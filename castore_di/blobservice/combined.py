@@ -6,10 +6,18 @@ against its digest on the way, so the next read is local; set it to ``false`` fo
 reference's read-only behaviour. ``write_to`` picks where writes go: ``local`` (the
 default, as the reference), ``remote``, or ``both``: remote first, then local, and the
 digest is reported only once both hold the blob (a failure names the side).
+
+An existence check (``has``) that ``remote`` cannot answer (unreachable, failing) counts
+as "absent": the caller uploads, which with ``write_to: local`` only writes ``local``. So
+such a combined service imports with its remote down (with ``remote`` or ``both`` the
+upload then fails naming the remote side); the first such failure is logged as one
+warning, and the remote is not asked again for :data:`REMOTE_RETRY_AFTER` seconds.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import ClassVar, Literal
 
 import attrs
@@ -18,11 +26,15 @@ from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, Chu
 from castore_di.blobservice.mirrored import FanOutWriter
 from castore_di.composition.config import BlobServiceConfig, reference
 from castore_di.digests import B3Digest
-from castore_di.errors import IntegrityError
+from castore_di.errors import IntegrityError, StorageError
 
 __all__ = ["CombinedBlobService", "CombinedBlobServiceConfig", "WriteTo"]
 
 WriteTo = Literal["local", "remote", "both"]
+
+log = logging.getLogger("castore_di.blobservice.combined")
+
+REMOTE_RETRY_AFTER = 30.0  # seconds existence checks skip a remote that just failed
 
 
 class CombinedBlobService(BlobService):
@@ -32,9 +44,23 @@ class CombinedBlobService(BlobService):
         self.remote = remote
         self.populate_local = populate_local
         self.write_to = write_to
+        self._warned = False
+        self._remote_down_until = 0.0
 
     async def has(self, digest: B3Digest) -> bool:
-        return await self.local.has(digest) or await self.remote.has(digest)
+        if await self.local.has(digest):
+            return True
+        if time.monotonic() < self._remote_down_until:
+            return False
+        try:
+            return await self.remote.has(digest)
+        except StorageError as e:
+            # not asked again for a while: each check of a down remote costs its retries
+            self._remote_down_until = time.monotonic() + REMOTE_RETRY_AFTER
+            if not self._warned:
+                self._warned = True
+                log.warning("combined blob service: remote unavailable, treating blobs as absent (%s)", e)
+            return False
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         reader = await self.local.open_read(digest)

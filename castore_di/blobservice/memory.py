@@ -8,6 +8,7 @@ bound. A bounded store is a cache, not a primary copy: put it on the ``local`` s
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from typing import ClassVar
 
@@ -16,13 +17,19 @@ import attrs
 from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, BytesReader, HashingWriter
 from castore_di.composition.config import BlobServiceConfig, parse_memory_url
 from castore_di.digests import B3Digest, blake3_digest
-from castore_di.errors import IntegrityError, StorageError
+from castore_di.errors import StorageError
+from castore_di.maintenance import FsckReport
 
 __all__ = ["MemoryBlobService", "MemoryBlobServiceConfig"]
 
 
 class MemoryBlobService(BlobService):
-    """Blobs in a dict; lost when the process ends. Stored data is re-verified on read."""
+    """Blobs in a dict; lost when the process ends.
+
+    Bytes are hashed as they are written and stored under that digest, so reads serve them
+    without hashing again (re-hashing a 1 GiB blob took 214 ms per Stat and Read, on the
+    event loop). Process memory is not storage that rots: :meth:`fsck` re-verifies all.
+    """
 
     def __init__(self, max_bytes: int | None = None) -> None:
         self._blobs: OrderedDict[B3Digest, bytes | bytearray] = OrderedDict()
@@ -36,11 +43,20 @@ class MemoryBlobService(BlobService):
         data = self._blobs.get(digest)
         if data is None:
             return None
-        if blake3_digest(data) != digest:
-            raise IntegrityError(f"blob {digest}: stored bytes do not match the digest")
         if self.max_bytes is not None:
             self._blobs.move_to_end(digest)
         return BytesReader(data)  # a reader keeps its bytes even if the blob is evicted meanwhile
+
+    async def fsck(self) -> FsckReport:
+        """Re-hash every blob (in a thread: a large blob takes a while)."""
+        report = FsckReport()
+        for digest, data in list(self._blobs.items()):
+            got = await asyncio.to_thread(blake3_digest, data)
+            report.blobs += 1
+            report.bytes_checked += len(data)
+            if got != digest:
+                report.problems.append(f"blob {digest}: stored bytes hash to {got}")
+        return report
 
     def open_write(self) -> BlobWriter:
         return _MemoryWriter(self)

@@ -8,6 +8,7 @@ evicted inner directory makes its closure incomplete there, so a bounded store i
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from typing import ClassVar
 
 import attrs
@@ -51,6 +52,10 @@ class MemoryDirectoryService(DirectoryService):
             while len(self._dirs) > self.max_entries:
                 self._dirs.popitem(last=False)
         return digest
+
+    async def directory_digests(self) -> AsyncIterator[B3Digest]:
+        for digest in list(self._dirs):
+            yield digest
 
 
 @attrs.frozen(kw_only=True)

@@ -4,7 +4,10 @@ Building the graph validates the whole config before any provider or service exi
 unknown sections, types and fields, bad values, missing references and cycles (across
 kinds too, and among instances nothing references) are refused with the path of the
 problem. A reference holding a URL (``memory://``) becomes an anonymous instance of its
-own, named after the field that holds it (``blobservices.default.remote``).
+own, named after the field that holds it (``blobservices.default.remote``, or
+``blobservices.default.members[1]`` for an element of a list). Every reference form
+(one, optional, list, map) is found from the config class's field metadata, so a
+third-party type needs no code here; the sections are the registry's kinds.
 """
 
 from __future__ import annotations
@@ -13,18 +16,19 @@ import functools
 import graphlib
 import keyword
 import re
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections import deque
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any, Union
 
 import attrs
 
-from castore_di.composition.config import KINDS, ServiceConfig, reference_fields
-from castore_di.composition.loader import check_structure
+from castore_di.composition.config import KINDS, Reference, ServiceConfig, reference_specs
 from castore_di.composition.converter import brief, structure_config, suggest
+from castore_di.composition.loader import check_structure
 from castore_di.composition.registry import Registry, default_registry
 from castore_di.errors import ConfigError, CycleError, UnknownInstanceError
 
-__all__ = ["Instance", "CompositionGraph", "build_graph", "InstanceId", "reserved_names"]
+__all__ = ["Instance", "CompositionGraph", "build_graph", "InstanceId", "Wiring", "reserved_names"]
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -37,7 +41,7 @@ def reserved_names() -> frozenset[str]:
     instance), plus the kind names (anonymous instance ids use them)."""
     from dependency_injector import containers, providers
 
-    names: set[str] = set(KINDS)
+    names: set[str] = set(KINDS)  # the built-in kinds; build_graph refuses registered ones too
     for obj in (containers.DynamicContainer, containers.DynamicContainer(), providers.Container,
                 providers.Container(containers.DynamicContainer), providers.ThreadSafeSingleton,
                 providers.ThreadSafeSingleton(object)):
@@ -46,19 +50,28 @@ def reserved_names() -> frozenset[str]:
 
 
 InstanceId = str  # "<kind>.<name>", e.g. "blobservices.default"
+# What one reference field resolves to, by form: one -> an id; optional -> an id or None;
+# list -> a tuple of ids; map -> {name: id}.
+Wiring = Union[InstanceId, None, tuple[InstanceId, ...], Mapping[str, InstanceId]]
 
 
 @attrs.frozen
 class Instance:
-    """One service instance: its config and the instances its reference fields resolve to."""
+    """One service instance: its config and the instances its reference fields resolve to.
+
+    ``refs`` has one entry per edge, labelled ``field`` (one, optional), ``field[i]``
+    (list) or ``field[name]`` (map); ``wiring`` has one entry per reference field, in the
+    shape ``build`` receives (see :data:`Wiring`).
+    """
 
     id: InstanceId
     kind: str
     name: str
     config: ServiceConfig
-    refs: Mapping[str, InstanceId]  # field name -> instance id
+    refs: Mapping[str, InstanceId]  # edge label -> instance id
     anonymous: bool = False
     url: str | None = None
+    wiring: Mapping[str, Wiring] = attrs.Factory(dict)
 
     @property
     def type_tag(self) -> str:
@@ -71,6 +84,7 @@ class CompositionGraph:
 
     instances: Mapping[InstanceId, Instance]
     order: tuple[InstanceId, ...]
+    kinds: tuple[str, ...] = ("blobservices", "directoryservices")
 
     def __iter__(self) -> Iterator[Instance]:
         return (self.instances[i] for i in self.order)
@@ -87,9 +101,9 @@ class CompositionGraph:
         return [i for i in self.order if i in affected and i != instance_id]
 
 
-def _check_name(kind: str, name: object) -> str:
+def _check_name(kind: str, name: object, kinds: Collection[str] = ()) -> str:
     path = f"{kind}.{name}"
-    if not isinstance(name, str) or not _NAME_RE.match(name) or keyword.iskeyword(name) or name in reserved_names():
+    if not isinstance(name, str) or not _NAME_RE.match(name) or keyword.iskeyword(name) or name in reserved_names() or name in kinds:
         raise ConfigError(
             "invalid instance name: use letters, digits and '_', starting with a letter, "
             "and not a Python keyword, a section name or a dependency-injector attribute name",
@@ -113,45 +127,65 @@ def _structure(registry: Registry, kind: str, path: str, raw: Any) -> tuple[Serv
 def build_graph(config: Mapping[str, Any], registry: Registry | None = None) -> CompositionGraph:
     """Validate a parsed config and return its instance graph. Builds no service."""
     registry = registry or default_registry()
+    kinds = registry.kinds()
     check_structure(config)
     for key in config:
-        if key not in KINDS:
-            raise ConfigError(f"unknown section {key!r}{suggest(str(key), KINDS)}", path=str(key))
+        if key not in kinds:
+            raise ConfigError(f"unknown section {key!r}{suggest(str(key), kinds)}", path=str(key))
 
     instances: dict[InstanceId, Instance] = {}
-    pending: list[tuple[str, str, ServiceConfig, str | None, bool]] = []
-    for kind in KINDS:
+    pending: deque[tuple[str, str, ServiceConfig, str | None, bool]] = deque()
+    for kind in kinds:
         section: Any = config.get(kind) or {}
         if not isinstance(section, Mapping):
             raise ConfigError(f"expected a mapping of instance names, got {type(section).__name__}", path=kind)
         for name, raw in section.items():
-            _check_name(kind, name)
+            _check_name(kind, name, kinds)
             cfg, url = _structure(registry, kind, f"{kind}.{name}", raw)
             pending.append((kind, name, cfg, url, False))
     names = {(kind, name) for kind, name, *_ in pending}
 
     while pending:
-        kind, name, cfg, url, anonymous = pending.pop(0)
+        kind, name, cfg, url, anonymous = pending.popleft()
         iid = f"{kind}.{name}"
         refs: dict[str, InstanceId] = {}
-        for field, ref_kind in reference_fields(type(cfg)).items():
-            value: str = getattr(cfg, field)
-            path = f"{iid}.{field}"
+        wiring: dict[str, Wiring] = {}
+
+        def resolve(spec: Reference, label: str, value: str) -> InstanceId:
+            path = f"{iid}.{label}"
             if "://" in value:
-                sub_cfg = registry.resolve_url(ref_kind, value, path)
+                sub_cfg = registry.resolve_url(spec.kind, value, path)
                 # Named after the field that holds it; crossing kinds adds the holder's kind, so
                 # ids stay unique (kind names are reserved instance names).
-                sub_name = f"{name}.{field}" if ref_kind == kind else f"{kind}.{name}.{field}"
-                pending.append((ref_kind, sub_name, sub_cfg, value, True))
-                refs[field] = f"{ref_kind}.{sub_name}"
-            elif (ref_kind, value) in names:
-                refs[field] = f"{ref_kind}.{value}"
+                sub_name = f"{name}.{label}" if spec.kind == kind else f"{kind}.{name}.{label}"
+                pending.append((spec.kind, sub_name, sub_cfg, value, True))
+                target = f"{spec.kind}.{sub_name}"
+            elif (spec.kind, value) in names:
+                target = f"{spec.kind}.{value}"
             else:
-                known = [n for k, n in names if k == ref_kind]
+                known = [n for k, n in names if k == spec.kind]
                 raise UnknownInstanceError(f"unknown instance {brief(value)}{suggest(value, known)}", path=path)
+            refs[label] = target
+            return target
+
+        for field, spec in reference_specs(type(cfg)).items():
+            if spec.kind not in kinds:
+                raise ConfigError(f"reference to unknown service kind {spec.kind!r}{suggest(spec.kind, kinds)}",
+                                  path=f"{iid}.{field}")
+            value: Any = getattr(cfg, field)
+            if spec.form == "one" or (spec.form == "optional" and value is not None):
+                wiring[field] = resolve(spec, field, value)
+            elif spec.form == "optional":
+                wiring[field] = None
+            elif spec.form == "list":
+                wiring[field] = tuple(resolve(spec, f"{field}[{i}]", v) for i, v in enumerate(value))
+            elif isinstance(value, Mapping):
+                wiring[field] = {key: resolve(spec, f"{field}[{key}]", v) for key, v in value.items()}
+            else:  # a map field given as a list: each element is keyed by its own text
+                wiring[field] = {v: resolve(spec, f"{field}[{i}]", v) for i, v in enumerate(value)}
         if iid in instances:  # cannot happen (ids follow the config's paths); never replace silently
             raise ConfigError("two instances with one id", path=iid)
-        instances[iid] = Instance(iid, kind, name, cfg, refs, anonymous, url)
+        instances[iid] = Instance(iid, kind, name, cfg, refs, anonymous, url, wiring)
 
     sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
     for iid, inst in instances.items():
@@ -159,15 +193,21 @@ def build_graph(config: Mapping[str, Any], registry: Registry | None = None) -> 
     try:
         order = tuple(sorter.static_order())
     except graphlib.CycleError as e:
-        raise _cycle_error(list(e.args[1]), list(instances)) from None
-    return CompositionGraph(instances, order)
+        raise _cycle_error(list(e.args[1]), list(instances), instances) from None
+    return CompositionGraph(instances, order, kinds)
 
 
-def _cycle_error(loop: list[str], config_order: list[str]) -> CycleError:
+def _cycle_error(loop: list[str], config_order: list[str], instances: Mapping[InstanceId, Instance]) -> CycleError:
     # graphlib lists the loop dependency-first; we print it as "references" arrows,
     # starting at the member that comes first in the config, so the message is stable.
+    # An arrow taken through an element of a list or map names it: "b (members[1])".
     path = list(reversed(loop))[:-1]
     start = min(range(len(path)), key=lambda i: config_order.index(path[i]))
     path = path[start:] + path[:start]
     path.append(path[0])
-    return CycleError(f"reference cycle: {' -> '.join(path)}", cycle=path)
+    shown = [path[0]]
+    for source, target in zip(path, path[1:]):
+        labels = [label for label, t in instances[source].refs.items() if t == target]
+        plain = any("[" not in label for label in labels)
+        shown.append(target if plain or not labels else f"{target} ({labels[0]})")
+    return CycleError(f"reference cycle: {' -> '.join(shown)}", cycle=path)

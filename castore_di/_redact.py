@@ -20,7 +20,7 @@ _USERINFO = re.compile(r"(?P<scheme>://)(?P<user>[^:/@\s'\"]*):(?P<password>[^@/
 # Possessive runs that start only at a word's beginning keep every pattern linear in the text.
 _URL = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*+://[^\s'\"]*+")
 _FIELD = re.compile(
-    r"(?<![A-Za-z0-9_.-])(?P<name>['\"]?[A-Za-z0-9_.-]++['\"]?)"
+    r"(?<![^\s{(,;\[])(?P<name>['\"]?[A-Za-z0-9_.-]++['\"]?)"
     r"(?P<sep>\s*+[:=]\s*+)(?P<value>'(?:[^'\\]|\\.)*+'|\"(?:[^\"\\]|\\.)*+\"|[^\s,;)}\]'\"]++)",
 )
 

@@ -62,9 +62,9 @@ from castore_di._embedded.config import (
     Durability,
     EmbeddedStoreFields,
     StoreOptions,
+    config_from_url,
     default_data_dir,
     parse_embedded_url,
-    url_fields,
 )
 from castore_di._embedded.env import Environment, acquire, release
 from castore_di._embedded.lease import WriterLease
@@ -80,8 +80,8 @@ __all__ = [
     "WriterLease",
     "acquire",
     "codec",
+    "config_from_url",
     "default_data_dir",
     "parse_embedded_url",
     "release",
-    "url_fields",
 ]

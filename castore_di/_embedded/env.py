@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from castore_di._embedded.config import StoreOptions
 from castore_di._embedded.lease import WriterLease, lease_alive, lease_file, remove_dead_lease_files
-from castore_di.errors import ClosedError, ConfigError, MissingDependencyError, StorageError
+from castore_di.errors import ClosedError, ConfigError, ErrorTable, MissingDependencyError, StorageError, map_errors
 
 if TYPE_CHECKING:
     import lmdb
@@ -45,8 +45,9 @@ class Environment:
         self._sync_lock = threading.Lock()
         self._dbs: dict[bytes, Any] = {}
         self._dbs_lock = threading.Lock()
+        self._table: ErrorTable = {self._lmdb.MapFullError: self._full, self._lmdb.Error: StorageError}
         full = options.durability == "full"
-        try:
+        with map_errors({(self._lmdb.Error, OSError): StorageError}, f"cannot open embedded store at {path}"):
             os.makedirs(path, exist_ok=True)
             self.env: lmdb.Environment = self._lmdb.open(
                 path,
@@ -59,8 +60,6 @@ class Environment:
                 readahead=False,
                 lock=True,
             )
-        except (self._lmdb.Error, OSError) as e:
-            raise StorageError(f"cannot open embedded store at {path}: {e}") from e
 
     def db(self, name: bytes) -> Any:
         """The named database (``lmdb._Database``), created on first use."""
@@ -68,11 +67,16 @@ class Environment:
         with self._dbs_lock:
             found = self._dbs.get(name)
             if found is None:
-                try:
+                with self._errors(f"cannot open database {name!r}"):
                     found = self._dbs[name] = self.env.open_db(name)
-                except self._lmdb.Error as e:
-                    raise StorageError(f"embedded store {self.path}: cannot open database {name!r}: {e}") from e
             return found
+
+    def _errors(self, doing: str = "") -> Any:
+        """``map_errors`` for LMDB calls on this environment."""
+        return map_errors(self._table, f"embedded store {self.path}" + (f": {doing}" if doing else ""))
+
+    def _full(self, _e: BaseException) -> StorageError:
+        return StorageError(f"embedded store {self.path} is full (map_size={self.options.map_size}); raise map_size")
 
     # -- transactions ----------------------------------------------------------------
 
@@ -80,25 +84,15 @@ class Environment:
     def read(self) -> Iterator[lmdb.Transaction]:
         """A read transaction whose ``get`` returns zero-copy buffers (copy before it ends)."""
         self._check_open()
-        try:
-            with self.env.begin(buffers=True) as txn:
-                yield txn
-        except self._lmdb.Error as e:
-            raise StorageError(f"embedded store {self.path}: {e}") from e
+        with self._errors(), self.env.begin(buffers=True) as txn:
+            yield txn
 
     @contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:
         """A write transaction; commits on success, then syncs as ``durability`` asks."""
         self._check_open()
-        try:
-            with self.env.begin(write=True, buffers=True) as txn:
-                yield txn
-        except self._lmdb.MapFullError as e:
-            raise StorageError(
-                f"embedded store {self.path} is full (map_size={self.options.map_size}); raise map_size"
-            ) from e
-        except self._lmdb.Error as e:
-            raise StorageError(f"embedded store {self.path}: {e}") from e
+        with self._errors(), self.env.begin(write=True, buffers=True) as txn:
+            yield txn
         self._after_commit()
 
     def _after_commit(self) -> None:
@@ -112,10 +106,8 @@ class Environment:
         with self._sync_lock:
             self._last_sync = time.monotonic()
             if not self._closed:
-                try:
+                with self._errors("sync failed"):
                     self.env.sync(True)
-                except self._lmdb.Error as e:
-                    raise StorageError(f"embedded store {self.path}: sync failed: {e}") from e
 
     def _check_open(self) -> None:
         if self._closed:
@@ -167,10 +159,8 @@ def acquire(path: str, options: StoreOptions | None = None) -> Environment:
 
     ``options=None`` takes the environment as already open (or the defaults).
     """
-    try:
+    with map_errors({OSError: StorageError}, f"cannot create embedded store directory {path}"):
         key = _key(os.path.abspath(os.path.expanduser(path)))
-    except OSError as e:
-        raise StorageError(f"cannot create embedded store directory {path}: {e}") from e
     with _registry_lock:
         entry = _open.get(key)
         if entry is not None:

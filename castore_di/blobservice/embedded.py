@@ -55,22 +55,25 @@ from castore_di._embedded import (
     WriterLease,
     acquire,
     codec,
+    config_from_url,
     release,
-    url_fields,
 )
 from castore_di._embedded.lease import TOKEN_LEN
 from castore_di.blobservice.base import (
+    DEFAULT_AVG_CHUNK_SIZE,
     BlobReader,
     BlobService,
     BlobWriter,
     BytesReader,
     ChunkedReader,
+    ChunkingFields,
+    ChunkListCheck,
     ChunkMeta,
     HashingWriter,
 )
 from castore_di.composition.config import BlobServiceConfig
 from castore_di.digests import B3_LEN, B3Digest, blake3_digest
-from castore_di.errors import ClosedError, ConfigError, IntegrityError, MissingDependencyError, StorageError
+from castore_di.errors import CastoreError, ClosedError, IntegrityError, MissingDependencyError, StorageError
 from castore_di.maintenance import FsckReport, GcReport
 
 if TYPE_CHECKING:
@@ -78,7 +81,6 @@ if TYPE_CHECKING:
 
 __all__ = ["EmbeddedBlobService", "EmbeddedBlobServiceConfig", "BATCH_BYTES", "encode_index", "decode_index"]
 
-DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
 BATCH_BYTES = 8 << 20  # chunks of a large blob are committed in transactions of about this size
 _INDEX_ENTRY = struct.Struct("<Q32s")
 _GC_BATCH = 4096  # loose chunks examined per gc write transaction (keeps each one short)
@@ -209,8 +211,6 @@ class _BlobRecords:
 
     def fsck(self) -> FsckReport:
         """Verify every chunk and chunk index in one read snapshot."""
-        import blake3
-
         report = FsckReport()
         dec = codec()
         bad_chunks: set[bytes] = set()
@@ -239,30 +239,19 @@ class _BlobRecords:
                 except IntegrityError as e:
                     report.problems.append(str(e))
                     continue
-                hasher = blake3.blake3()
-                whole = True
-                for i, (chunk, size) in enumerate(entries):
-                    stored = txn.get(chunk, db=self.chunks_db)
-                    if stored is None:
-                        report.problems.append(f"blob {blob}: chunk #{i} {chunk} is missing")
-                        whole = False
-                        break
-                    if chunk in bad_chunks:
-                        report.problems.append(f"blob {blob}: chunk #{i} {chunk} is corrupted")
-                        whole = False
-                        break
-                    if txn.get(chunk, db=self.loose_db) is not None:
-                        report.problems.append(f"blob {blob}: chunk #{i} {chunk} is marked loose (gc would remove it)")
-                    data = dec.decode(stored, f"chunk {chunk}")
-                    if len(data) != size:
-                        report.problems.append(
-                            f"blob {blob}: chunk #{i} {chunk} has {len(data)} bytes, index says {size}"
-                        )
-                        whole = False
-                        break
-                    hasher.update(data)
-                if whole and hasher.digest() != blob:
-                    report.problems.append(f"blob {blob}: its chunks do not hash to the blob digest")
+                check = ChunkListCheck(blob)
+                try:
+                    for i, (chunk, size) in enumerate(entries):
+                        stored = txn.get(chunk, db=self.chunks_db)
+                        if chunk in bad_chunks:
+                            raise IntegrityError(f"blob {blob}: chunk #{i} {chunk} is corrupted")
+                        if stored is not None and txn.get(chunk, db=self.loose_db) is not None:
+                            report.problems.append(f"blob {blob}: chunk #{i} {chunk} is marked loose (gc would remove it)")
+                        found = None if stored is None else dec.decode(stored, f"chunk {chunk}")
+                        check.add(ChunkMeta(chunk, size), found, verified=True)  # verified in the pass above
+                    check.finish()
+                except CastoreError as e:
+                    report.problems.append(str(e))
             loose = loose_bytes = 0
             for key, _ in txn.cursor(db=self.loose_db):
                 stored = txn.get(key, db=self.chunks_db)
@@ -554,20 +543,11 @@ class _EmbeddedWriter(HashingWriter):
             self._end_lease(store, drop_claims=True)
 
 
-def _avg_chunk_size(_inst: object, _attribute: attrs.Attribute[Any], value: int) -> None:
-    # pyfastcdc bounds: min = avg/2 >= 64, max = 2*avg <= 16 MiB, avg in [256, 4 MiB].
-    if not 512 <= value <= 2 * 1024 * 1024:
-        raise ConfigError(f"avg_chunk_size must be between 512 and 2097152, got {value}")
-
-
 @attrs.frozen(kw_only=True)
-class EmbeddedBlobServiceConfig(EmbeddedStoreFields, BlobServiceConfig):
+class EmbeddedBlobServiceConfig(ChunkingFields, EmbeddedStoreFields, BlobServiceConfig):
     """Blobs in the embedded on-disk store (the default). See :class:`EmbeddedStoreFields`."""
 
     type_tag: ClassVar[str] = "embedded"
-
-    avg_chunk_size: int = attrs.field(default=DEFAULT_AVG_CHUNK_SIZE, validator=_avg_chunk_size)
-    """FastCDC average chunk size (min = avg/2, max = 2*avg)."""
 
     def build(self) -> EmbeddedBlobService:
         return EmbeddedBlobService(
@@ -583,9 +563,4 @@ class EmbeddedBlobServiceConfig(EmbeddedStoreFields, BlobServiceConfig):
         parameters ``map_size``, ``durability``, ``sync_interval``, ``max_readers``,
         ``compression`` and ``avg_chunk_size``.
         """
-        return cls(
-            **url_fields(
-                url,
-                ("map_size", "durability", "sync_interval", "max_readers", "compression", "avg_chunk_size"),
-            )
-        )
+        return config_from_url(cls, url)

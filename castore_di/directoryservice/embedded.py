@@ -20,8 +20,8 @@ from castore_di._embedded import (
     StoreOptions,
     acquire,
     codec,
+    config_from_url,
     release,
-    url_fields,
 )
 from castore_di.composition.config import DirectoryServiceConfig
 from castore_di.digests import B3Digest, blake3_digest
@@ -154,4 +154,4 @@ class EmbeddedDirectoryServiceConfig(EmbeddedStoreFields, DirectoryServiceConfig
         parameters ``map_size``, ``durability``, ``sync_interval``, ``max_readers`` and
         ``compression``.
         """
-        return cls(**url_fields(url, ("map_size", "durability", "sync_interval", "max_readers", "compression")))
+        return config_from_url(cls, url)

@@ -9,7 +9,7 @@ import grpc.aio
 
 from castore_di._grpc.wire import error_details
 from castore_di.digests import B3_LEN, B3Digest
-from castore_di.errors import DigestError, ValidationError
+from castore_di.errors import DigestError, ValidationError, map_errors
 
 __all__ = ["Context", "Servicer", "abort_with", "not_found", "parse_digest", "parse_message", "status_for"]
 
@@ -37,10 +37,8 @@ async def not_found(context: Context, message: str) -> NoReturn:
 
 def parse_message(msg_cls: Any, raw: bytes, what: str) -> Any:
     """Decode a request; undecodable bytes are a :class:`ValidationError` (INVALID_ARGUMENT)."""
-    try:
+    with map_errors({Exception: ValidationError}, f"cannot decode {what}"):  # protobuf's DecodeError
         return msg_cls.FromString(raw)
-    except Exception as e:  # protobuf's DecodeError
-        raise ValidationError(f"cannot decode {what}: {e}") from e
 
 
 def parse_digest(raw: bytes) -> B3Digest:

@@ -10,28 +10,47 @@ writer or a lock and takes microseconds.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import os
+import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-import asyncio
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from castore_di._embedded.config import StoreOptions
 from castore_di._embedded.lease import WriterLease, lease_alive, lease_file, remove_dead_lease_files
 from castore_di._embedded.writer import Writer
-from castore_di.errors import ClosedError, ConfigError, ErrorTable, MissingDependencyError, StorageError, map_errors
+from castore_di.errors import (
+    ClosedError,
+    ConfigError,
+    ErrorTable,
+    LockedError,
+    MissingDependencyError,
+    StorageError,
+    map_errors,
+)
 
 if TYPE_CHECKING:
     import lmdb
 
-__all__ = ["Environment", "Handle", "acquire", "acquire_async", "open_environments", "release", "release_async"]
+__all__ = [
+    "Environment",
+    "Handle",
+    "acquire",
+    "acquire_async",
+    "compact",
+    "open_environments",
+    "release",
+    "release_async",
+]
 
 T = TypeVar("T")
 
 _MAX_DBS = 8
+_USERS_LOCK = "users.lock"  # every process with the environment open holds a shared flock
 
 
 def _import_lmdb() -> Any:
@@ -61,13 +80,21 @@ class Environment:
         self._table: ErrorTable = {self._lmdb.MapFullError: self._full, self._lmdb.Error: StorageError}
         self.writer = Writer(self)
         full = options.durability == "full"
+        self._users = _hold_users_lock(path)
+        try:
+            self._open_env(path, full)
+        except BaseException:
+            self._users.close()
+            raise
+
+    def _open_env(self, path: str, full: bool) -> None:
         with map_errors({(self._lmdb.Error, OSError): StorageError}, f"cannot open embedded store at {path}"):
             os.makedirs(path, exist_ok=True)
             self.env: lmdb.Environment = self._lmdb.open(
                 path,
-                map_size=options.map_size,
+                map_size=self.options.map_size,
                 max_dbs=_MAX_DBS,
-                max_readers=options.max_readers,
+                max_readers=self.options.max_readers,
                 subdir=True,
                 sync=full,
                 metasync=full,
@@ -149,6 +176,7 @@ class Environment:
         finally:
             self._closed = True
             self.env.close()
+            self._users.close()
 
     # -- writer leases ---------------------------------------------------------------
 
@@ -169,6 +197,94 @@ class Environment:
 
     def remove_dead_lease_files(self) -> None:
         remove_dead_lease_files(self.path)
+
+
+def _hold_users_lock(path: str) -> Any:
+    """A shared ``flock`` on ``<path>/users.lock`` for as long as the environment is open.
+
+    :func:`compact` takes it exclusively, so it knows no other process has the store open,
+    and an opener meanwhile is refused instead of reading a file being swapped.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+        users = open(os.path.join(path, _USERS_LOCK), "a+b")  # noqa: SIM115 - held while open
+    except OSError as e:
+        raise StorageError(f"cannot open embedded store at {path}: {e}") from e
+    try:
+        fcntl.flock(users.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        users.close()
+        raise LockedError(
+            f"embedded store {path} is being compacted by another process (castore gc --compact); try again"
+        ) from None
+    return users
+
+
+def _disk_usage(path: str) -> int:
+    """Bytes the store's data file occupies on disk (allocated blocks, not its length)."""
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+    except FileNotFoundError:
+        return 0
+    return st.st_blocks * 512
+
+
+def compact(path: str, options: StoreOptions | None = None) -> tuple[int, int]:
+    """Rewrite the store at ``path`` compactly and swap it in atomically; ``(before, after)`` bytes.
+
+    LMDB never gives freed pages back to the file system: it reuses them, so the data file
+    keeps its high-water mark. A compacting copy (``mdb_env_copy2`` with ``MDB_CP_COMPACT``)
+    writes only the pages in use; it is fsynced and renamed over ``data.mdb``. Refused
+    (:class:`LockedError`) while the store is open anywhere else, in this process or
+    another, since their maps would keep pointing at the old file.
+    """
+    lmdb = _import_lmdb()
+    key = _key(os.path.abspath(os.path.expanduser(path)))
+    with _registry_lock:
+        entry = _entries.setdefault(key, _Entry())
+    with entry.lock:  # nothing in this process opens the path meanwhile
+        if entry.env is not None:
+            raise LockedError(f"embedded store {key} is open in this process; close its services first")
+        try:
+            users = open(os.path.join(key, _USERS_LOCK), "a+b")  # noqa: SIM115
+        except OSError as e:
+            raise StorageError(f"cannot open embedded store at {key}: {e}") from e
+        with users:
+            try:
+                fcntl.flock(users.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockedError(
+                    f"refusing to compact embedded store {key}: another process has it open"
+                ) from None
+            before = _disk_usage(key)
+            work = os.path.join(key, ".compact")
+            shutil.rmtree(work, ignore_errors=True)
+            os.mkdir(work)
+            opts = options or StoreOptions()
+            try:
+                env = lmdb.open(key, map_size=opts.map_size, max_dbs=_MAX_DBS, subdir=True, lock=True,
+                                readahead=False)
+                try:
+                    env.copy(work, compact=True)
+                finally:
+                    env.close()
+                copied = os.path.join(work, "data.mdb")
+                fd = os.open(copied, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(copied, os.path.join(key, "data.mdb"))
+                dir_fd = os.open(key, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            except (lmdb.Error, OSError) as e:
+                raise StorageError(f"compacting embedded store {key} failed: {e}") from e
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            return before, _disk_usage(key)
 
 
 # --- per-process sharing ----------------------------------------------------------------
@@ -303,6 +419,13 @@ class Handle(Generic[R]):
         if records is not None:
             return records
         return await asyncio.to_thread(self.get_blocking)
+
+    async def let_go(self) -> None:
+        """Give the environment back now; the next use opens it again."""
+        with self._lock:
+            env, self._env, self._records = self._env, None, None
+        if env is not None:
+            await release_async(env)
 
     async def close(self) -> None:
         """Give the environment back (the last user's close syncs, in a worker thread). Idempotent."""

@@ -54,6 +54,7 @@ from castore_di._embedded import (
     StoreOptions,
     WriterLease,
     codec,
+    compact,
     config_from_url,
 )
 from castore_di._embedded.lease import TOKEN_LEN
@@ -79,6 +80,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EmbeddedBlobService", "EmbeddedBlobServiceConfig", "BATCH_BYTES", "encode_index", "decode_index"]
 
+_ABSENT = B3Digest(bytes(32))  # a digest no store holds: a read that finds nothing
 BATCH_BYTES = 8 << 20  # chunks of a large blob are committed in transactions of about this size
 _INDEX_ENTRY = struct.Struct("<Q32s")
 _GC_BATCH = 4096  # loose chunks examined per gc write transaction (keeps each one short)
@@ -255,11 +257,23 @@ class _BlobRecords:
                 stored = txn.get(key, db=self.chunks_db)
                 loose += 1
                 loose_bytes += 0 if stored is None else len(stored)
-            claims = txn.stat(self.inflight_db)["entries"]
+            live_claims = dead_claims = 0
+            alive: dict[bytes, bool] = {}
+            for key, _ in txn.cursor(db=self.inflight_db):
+                token = bytes(key[:TOKEN_LEN])
+                if token not in alive:
+                    alive[token] = self.env.lease_alive(token)
+                if alive[token]:
+                    live_claims += 1
+                else:
+                    dead_claims += 1
             if loose:
+                dead = sum(not live for live in alive.values())
                 report.notes.append(
                     f"{loose} chunks ({loose_bytes} bytes stored) are not part of any blob yet: "
-                    f"{claims} are claimed by writers in progress; gc removes the others"
+                    f"{live_claims} are claimed by writers in progress"
+                    + (f", {dead_claims} by {dead} writers that died" if dead_claims else "")
+                    + "; gc removes all but the claims of writers in progress"
                 )
         return report
 
@@ -366,6 +380,16 @@ class EmbeddedBlobService(BlobService):
         """The blob records, opening the environment if needed (blocks; tests and threads)."""
         return self._handle.get_blocking()
 
+    async def check_connectivity(self) -> str:
+        """Open the store's environment (in a thread) and read from it once."""
+
+        def open_and_read() -> None:
+            store = self._store()
+            store.has_blob(_ABSENT)
+
+        await asyncio.to_thread(open_and_read)
+        return f"embedded store {self.path}: open"
+
     def _chunker(self) -> Any:
         if self._cdc is None:
             try:
@@ -417,6 +441,15 @@ class EmbeddedBlobService(BlobService):
         """Remove chunks of writes that never committed (safe with concurrent writers)."""
         store = await self._handle.get()
         return await asyncio.to_thread(store.gc, dry_run=dry_run)
+
+    async def compact(self) -> tuple[int, int]:
+        """Rewrite the store compactly (:func:`castore_di._embedded.compact`); ``(before, after)`` bytes.
+
+        The service lets go of the store first and opens it again on next use; refused
+        while another service or process has the store open.
+        """
+        await self._handle.let_go()
+        return await asyncio.to_thread(compact, self.path, self.options)
 
     async def close(self) -> None:
         self._closed = True

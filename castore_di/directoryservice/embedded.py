@@ -9,6 +9,7 @@ of the directory's canonical encoding. This module owns those records and their 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, ClassVar
 
 import attrs
@@ -23,7 +24,7 @@ from castore_di._embedded import (
     config_from_url,
 )
 from castore_di.composition.config import DirectoryServiceConfig
-from castore_di.digests import B3Digest, blake3_digest
+from castore_di.digests import B3_LEN, B3Digest, blake3_digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import IntegrityError, ValidationError
 from castore_di.maintenance import FsckReport
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     import lmdb
 
 __all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig"]
+
+_ABSENT = B3Digest(bytes(32))  # a digest no store holds: a read that finds nothing
 
 
 class _DirectoryRecords:
@@ -63,6 +66,19 @@ class _DirectoryRecords:
         if blake3_digest(data) != digest:
             raise IntegrityError(f"directory {digest}: stored bytes do not match the digest")
         return data
+
+    def digests_after(self, after: bytes | None, limit: int) -> list[B3Digest]:
+        """Up to ``limit`` stored digests in key order, starting after ``after``."""
+        out: list[B3Digest] = []
+        with self.env.read() as txn:
+            cursor = txn.cursor(db=self.dirs_db)
+            found = cursor.first() if after is None else cursor.set_range(after)
+            while found and len(out) < limit:
+                key = bytes(cursor.key())
+                if key != after and len(key) == B3_LEN:  # fsck reports malformed keys
+                    out.append(B3Digest(key))
+                found = cursor.next()
+        return out
 
     def fsck(self) -> FsckReport:
         """Verify that every directory hashes to its key and is valid, in one read snapshot."""
@@ -106,6 +122,16 @@ class EmbeddedDirectoryService(DirectoryService):
         """The directory records, opening the environment if needed (blocks; tests and threads)."""
         return self._handle.get_blocking()
 
+    async def check_connectivity(self) -> str:
+        """Open the store's environment (in a thread) and read from it once."""
+
+        def open_and_read() -> None:
+            store = self._store()
+            store.get_directory_bytes(_ABSENT)
+
+        await asyncio.to_thread(open_and_read)
+        return f"embedded store {self.path}: open"
+
     async def get(self, digest: B3Digest) -> Directory | None:
         raw = (await self._handle.get()).get_directory_bytes(digest)
         if raw is None:
@@ -123,6 +149,18 @@ class EmbeddedDirectoryService(DirectoryService):
     async def _store_closure(self, root: B3Digest, directories: list[Directory]) -> None:
         records = await self._handle.get()
         await records.put_directories([(d.digest, d.encode()) for d in directories], self.compression)
+
+    async def directory_digests(self) -> AsyncIterator[B3Digest]:
+        """Every stored directory, in pages read in a thread (no transaction spans a yield)."""
+        store = await self._handle.get()
+        after: bytes | None = None
+        while True:
+            page = await asyncio.to_thread(store.digests_after, after, 1024)
+            for digest in page:
+                yield digest
+            if not page:
+                return
+            after = page[-1]
 
     async def fsck(self) -> FsckReport:
         """Verify that every stored directory hashes to its key and is valid."""

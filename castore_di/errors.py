@@ -15,6 +15,7 @@ from typing import Union
 __all__ = [
     "ErrorTable",
     "describe",
+    "first_line",
     "map_errors",
     "CastoreError",
     "ConfigError",
@@ -215,7 +216,8 @@ ErrorTable = Mapping[
 ]
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -240,7 +242,7 @@ def map_errors(table: ErrorTable, context: str = "") -> Iterator[None]:
         for library, ours in table.items():
             if isinstance(e, library):
                 if isinstance(ours, type):
-                    text = _first_line(e)
+                    text = first_line(e)
                     raise ours(f"{context}: {text}" if context else text) from e
                 raise ours(e) from e
         raise

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from castore_di._objectstore.config import split_options, validate_options, validate_store_url
 from castore_di.digests import B3Digest
-from castore_di.errors import ConfigError, IntegrityError, MissingDependencyError, StorageError, map_errors
+from castore_di.errors import ConfigError, IntegrityError, MissingDependencyError, StorageError, first_line, map_errors
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -40,11 +40,6 @@ def object_key(area: str, digest: B3Digest) -> str:
     """``{area}/b3/{hex(d[0:2])}/{hex(d)}``: the reference's layout (shard = first two bytes)."""
     hexd = digest.hex()
     return f"{area}/b3/{hexd[:4]}/{hexd}"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def import_obstore() -> Any:
@@ -87,7 +82,7 @@ def build_store(url: str, options: Mapping[str, str], retry_config: Any = None) 
     except BaseException as e:  # obstore reports some bad configs as a Rust panic (a BaseException)
         if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
             raise
-        raise ConfigError(f"cannot open object store {url!r}: {_first_line(e)}") from e
+        raise ConfigError(f"cannot open object store {url!r}: {first_line(e)}") from e
 
 
 class ObjectStoreAccess:

@@ -289,7 +289,6 @@ class _ObjectStoreBlobWriter(BlobWriter):
         super().__init__()
         self._svc = service
         avg = service.avg_chunk_size
-        self._max_chunk = avg * 2
         # Cut only once several maximum-size chunks are buffered: every cut except the
         # last is final, since FastCDC decides a cut from at most max_size bytes after it.
         self._threshold = avg * 8

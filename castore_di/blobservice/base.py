@@ -406,9 +406,11 @@ class HashingWriter(BlobWriter):
     def __init__(self) -> None:
         super().__init__()
         self._hasher = blake3.blake3()
+        self._length = 0
 
     def _hash(self, data: bytes) -> None:
         self._hasher.update(data)
+        self._length += len(data)
 
     def _hashed_digest(self) -> B3Digest:
         return B3Digest(self._hasher.digest())

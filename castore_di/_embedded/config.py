@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from typing import Any, Literal
+from typing import Literal, TypeVar
 
 import attrs
 
 from castore_di._embedded.codec import Compression
-from castore_di.composition.validators import duration, map_size, path_text
+from castore_di.composition.fields import (
+    between,
+    config_from_url_fields,
+    duration,
+    map_size,
+    non_blank,
+    one_of,
+    parse_query,
+    path_text,
+    query_fields,
+)
 from castore_di.errors import ConfigError
 
 __all__ = [
@@ -19,11 +29,12 @@ __all__ = [
     "EmbeddedStoreFields",
     "StoreOptions",
     "default_data_dir",
+    "config_from_url",
     "parse_embedded_url",
-    "url_fields",
 ]
 
 Durability = Literal["process", "full"]
+C = TypeVar("C", bound=attrs.AttrsInstance)
 
 DEFAULT_MAP_SIZE = 1 << 40  # address space reserved for the map; the file grows as needed
 
@@ -56,63 +67,28 @@ def parse_embedded_url(url: str) -> tuple[str | None, dict[str, str]]:
         )
     if parts.fragment:
         raise ConfigError(f"invalid url {url!r}: no fragment allowed")
-    query: dict[str, str] = {}
-    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-        if key in query:
-            raise ConfigError(f"invalid url {url!r}: query parameter {key!r} given twice")
-        query[key] = value
+    query = parse_query(url, parts.query)
     path = urllib.parse.unquote(parts.path)
     if path in ("", "/"):
         return None, query
     return path, query
 
 
-def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{attribute.name} must be positive, got {value!r}")
-
-
-def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value < 0:
-        raise ConfigError(f"{attribute.name} must not be negative, got {value!r}")
-
-
-def _at_most(limit: int) -> Any:
-    def check(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
-        if value > limit:
-            raise ConfigError(f"{attribute.name} must be at most {limit}, got {value!r}", path=attribute.name)
-
-    return check
-
-
-def _one_of(*choices: str) -> Any:
-    def check(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
-        if value not in choices:
-            raise ConfigError(f"{attribute.name} must be one of {', '.join(choices)}, got {value!r}")
-
-    return check
-
-
-def _path_field(_inst: object, _attribute: attrs.Attribute[Any], value: str | None) -> None:
-    if value is not None and not value.strip():
-        raise ConfigError("path must not be empty (omit it for the default data directory)")
-
-
 @attrs.frozen(kw_only=True)
 class EmbeddedStoreFields:
     """Config fields of both ``embedded`` kinds (they may share one data directory)."""
 
-    path: str | None = attrs.field(default=None, validator=[_path_field, path_text])
+    path: str | None = attrs.field(default=None, validator=[non_blank, path_text])
     """Data directory; default ``$XDG_DATA_HOME/castore`` (platformdirs ``user_data_dir``)."""
     map_size: int = attrs.field(default=DEFAULT_MAP_SIZE, validator=map_size)
     """Largest size the LMDB map may grow to, in bytes (reserved address space, not disk)."""
-    durability: Durability = attrs.field(default="process", validator=_one_of("process", "full"))
+    durability: Durability = attrs.field(default="process", validator=one_of("process", "full"))
     """``process``: commit per close, fsync every ``sync_interval`` s; ``full``: fsync per commit."""
     sync_interval: float = attrs.field(default=1.0, validator=duration())
     """Seconds between fsyncs with ``durability: process``."""
-    max_readers: int = attrs.field(default=126, validator=[_positive, _at_most((1 << 31) - 1)])
+    max_readers: int = attrs.field(default=126, validator=between(1, (1 << 31) - 1, "LMDB's reader table"))
     """Concurrent read transactions across all processes (LMDB's reader table)."""
-    compression: Compression = attrs.field(default="auto", validator=_one_of("auto", "none"))
+    compression: Compression = attrs.field(default="auto", validator=one_of("auto", "none"))
     """``auto``: zstd when it saves at least 1/8; ``none``: store raw."""
 
     def store_options(self) -> StoreOptions:
@@ -128,29 +104,13 @@ class EmbeddedStoreFields:
         return os.path.abspath(os.path.expanduser(self.path if self.path is not None else default_data_dir()))
 
 
-_QUERY_TYPES: dict[str, type] = {
-    "map_size": int,
-    "durability": str,
-    "sync_interval": float,
-    "max_readers": int,
-    "compression": str,
-    "avg_chunk_size": int,
-    "max_bytes": int,
-}
+def config_from_url(cls: type[C], url: str) -> C:
+    """A config of an ``embedded`` kind from ``embedded://`` or ``embedded:///abs/path?field=value…``.
 
-
-def url_fields(url: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """Config fields from an ``embedded://`` URL (path plus query parameters in ``allowed``)."""
+    Every field but ``path`` may be given as a query parameter.
+    """
     path, query = parse_embedded_url(url)
-    fields: dict[str, Any] = {}
+    fields = query_fields(cls, url, query, [f.name for f in attrs.fields(cls) if f.name != "path"])
     if path is not None:
         fields["path"] = path
-    for key, text in query.items():
-        if key not in allowed:
-            raise ConfigError(f"invalid url {url!r}: unknown query parameter {key!r} (known: {', '.join(allowed)})")
-        kind = _QUERY_TYPES[key]
-        try:
-            fields[key] = kind(text)
-        except ValueError as e:
-            raise ConfigError(f"invalid url {url!r}: {key}={text!r} is not a valid {kind.__name__}") from e
-    return fields
+    return config_from_url_fields(cls, url, fields)

@@ -27,7 +27,7 @@ import click
 
 from castore_di.cli.context import CliContext
 from castore_di._redact import redact_text
-from castore_di.errors import CastoreError, ConfigError
+from castore_di.errors import CastoreError, ConfigError, describe
 
 __all__ = ["main", "cli", "run_async", "pass_ctx", "NothingCheckedError"]
 
@@ -191,7 +191,7 @@ def _silence_stdout() -> None:
 def _report(e: BaseException, verbose: bool, prefix: str | None = None) -> None:
     if verbose:
         traceback.print_exception(e)
-    message = str(e) or type(e).__name__
+    message = describe(e)
     # One line whatever the message (YAML parser errors span several); --verbose has it all.
     message = redact_text(" ".join(part.strip() for part in message.splitlines() if part.strip()))
     click.echo(f"castore: {prefix + ': ' if prefix else ''}{message}", err=True)

@@ -119,13 +119,14 @@ def node_line(path: str, node: Node) -> str:
 
 
 @cli.command("import")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=False))
+@click.argument("paths", nargs=-1, type=click.Path(exists=False))
+@click.option("--tar", "tar", metavar="FILE|-", help="Import a tar archive (plain, gzip or zstd) instead of PATHS.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per path instead of text.")
 @click.option("-j", "--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_CONCURRENCY, show_default=True,
               help="Files read and uploaded at once.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when it is a terminal).")
 @pass_ctx
-def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concurrency: int,
+def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, as_json: bool, concurrency: int,
                    progress: bool | None) -> None:
     """Import files, directories and symlinks; print the root node of each PATH.
 
@@ -134,9 +135,17 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concu
     below for directories; a symlink prints `<path> symlink <target>` (never followed).
     With --json: {"path", "type", "digest", "size"} per line (symlinks: "target").
     Fifos, sockets and devices are refused with an error naming the path.
+    With --tar FILE (- for standard input): the archive's one top-level directory.
     """
+    if bool(tar) == bool(paths):
+        raise click.UsageError("give PATHS or --tar FILE (one of them)")
 
     async def run() -> None:
+        if tar:
+            from castore_di.cli.archive import import_tar
+
+            await import_tar(ctx, tar, as_json)
+            return
         blob, dirs = ctx.blob_service(), ctx.directory_service()
         for path in paths:
             bar = Progress(f"importing {path}", enabled=progress)
@@ -155,7 +164,9 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concu
 
 @cli.command("export")
 @click.argument("source")
-@click.argument("dest", type=click.Path())
+@click.argument("dest", type=click.Path(), required=False)
+@click.option("--tar", "tar", metavar="FILE|-", help="Write the directory as a deterministic tar instead of DEST.")
+@click.option("--tar-top", metavar="NAME", help="With --tar: the top-level directory's name (default: the digest in hex).")
 @click.option("--directory", "form", flag_value="directory", help="SOURCE is a directory digest.")
 @click.option("--file", "form", flag_value="file", help="SOURCE is a blob digest; DEST becomes one file.")
 @click.option("--symlink", "form", flag_value="symlink", help="SOURCE is a symlink target; DEST becomes the symlink.")
@@ -167,8 +178,8 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concu
               help="Files written at once.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when it is a terminal).")
 @pass_ctx
-def export_command(ctx: CliContext, source: str, dest: str, form: str | None, executable: bool, force: bool,
-                   concurrency: int, progress: bool | None) -> None:
+def export_command(ctx: CliContext, source: str, dest: str | None, tar: str | None, tar_top: str | None,
+                   form: str | None, executable: bool, force: bool, concurrency: int, progress: bool | None) -> None:
     """Materialize a stored node at DEST.
 
     Without --directory/--file/--symlink, SOURCE is a digest looked up as a directory
@@ -176,7 +187,17 @@ def export_command(ctx: CliContext, source: str, dest: str, form: str | None, ex
     empty unless --force; every blob is verified (size and BLAKE3) as it streams, files
     are written under a temporary name and renamed when complete, symlinks are created as
     symlinks and never followed, and names that could escape DEST are refused.
+    With --tar FILE (- for standard output) a directory is written as one tar, streamed.
     """
+    if (dest is None) == (tar is None):
+        raise click.UsageError("give DEST or --tar FILE (one of them)")
+    if tar is not None:
+        from castore_di.cli.archive import export_tar
+
+        digest = DIGEST.convert(source, None, click.get_current_context())
+        run_async(ctx, lambda: export_tar(ctx, digest, tar, tar_top))
+        return
+    assert dest is not None
     if form == "symlink":
         export_symlink(SymlinkNode(os.fsencode(source)), dest, replace=force)
         return

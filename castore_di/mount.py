@@ -48,7 +48,45 @@ def require_fuse() -> Any:
             "or give the container the device: --device /dev/fuse --cap-add SYS_ADMIN)"
         )
     pyfuse3.asyncio.enable()
+    pyfuse3.asyncio.wait_readable = _wait_readable
+    pyfuse3.asyncio.notify_closing = _notify_closing
     return pyfuse3
+
+
+def _notify_closing(fd: int) -> None:
+    import pyfuse3.asyncio as compat
+
+    for future in compat._read_futures.get(fd, ()):
+        if not future.done():
+            future.set_exception(compat.ClosedResourceError())
+
+
+async def _wait_readable(fd: int) -> None:
+    """pyfuse3.asyncio's ``wait_readable`` without its race.
+
+    The stock version removes the reader in a done-callback, which runs a loop iteration
+    later: a second readiness event in between calls ``set_result`` twice and logs
+    ``InvalidStateError`` (``notify_closing`` has the same race). Here the callbacks ignore
+    a finished future and the reader is removed as soon as the wait ends.
+    """
+    import pyfuse3.asyncio as compat
+
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    compat._read_futures[fd].add(future)
+    try:
+        loop.add_reader(fd, readable)
+        await future
+    finally:
+        loop.remove_reader(fd)
+        compat._read_futures[fd].discard(future)
+        if not compat._read_futures[fd]:
+            del compat._read_futures[fd]
 
 
 async def mount_tree(

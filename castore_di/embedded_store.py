@@ -282,10 +282,12 @@ class EmbeddedStore:
             self.dirs_db = self.env.open_db(b"dirs")
             self.loose_db = self.env.open_db(b"loose")
             self.inflight_db = self.env.open_db(b"inflight")
+            self.roots_db = self.env.open_db(b"roots")
         except self._lmdb.Error as e:
             raise StorageError(f"cannot open embedded store at {path}: {e}") from e
         except OSError as e:
             raise StorageError(f"cannot open embedded store at {path}: {e}") from e
+        self._users = _UsersLock(path)
 
     # -- transactions ----------------------------------------------------------------
 
@@ -344,6 +346,7 @@ class EmbeddedStore:
         finally:
             self._closed = True
             self.env.close()
+            self._users.close()
 
     # -- chunks and blobs ------------------------------------------------------------
 
@@ -648,6 +651,135 @@ class EmbeddedStore:
             if alive[token]:
                 protected.add(chunk)
         return protected, [t for t, live in alive.items() if not live]
+
+
+    # -- named roots and prune ------------------------------------------------------
+
+    def put_root(self, name: bytes, value: bytes) -> bytes | None:
+        """Record a named root; the value it replaced."""
+        with self.write() as txn:
+            old = txn.get(name, db=self.roots_db)
+            old = None if old is None else bytes(old)
+            txn.put(name, value, db=self.roots_db)
+        return old
+
+    def delete_root(self, name: bytes) -> bytes | None:
+        """Drop a named root; its value, or ``None`` when there was none."""
+        with self.write() as txn:
+            old = txn.get(name, db=self.roots_db)
+            old = None if old is None else bytes(old)
+            if old is not None:
+                txn.delete(name, db=self.roots_db)
+        return old
+
+    def roots(self) -> list[tuple[bytes, bytes]]:
+        """Every named root (name, value), sorted by name."""
+        with self.read() as txn:
+            return [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self.roots_db)]
+
+    def enter_exclusive(self, wait: float | None = None) -> None:
+        """Take exclusive use of the store (blocking: call it in a thread); see :class:`_UsersLock`."""
+        self._check_open()
+        self._users.exclusive(wait)
+
+    def leave_exclusive(self) -> None:
+        self._users.shared()
+
+    def sweep(self, db: Any, keep: set[bytes], *, dry_run: bool, also: tuple[Any, ...] = ()) -> tuple[int, int]:
+        """Delete every key of ``db`` not in ``keep`` (and the same keys of ``also``); ``(keys, stored bytes)``.
+
+        Works in write transactions of at most ``_GC_BATCH`` keys. Only for use under
+        :meth:`enter_exclusive`.
+        """
+        count = size = 0
+        after: bytes | None = None
+        while True:
+            with self.read() if dry_run else self.write() as txn:
+                cursor = txn.cursor(db=db)
+                found = cursor.first() if after is None else cursor.set_range(after)
+                batch: list[tuple[bytes, int]] = []
+                scanned: bytes | None = None
+                while found and len(batch) < _GC_BATCH:
+                    key = bytes(cursor.key())
+                    scanned = key
+                    if key != after and key not in keep:
+                        batch.append((key, len(cursor.value())))
+                    found = cursor.next()
+                for key, stored in batch:
+                    count += 1
+                    size += stored
+                    if not dry_run:
+                        txn.delete(key, db=db)
+                        for other in also:
+                            txn.delete(key, db=other)
+            if not found or scanned is None:
+                return count, size
+            after = scanned
+
+
+class _UsersLock:
+    """Who uses the store, for ``castore prune``: ``<path>/users.lock``.
+
+    Every process holds a shared ``flock`` on it while it has the store open; a prune
+    converts its own to exclusive (polling, so it never queues behind itself) after taking
+    ``<path>/prune.lock`` (one prune at a time). A process opening the store while a prune
+    holds it waits in ``flock`` until the prune ends.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._prune_fd: int | None = None
+        self._depth = 0  # exclusive() is re-entrant: both services of one path take it
+        try:
+            self._fd: int | None = os.open(os.path.join(path, "users.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+        except OSError as e:
+            raise StorageError(f"embedded store {path}: cannot take the users lock: {e}") from e
+
+    def exclusive(self, wait: float | None) -> None:
+        assert self._fd is not None
+        if self._depth:
+            self._depth += 1
+            return
+        fd = os.open(os.path.join(self._path, "prune.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StorageError(f"embedded store {self._path}: another prune is running") from None
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    fcntl.flock(self._fd, fcntl.LOCK_SH)
+                    os.close(fd)
+                    raise StorageError(
+                        f"embedded store {self._path} is in use by other processes (an import or a server); "
+                        "prune needs it alone"
+                    ) from None
+                time.sleep(0.05)
+        self._prune_fd = fd
+        self._depth = 1
+
+    def shared(self) -> None:
+        if self._depth > 1:
+            self._depth -= 1
+            return
+        self._depth = 0
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+        if self._prune_fd is not None:
+            os.close(self._prune_fd)
+            self._prune_fd = None
+
+    def close(self) -> None:
+        self.shared()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # --- writer leases ---------------------------------------------------------------------

@@ -8,7 +8,8 @@ behind the choice of LMDB: :mod:`castore_di.embedded_store`.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, ClassVar
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import attrs
 
@@ -119,6 +120,29 @@ class EmbeddedBlobService(BlobService):
         if self._closed:
             raise ClosedError("embedded blob service is closed")
         return _EmbeddedWriter(self)
+
+    def exclusive_use(self) -> AbstractAsyncContextManager[None]:
+        from castore_di.directoryservice.embedded import exclusive_use
+
+        return exclusive_use(self._store())
+
+    async def prune(self, keep: set[B3Digest], *, dry_run: bool) -> tuple[int, int]:
+        """Delete every blob (index and chunks) not in ``keep`` and every chunk no kept blob uses."""
+        store = self._store()
+
+        def sweep() -> tuple[int, int]:
+            chunks: set[bytes] = set()
+            for digest in keep:
+                is_chunk, index = store.lookup_blob(digest)
+                if is_chunk:
+                    chunks.add(digest)
+                elif index is not None:
+                    chunks.update(d for d, _size in index)
+            indexes, index_bytes = store.sweep(store.blobs_db, cast(set[bytes], keep), dry_run=dry_run)
+            dropped, chunk_bytes = store.sweep(store.chunks_db, chunks, dry_run=dry_run, also=(store.loose_db,))
+            return indexes + dropped, index_bytes + chunk_bytes
+
+        return await asyncio.to_thread(sweep)
 
     async def fsck(self) -> FsckReport:
         """Verify every chunk and chunk index (directories: the directory service's ``fsck``)."""

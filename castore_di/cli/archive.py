@@ -31,14 +31,15 @@ def _opened(path: str, mode: str) -> Iterator[IO[bytes]]:
         yield f
 
 
-async def import_tar(ctx: CliContext, path: str, as_json: bool) -> DirectoryNode:
-    """Import one archive and print its root as ``castore import`` prints a directory."""
+async def import_tar(ctx: CliContext, path: str, as_json: bool) -> tuple[DirectoryNode, int]:
+    """Import one archive, print its root as ``castore import`` prints a directory; the root and its bytes."""
     from castore_di.cli.transfer import node_json, node_line
 
+    stats = TarStats()
     with _opened(path, "rb") as source:
-        node = await ingest_tar(ctx.blob_service(), ctx.directory_service(), source)
+        node = await ingest_tar(ctx.blob_service(), ctx.directory_service(), source, stats=stats)
     click.echo(json.dumps(node_json(path, node)) if as_json else node_line(path, node))
-    return node
+    return node, stats.bytes
 
 
 async def export_tar(ctx: CliContext, digest: B3Digest, path: str, top: str | None) -> TarStats:

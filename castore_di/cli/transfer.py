@@ -121,13 +121,14 @@ def node_line(path: str, node: Node) -> str:
 @cli.command("import")
 @click.argument("paths", nargs=-1, type=click.Path(exists=False))
 @click.option("--tar", "tar", metavar="FILE|-", help="Import a tar archive (plain, gzip or zstd) instead of PATHS.")
+@click.option("--name", metavar="NAME", help="Record the imported root under NAME (see `castore roots`).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per path instead of text.")
 @click.option("-j", "--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_CONCURRENCY, show_default=True,
               help="Files read and uploaded at once.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when it is a terminal).")
 @pass_ctx
-def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, as_json: bool, concurrency: int,
-                   progress: bool | None) -> None:
+def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, name: str | None, as_json: bool,
+                   concurrency: int, progress: bool | None) -> None:
     """Import files, directories and symlinks; print the root node of each PATH.
 
     Text output is one line per PATH: `<path> <type> <b3:digest> <size>` where type is
@@ -139,12 +140,17 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, as_
     """
     if bool(tar) == bool(paths):
         raise click.UsageError("give PATHS or --tar FILE (one of them)")
+    from castore_di.cli.roots import check_name, record_name
+
+    check_name(name, 1 if tar else len(paths))
 
     async def run() -> None:
         if tar:
             from castore_di.cli.archive import import_tar
 
-            await import_tar(ctx, tar, as_json)
+            tree, size = await import_tar(ctx, tar, as_json)
+            if name:
+                await record_name(ctx, name, tree, size)
             return
         blob, dirs = ctx.blob_service(), ctx.directory_service()
         for path in paths:
@@ -154,6 +160,8 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, as_
                 _name, node = await ingest_path(blob, dirs, path, concurrency=concurrency, progress=bar, stats=stats)
             finally:
                 bar.finish()
+            if name:
+                await record_name(ctx, name, node, stats.bytes)
             if as_json:
                 click.echo(json.dumps(node_json(path, node)))
             else:

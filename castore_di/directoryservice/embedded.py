@@ -7,7 +7,11 @@ embedded blob service when both use one path). See :mod:`castore_di.embedded_sto
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, ClassVar
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import attrs
 
@@ -25,11 +29,37 @@ from castore_di.embedded_store import (
 )
 from castore_di.errors import ClosedError, IntegrityError, ValidationError
 from castore_di.nodes import Directory
+from castore_di.roots import NamedRoot
 
 if TYPE_CHECKING:
     from castore_di.embedded_store import EmbeddedStore
 
-__all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig"]
+__all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig", "exclusive_use"]
+
+
+@contextlib.asynccontextmanager
+async def exclusive_use(store: "EmbeddedStore") -> AsyncIterator[None]:
+    """Exclusive use of ``store`` for a prune (waits in a thread for the other users)."""
+    await asyncio.to_thread(store.enter_exclusive)
+    try:
+        yield
+    finally:
+        store.leave_exclusive()
+
+
+def _encode_root(root: NamedRoot) -> bytes:
+    return json.dumps({"digest": root.digest.hex(), "created": root.created, "size": root.size,
+                       "entries": root.entries}).encode()
+
+
+def _decode_root(name: bytes, value: bytes) -> NamedRoot:
+    try:
+        fields = json.loads(value)
+        return NamedRoot(name=name.decode(), digest=B3Digest(bytes.fromhex(fields["digest"])),
+                         created=float(fields["created"]), size=int(fields["size"]),
+                         entries=int(fields.get("entries", 0)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise IntegrityError(f"named root {name!r}: stored record is invalid: {e}") from e
 
 
 class EmbeddedDirectoryService(DirectoryService):
@@ -75,6 +105,27 @@ class EmbeddedDirectoryService(DirectoryService):
         """Verify that every stored directory hashes to its key and is valid."""
         store = self._store()
         return await asyncio.to_thread(store.fsck, blobs=False, directories=True)
+
+    # -- named roots and prune (castore_di.roots) -----------------------------------------
+
+    async def set_root(self, root: NamedRoot) -> NamedRoot | None:
+        old = self._store().put_root(root.name.encode(), _encode_root(root))
+        return None if old is None else _decode_root(root.name.encode(), old)
+
+    async def list_roots(self) -> list[NamedRoot]:
+        return [_decode_root(name, value) for name, value in self._store().roots()]
+
+    async def forget_root(self, name: str) -> NamedRoot | None:
+        old = self._store().delete_root(name.encode())
+        return None if old is None else _decode_root(name.encode(), old)
+
+    def exclusive_use(self) -> AbstractAsyncContextManager[None]:
+        return exclusive_use(self._store())
+
+    async def prune(self, keep: set[B3Digest], *, dry_run: bool) -> tuple[int, int]:
+        """Delete every directory not in ``keep``."""
+        store = self._store()
+        return await asyncio.to_thread(store.sweep, store.dirs_db, cast(set[bytes], keep), dry_run=dry_run)
 
     async def close(self) -> None:
         self._closed = True

@@ -20,15 +20,17 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
-from castore_di.blobservice.base import BlobService
 from castore_di.digests import B3Digest
-from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import CastoreError, StorageError, UnsupportedOperationError, ValidationError
 from castore_di.nodes import FileNode
+
+if TYPE_CHECKING:  # the embedded directory service imports this module
+    from castore_di.blobservice.base import BlobService
+    from castore_di.directoryservice.base import DirectoryService
 
 __all__ = [
     "NamedRoot",

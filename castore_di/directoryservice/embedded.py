@@ -1,7 +1,10 @@
 """The embedded on-disk directory service (``type: embedded``, URL ``embedded://`` or ``embedded:///abs/path``).
 
 Directories are stored by digest in the data directory's LMDB environment (shared with the
-embedded blob service when both use one path). See :mod:`castore_di.embedded_store`.
+embedded blob service when both use one path; see :mod:`castore_di._embedded`), in the
+``dirs`` database: directory digest -> a stored value (:mod:`castore_di._embedded.codec`)
+of the directory's canonical encoding, and the ``roots`` database of named roots
+(:mod:`castore_di.roots`). This module owns those records, their check and their prune.
 """
 
 from __future__ import annotations
@@ -11,40 +14,115 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, ClassVar, cast
+from typing import ClassVar, cast
 
 import attrs
 
-from castore_di.composition.config import DirectoryServiceConfig
-from castore_di.digests import B3Digest
-from castore_di.directoryservice.base import DirectoryService
-from castore_di.embedded_store import (
+from castore_di._embedded import (
     Compression,
     EmbeddedStoreFields,
-    FsckReport,
+    Environment,
     StoreOptions,
     acquire,
+    codec,
     release,
     url_fields,
 )
+from castore_di.composition.config import DirectoryServiceConfig
+from castore_di.digests import B3Digest, blake3_digest
+from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import ClosedError, IntegrityError, ValidationError
+from castore_di.maintenance import FsckReport
 from castore_di.nodes import Directory
 from castore_di.roots import NamedRoot
-
-if TYPE_CHECKING:
-    from castore_di.embedded_store import EmbeddedStore
 
 __all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig", "exclusive_use"]
 
 
+class _DirectoryRecords:
+    """The ``dirs`` database of one environment; methods are synchronous and short."""
+
+    def __init__(self, env: Environment) -> None:
+        self.env = env
+        self.dirs_db = env.db(b"dirs")
+        self.roots_db = env.db(b"roots")
+
+    def put_directories(self, items: list[tuple[B3Digest, bytes]], compression: Compression) -> None:
+        """Store encoded directories not yet present, all in one transaction."""
+        enc = codec()
+        with self.env.write() as txn:
+            for digest, encoded in items:
+                if txn.get(digest, db=self.dirs_db) is None:
+                    txn.put(digest, enc.encode(encoded, compression), db=self.dirs_db)
+
+    def get_directory_bytes(self, digest: B3Digest) -> bytes | None:
+        """A directory's verified encoding; ``None`` when absent."""
+        with self.env.read() as txn:
+            raw = txn.get(digest, db=self.dirs_db)
+            if raw is None:
+                return None
+            data = codec().decode(raw, f"directory {digest}")
+        if blake3_digest(data) != digest:
+            raise IntegrityError(f"directory {digest}: stored bytes do not match the digest")
+        return data
+
+    def fsck(self) -> FsckReport:
+        """Verify that every directory hashes to its key and is valid, in one read snapshot."""
+        report = FsckReport()
+        dec = codec()
+        with self.env.read() as txn:
+            for key, raw in txn.cursor(db=self.dirs_db):
+                report.directories += 1
+                name = f"directory {bytes(key).hex()}"
+                try:
+                    data = dec.decode(raw, name)
+                except IntegrityError as e:
+                    report.problems.append(str(e))
+                    continue
+                report.bytes_checked += len(data)
+                if blake3_digest(data) != bytes(key):
+                    report.problems.append(f"{name}: stored bytes do not match the digest")
+                    continue
+                try:
+                    Directory.decode(data)
+                except ValueError as e:
+                    report.problems.append(f"{name}: invalid directory: {e}")
+        return report
+
+
+    # named roots: name (UTF-8) -> JSON {"digest": hex, "created": unix time, "size", "entries"}
+
+    def put_root(self, name: bytes, value: bytes) -> bytes | None:
+        """Record a named root; the value it replaced."""
+        with self.env.write() as txn:
+            old = txn.get(name, db=self.roots_db)
+            old = None if old is None else bytes(old)
+            txn.put(name, value, db=self.roots_db)
+        return old
+
+    def delete_root(self, name: bytes) -> bytes | None:
+        """Drop a named root; its value, or ``None`` when there was none."""
+        with self.env.write() as txn:
+            old = txn.get(name, db=self.roots_db)
+            old = None if old is None else bytes(old)
+            if old is not None:
+                txn.delete(name, db=self.roots_db)
+        return old
+
+    def roots(self) -> list[tuple[bytes, bytes]]:
+        """Every named root (name, value), sorted by name."""
+        with self.env.read() as txn:
+            return [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self.roots_db)]
+
+
 @contextlib.asynccontextmanager
-async def exclusive_use(store: "EmbeddedStore") -> AsyncIterator[None]:
-    """Exclusive use of ``store`` for a prune (waits in a thread for the other users)."""
-    await asyncio.to_thread(store.enter_exclusive)
+async def exclusive_use(env: Environment) -> AsyncIterator[None]:
+    """Exclusive use of ``env`` for a prune (waits in a thread for the other users)."""
+    await asyncio.to_thread(env.enter_exclusive)
     try:
         yield
     finally:
-        store.leave_exclusive()
+        env.leave_exclusive()
 
 
 def _encode_root(root: NamedRoot) -> bytes:
@@ -74,14 +152,19 @@ class EmbeddedDirectoryService(DirectoryService):
         self.path = path
         self.options = options or StoreOptions()
         self.compression: Compression = compression
-        self._engine: EmbeddedStore | None = None
+        self._engine: _DirectoryRecords | None = None
         self._closed = False
 
-    def _store(self) -> EmbeddedStore:
+    def _store(self) -> _DirectoryRecords:
         if self._engine is None:
             if self._closed:
                 raise ClosedError("embedded directory service is closed")
-            self._engine = acquire(self.path, self.options)
+            env = acquire(self.path, self.options)
+            try:
+                self._engine = _DirectoryRecords(env)
+            except BaseException:
+                release(env)
+                raise
         return self._engine
 
     async def get(self, digest: B3Digest) -> Directory | None:
@@ -104,7 +187,7 @@ class EmbeddedDirectoryService(DirectoryService):
     async def fsck(self) -> FsckReport:
         """Verify that every stored directory hashes to its key and is valid."""
         store = self._store()
-        return await asyncio.to_thread(store.fsck, blobs=False, directories=True)
+        return await asyncio.to_thread(store.fsck)
 
     # -- named roots and prune (castore_di.roots) -----------------------------------------
 
@@ -120,18 +203,18 @@ class EmbeddedDirectoryService(DirectoryService):
         return None if old is None else _decode_root(name.encode(), old)
 
     def exclusive_use(self) -> AbstractAsyncContextManager[None]:
-        return exclusive_use(self._store())
+        return exclusive_use(self._store().env)
 
     async def prune(self, keep: set[B3Digest], *, dry_run: bool) -> tuple[int, int]:
         """Delete every directory not in ``keep``."""
         store = self._store()
-        return await asyncio.to_thread(store.sweep, store.dirs_db, cast(set[bytes], keep), dry_run=dry_run)
+        return await asyncio.to_thread(store.env.sweep, store.dirs_db, cast(set[bytes], keep), dry_run=dry_run)
 
     async def close(self) -> None:
         self._closed = True
         engine, self._engine = self._engine, None
         if engine is not None:
-            release(engine)
+            release(engine.env)
 
 
 @attrs.frozen(kw_only=True)

@@ -16,16 +16,17 @@ waits for the sweep to end, so a running import never loses what it wrote.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
 from castore_di.digests import B3Digest
-from castore_di.errors import CastoreError, StorageError, UnsupportedOperationError, ValidationError
+from castore_di.errors import CastoreError, LockedError, StorageError, UnsupportedOperationError, ValidationError
 from castore_di.nodes import FileNode
 
 if TYPE_CHECKING:  # the embedded directory service imports this module
@@ -104,8 +105,8 @@ class NamedRoots(Protocol):
 class Prunable(Protocol):
     """A service that can delete what a mark phase did not keep."""
 
-    def exclusive_use(self) -> AbstractAsyncContextManager[None]:
-        """Exclusive use of the underlying store for a sweep (waits for other users)."""
+    def exclusive_use(self, wait: float | None = None) -> AbstractAsyncContextManager[None]:
+        """Exclusive use of the underlying store (waits for other users; :class:`LockedError` after ``wait`` s)."""
         ...
 
     async def prune(self, keep: set[B3Digest], *, dry_run: bool) -> tuple[int, int]:
@@ -147,6 +148,20 @@ class PruneReport:
         )
 
 
+@contextlib.asynccontextmanager
+async def _exclusive(service: Prunable, wait: float | None, on_wait: Callable[[], None] | None) -> AsyncIterator[None]:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(service.exclusive_use(wait=0))
+        except LockedError:
+            if wait == 0:
+                raise
+            if on_wait is not None:
+                on_wait()
+            await stack.enter_async_context(service.exclusive_use(wait=wait))
+        yield
+
+
 async def _closure(dirs: DirectoryService, root: B3Digest) -> AsyncIterator[tuple[B3Digest, list[FileNode]]]:
     async for directory in dirs.get_recursive(root):
         yield directory.digest, [node for _name, node in directory.files()]
@@ -159,10 +174,14 @@ async def prune(
     keep: list[B3Digest] = (),  # type: ignore[assignment]
     all_unnamed: bool = False,
     dry_run: bool = False,
+    wait: float | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> PruneReport:
     """Delete every blob, chunk and directory not reachable from a named root or ``keep``.
 
-    ``keep`` digests may name directories (their closure is kept) or blobs.
+    ``keep`` digests may name directories (their closure is kept) or blobs. While other
+    processes use the store, ``on_wait`` is called once and the prune waits (``wait``
+    seconds at most, then :class:`LockedError`; ``None``: as long as it takes).
 
     Raises:
         NoRootsError: no named roots, no ``keep`` and not ``all_unnamed``.
@@ -180,7 +199,7 @@ async def prune(
             "no named roots: prune would delete every tree in the store; name trees with "
             "`castore import --name`, or say --keep DIGEST or --all-unnamed"
         )
-    async with dirs.exclusive_use(), blob.exclusive_use():
+    async with _exclusive(dirs, wait, on_wait), _exclusive(blob, wait, on_wait):
         # Read the names only now: an import that was running has finished and named its root.
         names = await roots.list_roots()
         kept_dirs: set[B3Digest] = set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pathlib
@@ -12,6 +13,8 @@ import time
 
 import pytest
 
+from castore_di.composition import load_container
+from castore_di.digests import B3Digest
 from castore_di.directoryservice.memory import MemoryDirectoryService
 from castore_di.errors import UnsupportedOperationError
 from castore_di.roots import named_roots
@@ -158,9 +161,29 @@ def test_an_import_running_during_prune_completes_intact(tmp_path: pathlib.Path)
             importing.kill()
     assert importing.returncode == 0, err
     assert pruning.returncode == 0, pruning.stderr
+    assert "waiting for other processes to close the store" in pruning.stderr  # it ran during the import
     digest = out.split()[2]
     assert {r.split()[0] for r in _ok(env, "roots").splitlines()} == {"kept", "stdlib"}
     export = tmp_path / "stdlib-out"
     _ok(env, "export", digest, str(export))
     assert_same_tree(STDLIB, str(export))
     assert _ok(env, "cat", digest_kept, "k.txt") == "kept"
+
+
+def test_prune_gives_up_after_wait_while_the_store_is_in_use(tmp_path: pathlib.Path) -> None:
+    env = _env(tmp_path)
+    digest = _ok(env, "import", "--name", "a", str(_tree(tmp_path / "a", {"a.txt": b"a"}))).split()[2]
+    config = {"blobservices": {"default": {"type": "embedded", "path": str(tmp_path / "data" / "castore")}},
+              "directoryservices": {"default": {"type": "embedded", "path": str(tmp_path / "data" / "castore")}}}
+
+    async def hold_and_prune() -> subprocess.CompletedProcess[str]:
+        container = load_container(config)
+        try:
+            assert await container.directory_service("default").get(B3Digest.parse(digest)) is not None  # opened
+            return await asyncio.to_thread(_castore, env, "prune", "--wait", "0.2")
+        finally:
+            await container.aclose()
+
+    busy = asyncio.run(hold_and_prune())
+    assert busy.returncode == 1 and "in use by other processes" in busy.stderr.splitlines()[-1]
+    assert "freed 0 directories" in _ok(env, "prune", "--wait", "0")  # closed: runs at once

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from castore_di._embedded.config import StoreOptions
 from castore_di._embedded.lease import WriterLease, lease_alive, lease_file, remove_dead_lease_files
-from castore_di.errors import ClosedError, ConfigError, MissingDependencyError, StorageError
+from castore_di.errors import ClosedError, ConfigError, LockedError, MissingDependencyError, StorageError
 
 if TYPE_CHECKING:
     import lmdb
@@ -241,8 +241,8 @@ class _UsersLock:
                 if deadline is not None and time.monotonic() >= deadline:
                     fcntl.flock(self._fd, fcntl.LOCK_SH)
                     os.close(fd)
-                    raise StorageError(
-                        f"embedded store {self._path} is in use by other processes (an import or a server); "
+                    raise LockedError(
+                        f"embedded store {self._path} is in use by other processes (an import, a server, a mount); "
                         "prune needs it alone"
                     ) from None
                 time.sleep(0.05)

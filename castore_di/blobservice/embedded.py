@@ -420,10 +420,10 @@ class EmbeddedBlobService(BlobService):
             raise ClosedError("embedded blob service is closed")
         return _EmbeddedWriter(self)
 
-    def exclusive_use(self) -> AbstractAsyncContextManager[None]:
+    def exclusive_use(self, wait: float | None = None) -> AbstractAsyncContextManager[None]:
         from castore_di.directoryservice.embedded import exclusive_use
 
-        return exclusive_use(self._store().env)
+        return exclusive_use(self._store().env, wait)
 
     async def prune(self, keep: set[B3Digest], *, dry_run: bool) -> tuple[int, int]:
         """Delete every blob (index and chunks) not in ``keep`` and every chunk no kept blob uses."""

@@ -88,8 +88,11 @@ def forget_command(ctx: CliContext, names: tuple[str, ...]) -> None:
 @click.option("--keep", "keep", multiple=True, type=DIGEST, help="Also keep this tree (or blob). Repeatable.")
 @click.option("--all-unnamed", is_flag=True,
               help="Run even when the store has no named roots (then only --keep is kept).")
+@click.option("--wait", "wait", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Give up after waiting this long for other processes to close the store (default: wait).")
 @pass_ctx
-def prune_command(ctx: CliContext, dry_run: bool, keep: tuple[B3Digest, ...], all_unnamed: bool) -> None:
+def prune_command(ctx: CliContext, dry_run: bool, keep: tuple[B3Digest, ...], all_unnamed: bool,
+                  wait: float | None) -> None:
     """Delete every blob, chunk and directory not reachable from a named root or --keep.
 
     Refuses when the store has no named roots unless --keep or --all-unnamed says what to
@@ -99,8 +102,12 @@ def prune_command(ctx: CliContext, dry_run: bool, keep: tuple[B3Digest, ...], al
     """
 
     async def run() -> None:
+        def waiting() -> None:
+            click.echo("castore: waiting for other processes to close the store (an import, a server, a mount)",
+                       err=True)
+
         report = await prune(ctx.blob_service(), ctx.directory_service(), keep=list(keep),
-                             all_unnamed=all_unnamed, dry_run=dry_run)
+                             all_unnamed=all_unnamed, dry_run=dry_run, wait=wait, on_wait=waiting)
         click.echo(report.summary())
 
     run_async(ctx, run)

@@ -116,9 +116,9 @@ class _DirectoryRecords:
 
 
 @contextlib.asynccontextmanager
-async def exclusive_use(env: Environment) -> AsyncIterator[None]:
-    """Exclusive use of ``env`` for a prune (waits in a thread for the other users)."""
-    await asyncio.to_thread(env.enter_exclusive)
+async def exclusive_use(env: Environment, wait: float | None = None) -> AsyncIterator[None]:
+    """Exclusive use of ``env`` for a prune (waits in a thread for the other users, ``wait`` s at most)."""
+    await asyncio.to_thread(env.enter_exclusive, wait)
     try:
         yield
     finally:
@@ -202,8 +202,8 @@ class EmbeddedDirectoryService(DirectoryService):
         old = self._store().delete_root(name.encode())
         return None if old is None else _decode_root(name.encode(), old)
 
-    def exclusive_use(self) -> AbstractAsyncContextManager[None]:
-        return exclusive_use(self._store().env)
+    def exclusive_use(self, wait: float | None = None) -> AbstractAsyncContextManager[None]:
+        return exclusive_use(self._store().env, wait)
 
     async def prune(self, keep: set[B3Digest], *, dry_run: bool) -> tuple[int, int]:
         """Delete every directory not in ``keep``."""

@@ -23,10 +23,11 @@ and the service calls on the event loop.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import os
 import tarfile
-import threading
+import zlib
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from typing import IO, Any, Final, TypeVar
@@ -109,14 +110,15 @@ class _Decompressing(io.RawIOBase):
             head += more
         self._head = head
         self._stream: Any = None
+        self._errors: tuple[type[Exception], ...] = ()  # the decompressor's "damaged data" errors
         if head.startswith(_ZSTD_MAGIC):
             import zstandard
 
             self._stream = zstandard.ZstdDecompressor().stream_reader(self._prefixed(), read_across_frames=True)
+            self._errors = (zstandard.ZstdError,)
         elif head.startswith(_GZIP_MAGIC):
-            import gzip
-
             self._stream = gzip.GzipFile(fileobj=self._prefixed(), mode="rb")
+            self._errors = (gzip.BadGzipFile, zlib.error)
         else:
             self._stream = self._prefixed()
 
@@ -143,7 +145,12 @@ class _Decompressing(io.RawIOBase):
         return True
 
     def readinto(self, b: Any) -> int:
-        data = self._stream.read(len(b))
+        try:
+            data = self._stream.read(len(b))
+        except EOFError as e:
+            raise ArchiveError(f"the compressed archive is truncated: {e}") from e
+        except self._errors as e:
+            raise ArchiveError(f"cannot decompress the archive: {e}") from e
         b[: len(data)] = data
         return len(data)
 
@@ -188,7 +195,8 @@ def _read_archive(blob: BlobService, bridge: _Bridge, source: IO[bytes], stats: 
     pending: list[tuple[Future[Node], int]] = []
     buffered = 0
     try:
-        with tarfile.open(fileobj=_Decompressing(source), mode="r|") as archive:  # type: ignore[call-overload]
+        stream = _Decompressing(source)
+        with tarfile.open(fileobj=stream, mode="r|") as archive:  # type: ignore[call-overload]
             for info in archive:
                 parts = _components(info.name)
                 if not parts:
@@ -228,6 +236,8 @@ def _read_archive(blob: BlobService, bridge: _Bridge, source: IO[bytes], stats: 
                     kind = _TYPE_NAMES.get(info.type, f"entry type {info.type!r}")
                     raise UnsupportedFileTypeError(info.name, kind)
                 _insert(top, parts, node, info.name)
+        while stream.read(_BLOCK):  # to the end, so gzip checks its CRC (zstd its checksum, if any)
+            pass
         for done, _size in pending:
             done.result()
     except tarfile.TarError as e:
@@ -377,8 +387,7 @@ def _write_archive(
     blob: BlobService, dirs: DirectoryService, bridge: _Bridge, root: B3Digest, out: IO[bytes], top: str,
     stats: TarStats,
 ) -> None:
-    lock = threading.Lock()  # tarfile is not re-entrant; one writer thread in any case
-    with lock, tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:  # type: ignore[call-overload]
         stack: list[tuple[str, Node]] = [(top, DirectoryNode(root, 0))]
         while stack:
             name, node = stack.pop()

@@ -178,6 +178,13 @@ async def test_truncated_and_garbage_archives(tmp_path: pathlib.Path, services: 
         await ingest_tar(blob, dirs, io.BytesIO(data[: len(data) // 2]))
     with pytest.raises(ArchiveError):
         await ingest_tar(blob, dirs, io.BytesIO(b"this is not a tar archive at all" * 40))
+    damaged = bytearray(gzip.compress(data))
+    damaged[len(damaged) // 2] ^= 0xFF  # inside a stored (incompressible) block: only the CRC tells
+    with pytest.raises(ArchiveError, match="decompress"):
+        await ingest_tar(blob, dirs, io.BytesIO(bytes(damaged)))
+    for kind in ("gzip", "zstd"):
+        with pytest.raises(ArchiveError, match="truncated|decompress|cannot read"):
+            await ingest_tar(blob, dirs, io.BytesIO(_compress(data, kind)[:200]))
 
 
 def _castore(env: dict[str, str], *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

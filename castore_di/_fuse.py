@@ -2,8 +2,9 @@
 
 Inodes are numbered in the order paths are first looked up and never reused during a mount
 (path -> inode is stable; the root is 1). Trees are immutable, so the kernel may cache
-entries, attributes and file pages for as long as it likes (long timeouts, ``keep_cache``):
-after the first visit ``getattr`` and ``stat`` do not reach this process.
+entries (absent names too), attributes and file pages for as long as it likes (long
+timeouts, ``keep_cache``): after the first visit ``getattr`` and ``stat`` do not reach this
+process.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ class CastoreOperations(pyfuse3.Operations):  # type: ignore[misc]  # untyped wi
             return self._attrs(up, self._node(up))
         child = (await self._directory(parent)).get(name)
         if child is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the absence
+            negative.entry_timeout = _TIMEOUT
+            return negative
         return self._attrs(self._inode(parent_inode, name, child), child)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

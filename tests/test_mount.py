@@ -118,6 +118,8 @@ def test_mount_of_a_remote_castore_serve(tmp_path: pathlib.Path, grpc_memory_ser
         assert os.stat(mnt / "sub" / "run.sh").st_mode & 0o111 and not os.stat(mnt / "hello.txt").st_mode & 0o111
         inode = os.stat(mnt / "sub" / "deeper" / "dup.txt").st_ino
         assert os.stat(mnt / "sub" / "deeper" / "dup.txt").st_ino == inode  # stable
+        for _ in range(2):  # the second answer comes from the kernel's negative cache
+            assert not (mnt / "sub" / "nope").exists()
     finally:
         code, err = mount.stop(signal.SIGTERM)
     assert code == 0 and err == "" and not _mounted(mnt)

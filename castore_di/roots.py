@@ -7,11 +7,12 @@ error by :func:`named_roots`).
 
 :func:`prune` deletes every blob, chunk and directory not reachable from a named root or
 from a ``keep`` digest. It is deliberately hard to run by accident: with no named roots it
-refuses unless ``keep`` or ``all_unnamed`` says what to do. It marks first (walking every
-kept closure through the directory service; an incomplete closure aborts the prune before
-anything is deleted), then sweeps with exclusive use of the store: a process that has the
-store open (an import, a server) is waited for, and one that opens it during the sweep
-waits for the sweep to end, so a running import never loses what it wrote.
+refuses unless ``keep`` or ``all_unnamed`` says what to do. It takes the store for itself
+first: a process that has it open (an import, a server, a mount) is waited for, and one that
+tries to open it meanwhile is refused ("try again"), so a running import never loses what it
+wrote. Then it marks (walking every kept closure through the directory service, with the
+names as they are now; an incomplete closure aborts the prune before anything is deleted)
+and sweeps.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -17,9 +18,10 @@ from castore_di.errors import ClosedError, ConfigError, LockedError, MissingDepe
 if TYPE_CHECKING:
     import lmdb
 
-__all__ = ["Environment", "acquire", "release"]
+__all__ = ["Environment", "acquire", "compact", "release"]
 
 _MAX_DBS = 8
+_USERS_LOCK = "users.lock"  # every process with the environment open holds a shared flock
 _SWEEP_BATCH = 4096  # keys examined per sweep write transaction (keeps each one short)
 
 
@@ -48,6 +50,10 @@ class Environment:
         self._dbs: dict[bytes, Any] = {}
         self._dbs_lock = threading.Lock()
         full = options.durability == "full"
+        self._users = _hold_users_lock(path)
+        self._exclusive_lock = threading.Lock()
+        self._exclusive_depth = 0
+        self._prune_fd: int | None = None
         try:
             os.makedirs(path, exist_ok=True)
             self.env: lmdb.Environment = self._lmdb.open(
@@ -62,8 +68,8 @@ class Environment:
                 lock=True,
             )
         except (self._lmdb.Error, OSError) as e:
+            self._users.close()
             raise StorageError(f"cannot open embedded store at {path}: {e}") from e
-        self._users = _UsersLock(path)
 
     def db(self, name: bytes) -> Any:
         """The named database (``lmdb._Database``), created on first use."""
@@ -137,12 +143,53 @@ class Environment:
     # -- exclusive use (castore prune) -----------------------------------------------
 
     def enter_exclusive(self, wait: float | None = None) -> None:
-        """Take exclusive use of the store (blocking: call it in a thread); see :class:`_UsersLock`."""
+        """Take the store for this process alone (blocking: call it in a thread).
+
+        Takes ``<path>/prune.lock`` (one prune at a time), then converts this process's shared
+        ``users.lock`` to exclusive, polling (so it never queues behind itself) until the
+        other processes have closed the store, for ``wait`` seconds at most
+        (:class:`LockedError` then). Re-entrant: both services of one path take it.
+        """
         self._check_open()
-        self._users.exclusive(wait)
+        with self._exclusive_lock:
+            if self._exclusive_depth:
+                self._exclusive_depth += 1
+                return
+            fd = os.open(os.path.join(self.path, "prune.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise StorageError(f"embedded store {self.path}: another prune is running") from None
+            deadline = None if wait is None else time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(self._users.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        fcntl.flock(self._users.fileno(), fcntl.LOCK_SH)
+                        os.close(fd)
+                        raise LockedError(
+                            f"embedded store {self.path} is in use by other processes (an import, a server, "
+                            "a mount); prune needs it alone"
+                        ) from None
+                    time.sleep(0.05)
+            self._prune_fd = fd
+            self._exclusive_depth = 1
 
     def leave_exclusive(self) -> None:
-        self._users.shared()
+        """Give the store back to the other processes (the shared ``users.lock`` again)."""
+        with self._exclusive_lock:
+            if self._exclusive_depth > 1:
+                self._exclusive_depth -= 1
+                return
+            self._exclusive_depth = 0
+            if not self._users.closed:
+                fcntl.flock(self._users.fileno(), fcntl.LOCK_SH)
+            if self._prune_fd is not None:
+                os.close(self._prune_fd)
+                self._prune_fd = None
 
     def sweep(self, db: Any, keep: set[bytes], *, dry_run: bool, also: tuple[Any, ...] = ()) -> tuple[int, int]:
         """Delete every key of ``db`` not in ``keep`` (and the same keys of ``also``); ``(keys, stored bytes)``.
@@ -196,75 +243,98 @@ class Environment:
         remove_dead_lease_files(self.path)
 
 
+def _hold_users_lock(path: str) -> Any:
+    """A shared ``flock`` on ``<path>/users.lock`` for as long as the environment is open.
+
+    :func:`compact` and a prune (:meth:`Environment.enter_exclusive`) take it exclusively, so
+    they know no other process has the store open, and an opener meanwhile is refused
+    instead of reading a file being swapped or records being deleted.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+        users = open(os.path.join(path, _USERS_LOCK), "a+b")  # noqa: SIM115 - held while open
+    except OSError as e:
+        raise StorageError(f"cannot open embedded store at {path}: {e}") from e
+    try:
+        fcntl.flock(users.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        users.close()
+        raise LockedError(
+            f"embedded store {path} is held exclusively by another process "
+            "(castore gc --compact or castore prune); try again when it is done"
+        ) from None
+    return users
+
+
+def _disk_usage(path: str) -> int:
+    """Bytes the store's data file occupies on disk (allocated blocks, not its length)."""
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+    except FileNotFoundError:
+        return 0
+    return st.st_blocks * 512
+
+
+def compact(path: str, options: StoreOptions | None = None) -> tuple[int, int]:
+    """Rewrite the store at ``path`` compactly and swap it in atomically; ``(before, after)`` bytes.
+
+    LMDB never gives freed pages back to the file system: it reuses them, so the data file
+    keeps its high-water mark. A compacting copy (``mdb_env_copy2`` with ``MDB_CP_COMPACT``)
+    writes only the pages in use; it is fsynced and renamed over ``data.mdb``. Refused
+    (:class:`LockedError`) while the store is open anywhere else, in this process or
+    another, since their maps would keep pointing at the old file.
+    """
+    lmdb = _import_lmdb()
+    key = _key(os.path.abspath(os.path.expanduser(path)))
+    with _registry_lock:
+        if key in _open:
+            raise LockedError(f"embedded store {key} is open in this process; close its services first")
+        try:
+            users = open(os.path.join(key, _USERS_LOCK), "a+b")  # noqa: SIM115
+        except OSError as e:
+            raise StorageError(f"cannot open embedded store at {key}: {e}") from e
+        with users:
+            try:
+                fcntl.flock(users.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockedError(
+                    f"refusing to compact embedded store {key}: another process has it open"
+                ) from None
+            before = _disk_usage(key)
+            work = os.path.join(key, ".compact")
+            shutil.rmtree(work, ignore_errors=True)
+            os.mkdir(work)
+            opts = options or StoreOptions()
+            try:
+                env = lmdb.open(key, map_size=opts.map_size, max_dbs=_MAX_DBS, subdir=True, lock=True,
+                                readahead=False)
+                try:
+                    env.copy(work, compact=True)
+                finally:
+                    env.close()
+                copied = os.path.join(work, "data.mdb")
+                fd = os.open(copied, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(copied, os.path.join(key, "data.mdb"))
+                dir_fd = os.open(key, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            except (lmdb.Error, OSError) as e:
+                raise StorageError(f"compacting embedded store {key} failed: {e}") from e
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            return before, _disk_usage(key)
+
+
 # --- per-process sharing ----------------------------------------------------------------
 
 _registry_lock = threading.Lock()
 _open: dict[str, tuple[Environment, int]] = {}
-
-
-class _UsersLock:
-    """Who uses the store, for ``castore prune``: ``<path>/users.lock``.
-
-    Every process holds a shared ``flock`` on it while it has the store open; a prune
-    converts its own to exclusive (polling, so it never queues behind itself) after taking
-    ``<path>/prune.lock`` (one prune at a time). A process opening the store while a prune
-    holds it waits in ``flock`` until the prune ends.
-    """
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._prune_fd: int | None = None
-        self._depth = 0  # exclusive() is re-entrant: both services of one path take it
-        try:
-            self._fd: int | None = os.open(os.path.join(path, "users.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            fcntl.flock(self._fd, fcntl.LOCK_SH)
-        except OSError as e:
-            raise StorageError(f"embedded store {path}: cannot take the users lock: {e}") from e
-
-    def exclusive(self, wait: float | None) -> None:
-        assert self._fd is not None
-        if self._depth:
-            self._depth += 1
-            return
-        fd = os.open(os.path.join(self._path, "prune.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StorageError(f"embedded store {self._path}: another prune is running") from None
-        deadline = None if wait is None else time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    fcntl.flock(self._fd, fcntl.LOCK_SH)
-                    os.close(fd)
-                    raise LockedError(
-                        f"embedded store {self._path} is in use by other processes (an import, a server, a mount); "
-                        "prune needs it alone"
-                    ) from None
-                time.sleep(0.05)
-        self._prune_fd = fd
-        self._depth = 1
-
-    def shared(self) -> None:
-        if self._depth > 1:
-            self._depth -= 1
-            return
-        self._depth = 0
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_SH)
-        if self._prune_fd is not None:
-            os.close(self._prune_fd)
-            self._prune_fd = None
-
-    def close(self) -> None:
-        self.shared()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 def _key(path: str) -> str:

@@ -96,8 +96,9 @@ def prune_command(ctx: CliContext, dry_run: bool, keep: tuple[B3Digest, ...], al
     """Delete every blob, chunk and directory not reachable from a named root or --keep.
 
     Refuses when the store has no named roots unless --keep or --all-unnamed says what to
-    keep. Waits until no other process uses the store (an import, a server), and holds it
-    alone while it deletes, so nothing a running import writes is lost. `castore gc` is the
+    keep. Waits until no other process uses the store (an import, a server, a mount) and
+    holds it alone while it runs (other processes are refused meanwhile), so nothing a
+    running import writes is lost. `castore gc` is the
     other, always-safe cleanup: only data that no blob or writer can reach.
     """
 

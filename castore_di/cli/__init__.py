@@ -21,7 +21,7 @@ from typing import TypeVar
 import click
 
 from castore_di.cli.context import CliContext
-from castore_di.errors import CastoreError, ConfigError
+from castore_di.errors import CastoreError, ConfigError, describe
 
 __all__ = ["main", "cli", "run_async", "pass_ctx", "NothingCheckedError"]
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 def _report(e: BaseException, verbose: bool, prefix: str | None = None) -> None:
     if verbose:
         traceback.print_exception(e)
-    message = str(e) or type(e).__name__
+    message = describe(e)
     # One line whatever the message (YAML parser errors span several); --verbose has it all.
     message = " ".join(part.strip() for part in message.splitlines() if part.strip())
     click.echo(f"castore: {prefix + ': ' if prefix else ''}{message}", err=True)

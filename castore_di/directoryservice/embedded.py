@@ -14,7 +14,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import ClassVar, cast
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import attrs
 
@@ -23,18 +23,20 @@ from castore_di._embedded import (
     EmbeddedStoreFields,
     Environment,
     StoreOptions,
-    acquire,
+    Handle,
     codec,
-    release,
-    url_fields,
+    config_from_url,
 )
 from castore_di.composition.config import DirectoryServiceConfig
 from castore_di.digests import B3_LEN, B3Digest, blake3_digest
 from castore_di.directoryservice.base import DirectoryService
-from castore_di.errors import ClosedError, IntegrityError, ValidationError
+from castore_di.errors import IntegrityError, ValidationError
 from castore_di.maintenance import FsckReport
 from castore_di.nodes import Directory
 from castore_di.roots import NamedRoot
+
+if TYPE_CHECKING:
+    import lmdb
 
 __all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig", "exclusive_use"]
 
@@ -49,13 +51,16 @@ class _DirectoryRecords:
         self.dirs_db = env.db(b"dirs")
         self.roots_db = env.db(b"roots")
 
-    def put_directories(self, items: list[tuple[B3Digest, bytes]], compression: Compression) -> None:
-        """Store encoded directories not yet present, all in one transaction."""
-        enc = codec()
-        with self.env.write() as txn:
+    async def put_directories(self, items: list[tuple[B3Digest, bytes]], compression: Compression) -> None:
+        """Store encoded directories not yet present, all in one transaction (on the writer thread)."""
+
+        def put(txn: lmdb.Transaction) -> None:
+            enc = codec()
             for digest, encoded in items:
                 if txn.get(digest, db=self.dirs_db) is None:
                     txn.put(digest, enc.encode(encoded, compression), db=self.dirs_db)
+
+        await self.env.transact(put)
 
     def get_directory_bytes(self, digest: B3Digest) -> bytes | None:
         """A directory's verified encoding; ``None`` when absent."""
@@ -167,20 +172,11 @@ class EmbeddedDirectoryService(DirectoryService):
         self.path = path
         self.options = options or StoreOptions()
         self.compression: Compression = compression
-        self._engine: _DirectoryRecords | None = None
-        self._closed = False
+        self._handle = Handle(path, self.options, _DirectoryRecords, "embedded directory service")
 
     def _store(self) -> _DirectoryRecords:
-        if self._engine is None:
-            if self._closed:
-                raise ClosedError("embedded directory service is closed")
-            env = acquire(self.path, self.options)
-            try:
-                self._engine = _DirectoryRecords(env)
-            except BaseException:
-                release(env)
-                raise
-        return self._engine
+        """The directory records, opening the environment if needed (blocks; tests and threads)."""
+        return self._handle.get_blocking()
 
     async def check_connectivity(self) -> str:
         """Open the store's environment (in a thread) and read from it once."""
@@ -193,7 +189,7 @@ class EmbeddedDirectoryService(DirectoryService):
         return f"embedded store {self.path}: open"
 
     async def get(self, digest: B3Digest) -> Directory | None:
-        raw = self._store().get_directory_bytes(digest)
+        raw = (await self._handle.get()).get_directory_bytes(digest)
         if raw is None:
             return None
         try:
@@ -203,15 +199,16 @@ class EmbeddedDirectoryService(DirectoryService):
 
     async def put(self, directory: Directory) -> B3Digest:
         digest = directory.digest
-        self._store().put_directories([(digest, directory.encode())], self.compression)
+        await (await self._handle.get()).put_directories([(digest, directory.encode())], self.compression)
         return digest
 
     async def _store_closure(self, root: B3Digest, directories: list[Directory]) -> None:
-        self._store().put_directories([(d.digest, d.encode()) for d in directories], self.compression)
+        records = await self._handle.get()
+        await records.put_directories([(d.digest, d.encode()) for d in directories], self.compression)
 
     async def directory_digests(self) -> AsyncIterator[B3Digest]:
         """Every stored directory, in pages read in a thread (no transaction spans a yield)."""
-        store = self._store()
+        store = await self._handle.get()
         after: bytes | None = None
         while True:
             page = await asyncio.to_thread(store.digests_after, after, 1024)
@@ -223,7 +220,7 @@ class EmbeddedDirectoryService(DirectoryService):
 
     async def fsck(self) -> FsckReport:
         """Verify that every stored directory hashes to its key and is valid."""
-        store = self._store()
+        store = await self._handle.get()
         return await asyncio.to_thread(store.fsck)
 
     # -- named roots and prune (castore_di.roots) -----------------------------------------
@@ -248,10 +245,7 @@ class EmbeddedDirectoryService(DirectoryService):
         return await asyncio.to_thread(store.env.sweep, store.dirs_db, cast(set[bytes], keep), dry_run=dry_run)
 
     async def close(self) -> None:
-        self._closed = True
-        engine, self._engine = self._engine, None
-        if engine is not None:
-            release(engine.env)
+        await self._handle.close()
 
 
 @attrs.frozen(kw_only=True)
@@ -269,4 +263,4 @@ class EmbeddedDirectoryServiceConfig(EmbeddedStoreFields, DirectoryServiceConfig
         parameters ``map_size``, ``durability``, ``sync_interval``, ``max_readers`` and
         ``compression``.
         """
-        return cls(**url_fields(url, ("map_size", "durability", "sync_interval", "max_readers", "compression")))
+        return config_from_url(cls, url)

@@ -5,8 +5,9 @@ It offers named databases, read and write transactions, syncs, writer leases
 share and their URLs (:mod:`.config`), and per-process sharing (:mod:`.env`). The record
 formats, checks and garbage collection belong to the kinds:
 :mod:`castore_di.blobservice.embedded` (chunks, chunk indexes, loose chunks, gc) and
-:mod:`castore_di.directoryservice.embedded` (directories). The environment lives under
-``<path>/`` (``data.mdb`` + ``lock.mdb``; writer lock files under ``writers/``).
+:mod:`castore_di.directoryservice.embedded` (directories, named roots). The environment lives
+under ``<path>/`` (``data.mdb`` + ``lock.mdb``; writer lock files under ``writers/``;
+``users.lock`` and ``prune.lock``, through which ``castore prune`` takes the store for itself).
 
 Why LMDB (measured on this machine, 10,000 random 1-16 KiB values, one transaction per value
 holding a chunk existence check, a chunk put and an index put, as a blob close does):

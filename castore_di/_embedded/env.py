@@ -51,6 +51,7 @@ T = TypeVar("T")
 
 _MAX_DBS = 8
 _USERS_LOCK = "users.lock"  # every process with the environment open holds a shared flock
+_SWEEP_BATCH = 4096  # keys examined per sweep write transaction (keeps each one short)
 
 
 def _import_lmdb() -> Any:
@@ -81,6 +82,9 @@ class Environment:
         self.writer = Writer(self)
         full = options.durability == "full"
         self._users = _hold_users_lock(path)
+        self._exclusive_lock = threading.Lock()
+        self._exclusive_depth = 0
+        self._prune_fd: int | None = None
         try:
             self._open_env(path, full)
         except BaseException:
@@ -178,6 +182,88 @@ class Environment:
             self.env.close()
             self._users.close()
 
+    # -- exclusive use (castore prune) -----------------------------------------------
+
+    def enter_exclusive(self, wait: float | None = None) -> None:
+        """Take the store for this process alone (blocking: call it in a thread).
+
+        Takes ``<path>/prune.lock`` (one prune at a time), then converts this process's shared
+        ``users.lock`` to exclusive, polling (so it never queues behind itself) until the
+        other processes have closed the store, for ``wait`` seconds at most
+        (:class:`LockedError` then). Re-entrant: both services of one path take it.
+        """
+        self._check_open()
+        with self._exclusive_lock:
+            if self._exclusive_depth:
+                self._exclusive_depth += 1
+                return
+            fd = os.open(os.path.join(self.path, "prune.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise StorageError(f"embedded store {self.path}: another prune is running") from None
+            deadline = None if wait is None else time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(self._users.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        fcntl.flock(self._users.fileno(), fcntl.LOCK_SH)
+                        os.close(fd)
+                        raise LockedError(
+                            f"embedded store {self.path} is in use by other processes (an import, a server, "
+                            "a mount); prune needs it alone"
+                        ) from None
+                    time.sleep(0.05)
+            self._prune_fd = fd
+            self._exclusive_depth = 1
+
+    def leave_exclusive(self) -> None:
+        """Give the store back to the other processes (the shared ``users.lock`` again)."""
+        with self._exclusive_lock:
+            if self._exclusive_depth > 1:
+                self._exclusive_depth -= 1
+                return
+            self._exclusive_depth = 0
+            if not self._users.closed:
+                fcntl.flock(self._users.fileno(), fcntl.LOCK_SH)
+            if self._prune_fd is not None:
+                os.close(self._prune_fd)
+                self._prune_fd = None
+
+    def sweep(self, db: Any, keep: set[bytes], *, dry_run: bool, also: tuple[Any, ...] = ()) -> tuple[int, int]:
+        """Delete every key of ``db`` not in ``keep`` (and the same keys of ``also``); ``(keys, stored bytes)``.
+
+        Works in write transactions of at most ``_SWEEP_BATCH`` keys. Only for use under
+        :meth:`enter_exclusive`.
+        """
+        count = size = 0
+        after: bytes | None = None
+        while True:
+            with self.read() if dry_run else self.write() as txn:
+                cursor = txn.cursor(db=db)
+                found = cursor.first() if after is None else cursor.set_range(after)
+                batch: list[tuple[bytes, int]] = []
+                scanned: bytes | None = None
+                while found and len(batch) < _SWEEP_BATCH:
+                    key = bytes(cursor.key())
+                    scanned = key
+                    if key != after and key not in keep:
+                        batch.append((key, len(cursor.value())))
+                    found = cursor.next()
+                for key, stored in batch:
+                    count += 1
+                    size += stored
+                    if not dry_run:
+                        txn.delete(key, db=db)
+                        for other in also:
+                            txn.delete(key, db=other)
+            if not found or scanned is None:
+                return count, size
+            after = scanned
+
     # -- writer leases ---------------------------------------------------------------
 
     def new_lease(self) -> WriterLease:
@@ -202,8 +288,9 @@ class Environment:
 def _hold_users_lock(path: str) -> Any:
     """A shared ``flock`` on ``<path>/users.lock`` for as long as the environment is open.
 
-    :func:`compact` takes it exclusively, so it knows no other process has the store open,
-    and an opener meanwhile is refused instead of reading a file being swapped.
+    :func:`compact` and a prune (:meth:`Environment.enter_exclusive`) take it exclusively, so
+    they know no other process has the store open, and an opener meanwhile is refused
+    instead of reading a file being swapped or records being deleted.
     """
     try:
         os.makedirs(path, exist_ok=True)
@@ -215,7 +302,8 @@ def _hold_users_lock(path: str) -> Any:
     except BlockingIOError:
         users.close()
         raise LockedError(
-            f"embedded store {path} is being compacted by another process (castore gc --compact); try again"
+            f"embedded store {path} is held exclusively by another process "
+            "(castore gc --compact or castore prune); try again when it is done"
         ) from None
     return users
 

@@ -55,7 +55,8 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from typing import TYPE_CHECKING, Any, ClassVar
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import attrs
 
@@ -558,6 +559,30 @@ class EmbeddedBlobService(BlobService):
         if self._closed:
             raise ClosedError("embedded blob service is closed")
         return _EmbeddedWriter(self)
+
+    def exclusive_use(self, wait: float | None = None) -> AbstractAsyncContextManager[None]:
+        from castore_di.directoryservice.embedded import exclusive_use
+
+        return exclusive_use(self._store().env, wait)
+
+    async def prune(self, keep: set[B3Digest], *, dry_run: bool) -> tuple[int, int]:
+        """Delete every blob (index and chunks) not in ``keep`` and every chunk no kept blob uses."""
+        store = self._store()
+
+        def sweep() -> tuple[int, int]:
+            chunks: set[bytes] = set()
+            for digest in keep:
+                is_chunk, index = store.lookup_blob(digest)
+                if is_chunk:
+                    chunks.add(digest)
+                elif index is not None:
+                    chunks.update(d for d, _size in index)
+            env = store.env
+            indexes, index_bytes = env.sweep(store.blobs_db, cast(set[bytes], keep), dry_run=dry_run)
+            dropped, chunk_bytes = env.sweep(store.chunks_db, chunks, dry_run=dry_run, also=(store.loose_db,))
+            return indexes + dropped, index_bytes + chunk_bytes
+
+        return await asyncio.to_thread(sweep)
 
     async def fsck(self) -> FsckReport:
         """Verify every chunk and chunk index (directories: the directory service's ``fsck``)."""

@@ -114,7 +114,7 @@ def _load_commands() -> None:
     # Each command lives in its own module and registers itself on ``cli``.
     import importlib
 
-    for name in ("check", "serve", "transfer", "inspect", "maintain"):
+    for name in ("check", "serve", "transfer", "inspect", "maintain", "mount", "roots"):
         try:
             importlib.import_module(f"castore_di.cli.{name}")
         except ModuleNotFoundError as e:

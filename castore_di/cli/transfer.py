@@ -140,14 +140,16 @@ def node_line(path: str | bytes, node: Node) -> str:
 
 
 @cli.command("import")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=False))
+@click.argument("paths", nargs=-1, type=click.Path(exists=False))
+@click.option("--tar", "tar", metavar="FILE|-", help="Import a tar archive (plain, gzip or zstd) instead of PATHS.")
+@click.option("--name", metavar="NAME", help="Record the imported root under NAME (see `castore roots`).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per path instead of text.")
 @click.option("-j", "--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_CONCURRENCY, show_default=True,
               help="Files read and uploaded at once.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when it is a terminal).")
 @pass_ctx
-def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concurrency: int,
-                   progress: bool | None) -> None:
+def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, name: str | None, as_json: bool,
+                   concurrency: int, progress: bool | None) -> None:
     """Import files, directories and symlinks; print the root node of each PATH.
 
     Text output is one line per PATH: `<path> <type> <b3:digest> <size>` where type is
@@ -157,9 +159,22 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concu
     path or target that is not UTF-8 also comes as "path_b64"/"target_b64" (exact bytes).
     Paths with control characters, quotes or invalid UTF-8 are quoted in text output.
     Fifos, sockets and devices are refused with an error naming the path.
+    With --tar FILE (- for standard input): the archive's one top-level directory.
     """
+    if bool(tar) == bool(paths):
+        raise click.UsageError("give PATHS or --tar FILE (one of them)")
+    from castore_di.cli.roots import check_name, record_name
+
+    check_name(name, 1 if tar else len(paths))
 
     async def run() -> None:
+        if tar:
+            from castore_di.cli.archive import import_tar
+
+            tree, size = await import_tar(ctx, tar, as_json)
+            if name:
+                await record_name(ctx, name, tree, size)
+            return
         blob, dirs = ctx.blob_service(), ctx.directory_service()
         for path in paths:
             bar = Progress(f"importing {quote_name(path)}", enabled=progress)
@@ -168,6 +183,8 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concu
                 _name, node = await ingest_path(blob, dirs, path, concurrency=concurrency, progress=bar, stats=stats)
             finally:
                 bar.finish()
+            if name:
+                await record_name(ctx, name, node, stats.bytes)
             if as_json:
                 click.echo(json_line(node_json(path, node)))
             else:
@@ -195,7 +212,9 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]
 
 @cli.command("export")
 @click.argument("source")
-@click.argument("dest", type=click.Path())
+@click.argument("dest", type=click.Path(), required=False)
+@click.option("--tar", "tar", metavar="FILE|-", help="Write the directory as a deterministic tar instead of DEST.")
+@click.option("--tar-top", metavar="NAME", help="With --tar: the top-level directory's name (default: the digest in hex).")
 @click.option("--directory", "form", flag_value="directory", help="SOURCE is a directory digest.")
 @click.option("--file", "form", flag_value="file", help="SOURCE is a blob digest; DEST becomes one file.")
 @click.option("--symlink", "form", flag_value="symlink", help="SOURCE is a symlink target; DEST becomes the symlink.")
@@ -210,8 +229,9 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]
               help="Refuse a tree that expands to more bytes than this (e.g. 10G); the free space at DEST "
                    "is always checked.")
 @pass_ctx
-def export_command(ctx: CliContext, source: str, dest: str, form: str | None, executable: bool, force: bool,
-                   concurrency: int, progress: bool | None, max_size: int | None) -> None:
+def export_command(ctx: CliContext, source: str, dest: str | None, tar: str | None, tar_top: str | None,
+                   form: str | None, executable: bool, force: bool, concurrency: int, progress: bool | None,
+                   max_size: int | None) -> None:
     """Materialize a stored node at DEST.
 
     Without --directory/--file/--symlink, SOURCE is a digest looked up as a directory
@@ -221,7 +241,17 @@ def export_command(ctx: CliContext, source: str, dest: str, form: str | None, ex
     symlinks and never followed, and names that could escape DEST are refused. The size
     the tree expands to is computed first: more than --max-size or the free space at DEST
     is refused before anything is written.
+    With --tar FILE (- for standard output) a directory is written as one tar, streamed.
     """
+    if (dest is None) == (tar is None):
+        raise click.UsageError("give DEST or --tar FILE (one of them)")
+    if tar is not None:
+        from castore_di.cli.archive import export_tar
+
+        digest = DIGEST.convert(source, None, click.get_current_context())
+        run_async(ctx, lambda: export_tar(ctx, digest, tar, tar_top))
+        return
+    assert dest is not None
     if form == "symlink":
         export_symlink(SymlinkNode(os.fsencode(source)), dest, replace=force)
         return

@@ -3,14 +3,18 @@
 Directories are stored by digest in the data directory's LMDB environment (shared with the
 embedded blob service when both use one path; see :mod:`castore_di._embedded`), in the
 ``dirs`` database: directory digest -> a stored value (:mod:`castore_di._embedded.codec`)
-of the directory's canonical encoding. This module owns those records and their check.
+of the directory's canonical encoding, and the ``roots`` database of named roots
+(:mod:`castore_di.roots`). This module owns those records, their check and their prune.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, ClassVar
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import attrs
 
@@ -29,11 +33,12 @@ from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import IntegrityError, ValidationError
 from castore_di.maintenance import FsckReport
 from castore_di.nodes import Directory
+from castore_di.roots import NamedRoot
 
 if TYPE_CHECKING:
     import lmdb
 
-__all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig"]
+__all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig", "exclusive_use"]
 
 _ABSENT = B3Digest(bytes(32))  # a digest no store holds: a read that finds nothing
 
@@ -44,6 +49,7 @@ class _DirectoryRecords:
     def __init__(self, env: Environment) -> None:
         self.env = env
         self.dirs_db = env.db(b"dirs")
+        self.roots_db = env.db(b"roots")
 
     async def put_directories(self, items: list[tuple[B3Digest, bytes]], compression: Compression) -> None:
         """Store encoded directories not yet present, all in one transaction (on the writer thread)."""
@@ -102,6 +108,56 @@ class _DirectoryRecords:
                 except ValueError as e:
                     report.problems.append(f"{name}: invalid directory: {e}")
         return report
+
+
+    # named roots: name (UTF-8) -> JSON {"digest": hex, "created": unix time, "size", "entries"}
+
+    def put_root(self, name: bytes, value: bytes) -> bytes | None:
+        """Record a named root; the value it replaced."""
+        with self.env.write() as txn:
+            old = txn.get(name, db=self.roots_db)
+            old = None if old is None else bytes(old)
+            txn.put(name, value, db=self.roots_db)
+        return old
+
+    def delete_root(self, name: bytes) -> bytes | None:
+        """Drop a named root; its value, or ``None`` when there was none."""
+        with self.env.write() as txn:
+            old = txn.get(name, db=self.roots_db)
+            old = None if old is None else bytes(old)
+            if old is not None:
+                txn.delete(name, db=self.roots_db)
+        return old
+
+    def roots(self) -> list[tuple[bytes, bytes]]:
+        """Every named root (name, value), sorted by name."""
+        with self.env.read() as txn:
+            return [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self.roots_db)]
+
+
+@contextlib.asynccontextmanager
+async def exclusive_use(env: Environment, wait: float | None = None) -> AsyncIterator[None]:
+    """Exclusive use of ``env`` for a prune (waits in a thread for the other users, ``wait`` s at most)."""
+    await asyncio.to_thread(env.enter_exclusive, wait)
+    try:
+        yield
+    finally:
+        env.leave_exclusive()
+
+
+def _encode_root(root: NamedRoot) -> bytes:
+    return json.dumps({"digest": root.digest.hex(), "created": root.created, "size": root.size,
+                       "entries": root.entries}).encode()
+
+
+def _decode_root(name: bytes, value: bytes) -> NamedRoot:
+    try:
+        fields = json.loads(value)
+        return NamedRoot(name=name.decode(), digest=B3Digest(bytes.fromhex(fields["digest"])),
+                         created=float(fields["created"]), size=int(fields["size"]),
+                         entries=int(fields.get("entries", 0)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise IntegrityError(f"named root {name!r}: stored record is invalid: {e}") from e
 
 
 class EmbeddedDirectoryService(DirectoryService):
@@ -166,6 +222,27 @@ class EmbeddedDirectoryService(DirectoryService):
         """Verify that every stored directory hashes to its key and is valid."""
         store = await self._handle.get()
         return await asyncio.to_thread(store.fsck)
+
+    # -- named roots and prune (castore_di.roots) -----------------------------------------
+
+    async def set_root(self, root: NamedRoot) -> NamedRoot | None:
+        old = self._store().put_root(root.name.encode(), _encode_root(root))
+        return None if old is None else _decode_root(root.name.encode(), old)
+
+    async def list_roots(self) -> list[NamedRoot]:
+        return [_decode_root(name, value) for name, value in self._store().roots()]
+
+    async def forget_root(self, name: str) -> NamedRoot | None:
+        old = self._store().delete_root(name.encode())
+        return None if old is None else _decode_root(name.encode(), old)
+
+    def exclusive_use(self, wait: float | None = None) -> AbstractAsyncContextManager[None]:
+        return exclusive_use(self._store().env, wait)
+
+    async def prune(self, keep: set[B3Digest], *, dry_run: bool) -> tuple[int, int]:
+        """Delete every directory not in ``keep``."""
+        store = self._store()
+        return await asyncio.to_thread(store.env.sweep, store.dirs_db, cast(set[bytes], keep), dry_run=dry_run)
 
     async def close(self) -> None:
         await self._handle.close()

@@ -446,3 +446,35 @@ async def test_queued_writes_are_group_committed_and_a_failing_one_rolls_back_al
         assert txn.get(b"key7", db=db) is None
         assert all(txn.get(b"key%d" % n, db=db) is not None for n in range(20) if n != 7)
     await release_async(env)
+
+
+def test_opening_a_database_while_a_write_transaction_is_open_does_not_freeze(tmp_path: Path) -> None:
+    """Regression: ``Environment.db`` used ``open_db`` without a transaction, which waits for
+    LMDB's writer lock while holding the GIL; with the writer thread inside a transaction the
+    whole process froze (seen as a hung test of many threads sharing one store)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import threading, time
+        from castore_di._embedded import acquire, release
+        env = acquire({str(tmp_path)!r})
+        holding = threading.Event()
+        def hold():
+            with env.env.begin(write=True):
+                holding.set()
+                time.sleep(0.5)  # needs the GIL back to finish
+        t = threading.Thread(target=hold)
+        t.start()
+        holding.wait()
+        env.db(b"opened-late")
+        t.join()
+        release(env)
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

@@ -112,8 +112,12 @@ class Environment:
         with self._dbs_lock:
             found = self._dbs.get(name)
             if found is None:
-                with self.lmdb_errors(f"cannot open database {name!r}"):
-                    found = self._dbs[name] = self.env.open_db(name)
+                # open_db without a transaction waits for LMDB's writer lock holding the GIL,
+                # which freezes the process while the writer thread has a transaction open;
+                # beginning the write transaction ourselves waits with the GIL released
+                with self.lmdb_errors(f"cannot open database {name!r}"), self.env.begin(write=True) as txn:
+                    found = self.env.open_db(name, txn=txn)
+                self._dbs[name] = found
             return found
 
     def lmdb_errors(self, doing: str = "") -> Any:

@@ -46,6 +46,8 @@ __all__ = [
 DEFAULT_CONCURRENCY: Final = 32
 _TMP_PREFIX: Final = ".castore-tmp-"
 _O_DIR: Final = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+# The parent of DEST is the user's own path: links on the way to it are followed.
+_O_PARENT: Final = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _O_NEW: Final = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 )
@@ -316,12 +318,19 @@ def _storage_error(e: BaseException, shown: str) -> BaseException:
     return StorageError(f"unable to write {shown}: {e.strerror or e}")
 
 
+def _open_parent(parent: str) -> int:
+    try:
+        return os.open(parent, _O_PARENT)
+    except OSError as e:
+        raise StorageError(f"unable to open directory {parent}: {e.strerror or e}") from e
+
+
 async def export_file(blob: BlobService, node: FileNode, dest: str | os.PathLike[str], *, replace: bool = False) -> None:
     """Write one file (verified, executable bit restored) at ``dest``."""
     dest = os.fspath(dest)
     parent, base = os.path.split(os.path.abspath(dest))
     name = _check_name(os.fsencode(base), dest)
-    fd = os.open(parent, _O_DIR)
+    fd = _open_parent(parent)
     try:
         await _write_blob(blob, node, fd, name, dest, replace)
     except FileExistsError as e:
@@ -339,7 +348,7 @@ def export_symlink(node: SymlinkNode, dest: str | os.PathLike[str], *, replace: 
     dest = os.fspath(dest)
     parent, base = os.path.split(os.path.abspath(dest))
     name = _check_name(os.fsencode(base), dest)
-    fd = os.open(parent, _O_DIR)
+    fd = _open_parent(parent)
     try:
         _make_symlink(node, fd, name, replace)
     except FileExistsError as e:

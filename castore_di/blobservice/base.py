@@ -396,6 +396,17 @@ class BlobService(abc.ABC):
             raise
         return await writer.close()
 
+    async def has_many(self, digests: Sequence[B3Digest]) -> list[bool]:
+        """``has`` for each digest, in order (backends may answer in one lookup)."""
+        return list(await asyncio.gather(*(self.has(d) for d in digests)))
+
+    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        """Store several (small) blobs; their digests in order, each returned only once stored.
+
+        Backends may commit them together (one transaction); the default puts them concurrently.
+        """
+        return list(await asyncio.gather(*(self.put(b) for b in blobs)))
+
     async def read_bytes(self, digest: B3Digest) -> bytes | None:
         """The whole blob in memory (verified), or ``None`` when absent."""
         reader = await self.open_read(digest)

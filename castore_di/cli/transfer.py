@@ -62,8 +62,8 @@ class Progress:
         self._total_files, self._total_bytes = files, nbytes
         self._draw(force=True)
 
-    def advance(self, nbytes: int) -> None:
-        self._files += 1
+    def advance(self, nbytes: int, files: int = 1) -> None:
+        self._files += files
         self._bytes += nbytes
         self._draw()
 
@@ -124,17 +124,26 @@ def node_line(path: str, node: Node) -> str:
 @click.option("-j", "--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_CONCURRENCY, show_default=True,
               help="Files read and uploaded at once.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when it is a terminal).")
+@click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
+              help="Leave out paths matching this gitignore-style pattern (relative to each PATH; repeatable).")
+@click.option("--skip-special", is_flag=True,
+              help="Skip fifos, sockets and devices with a warning each instead of failing.")
 @pass_ctx
 def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concurrency: int,
-                   progress: bool | None) -> None:
+                   progress: bool | None, excludes: tuple[str, ...], skip_special: bool) -> None:
     """Import files, directories and symlinks; print the root node of each PATH.
 
     Text output is one line per PATH: `<path> <type> <b3:digest> <size>` where type is
     directory, file or executable and size is bytes for files and the number of entries
     below for directories; a symlink prints `<path> symlink <target>` (never followed).
     With --json: {"path", "type", "digest", "size"} per line (symlinks: "target").
-    Fifos, sockets and devices are refused with an error naming the path.
+    Fifos, sockets and devices are refused with an error naming the path, or skipped
+    with a warning on stderr with --skip-special. --exclude takes gitignore patterns
+    (`*.pyc`, `build/`, `/top-only`, `!keep.pyc`), matched below each PATH.
     """
+
+    def warn(message: str) -> None:
+        click.echo(f"castore: warning: {message}", err=True)
 
     async def run() -> None:
         blob, dirs = ctx.blob_service(), ctx.directory_service()
@@ -142,7 +151,8 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concu
             bar = Progress(f"importing {path}", enabled=progress)
             stats = ImportStats()
             try:
-                _name, node = await ingest_path(blob, dirs, path, concurrency=concurrency, progress=bar, stats=stats)
+                _name, node = await ingest_path(blob, dirs, path, concurrency=concurrency, progress=bar, stats=stats,
+                                                exclude=excludes, skip_special=skip_special, warn=warn)
             finally:
                 bar.finish()
             if as_json:

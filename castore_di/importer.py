@@ -25,17 +25,16 @@ measures it against restic and b3sum.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import os
 import stat
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
 import attrs
 import blake3
 
+from castore_di._dirfds import O_DIR, DirFds, Handle, open_dir
 from castore_di.blobservice.base import BlobService
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
@@ -57,11 +56,9 @@ READ_THREADS: Final = 2  # more only adds GIL hand-offs (measured on 2 cores)
 _BLOCK: Final = 1 << 20
 _BATCH_FILES: Final = 128
 _BATCH_BYTES: Final = 4 << 20
-_DIR_FDS_KEPT: Final = 64
 _CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _O_READ: Final = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
-_O_DIR: Final = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
 
 
 class ImportProgress(Protocol):
@@ -133,21 +130,6 @@ class _File:
         self.size = size
 
 
-class _Handle:
-    """A directory descriptor with a reference count (guarded by its owner's lock)."""
-
-    __slots__ = ("fd", "refs")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.refs = 1
-
-    def release(self) -> None:
-        self.refs -= 1
-        if self.refs == 0:
-            os.close(self.fd)
-
-
 class _Tree:
     """The walk's result: directories in pre-order (a parent before its children) and files.
 
@@ -176,20 +158,7 @@ class _Tree:
 
     def open_dir(self, index: int, parent_fd: int) -> int:
         """Open directory ``index`` below ``parent_fd``: no link followed, identity checked."""
-        d = self.dirs[index]
-        try:
-            fd = os.open(d.name, _O_DIR, dir_fd=parent_fd)
-        except OSError as e:
-            raise _os_error("open directory", self.dir_path(index), e) from e
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            os.close(fd)
-            raise _os_error("stat", self.dir_path(index), e) from e
-        if (st.st_dev, st.st_ino) != (d.dev, d.ino):
-            os.close(fd)
-            raise StorageError(f"{self.dir_path(index)} was replaced while it was imported")
-        return fd
+        return open_dir(self.dirs[index], parent_fd, lambda: self.dir_path(index))
 
 
 class _Matcher:
@@ -237,8 +206,8 @@ def _walk(
 ) -> None:
     """Fill ``tree`` from the directory open at ``root_fd`` (which this closes)."""
     # Stack of (dir index, the parent's handle or None for the root, relative path).
-    stack: list[tuple[int, _Handle | None, str]] = [(0, None, "")]
-    root = _Handle(root_fd)
+    stack: list[tuple[int, Handle | None, str]] = [(0, None, "")]
+    root = Handle(root_fd)
     try:
         while stack:
             index, parent, rel = stack.pop()
@@ -246,7 +215,7 @@ def _walk(
                 handle = root
             else:
                 try:
-                    handle = _Handle(tree.open_dir(index, parent.fd))
+                    handle = Handle(tree.open_dir(index, parent.fd))
                 finally:
                     parent.release()
             try:
@@ -304,46 +273,6 @@ def _walk(
         raise
 
 
-class _DirFds:
-    """Descriptors of walked directories, reopened on demand below the root; a few kept."""
-
-    def __init__(self, tree: _Tree, root_fd: int) -> None:
-        self._tree = tree
-        self._lock = threading.Lock()
-        self._root = _Handle(root_fd)
-        self._open: collections.OrderedDict[int, _Handle] = collections.OrderedDict()
-
-    def acquire(self, index: int) -> _Handle:
-        with self._lock:
-            chain: list[int] = []
-            i = index
-            while i != 0 and i not in self._open:
-                chain.append(i)
-                i = self._tree.dirs[i].parent
-            handle = self._root if i == 0 else self._open[i]
-            if i != 0:
-                self._open.move_to_end(i)
-            for j in reversed(chain):
-                handle = _Handle(self._tree.open_dir(j, handle.fd))
-                self._open[j] = handle
-            handle.refs += 1
-            while len(self._open) > _DIR_FDS_KEPT:
-                _, old = self._open.popitem(last=False)
-                old.release()
-            return handle
-
-    def release(self, handle: _Handle) -> None:
-        with self._lock:
-            handle.release()
-
-    def close(self) -> None:
-        with self._lock:
-            for handle in self._open.values():
-                handle.release()
-            self._open.clear()
-            self._root.release()
-
-
 class _Importer:
     """Reads the walked files and stores them (see the module docstring)."""
 
@@ -351,7 +280,7 @@ class _Importer:
         self,
         blob: BlobService,
         tree: _Tree,
-        fds: _DirFds | None,
+        fds: DirFds | None,
         concurrency: int,
         stats: ImportStats,
         progress: ImportProgress | None,
@@ -634,7 +563,7 @@ async def ingest_path(
 
     def open_root() -> int:
         try:
-            fd = os.open(root, _O_DIR)
+            fd = os.open(root, O_DIR)
             opened = os.fstat(fd)
         except OSError as e:
             raise _os_error("open directory", root, e) from e
@@ -649,7 +578,7 @@ async def ingest_path(
     stats.skipped = tree.skipped
     if progress is not None:
         progress.start(len(tree.files), tree.bytes)
-    fds = _DirFds(tree, await asyncio.to_thread(open_root))
+    fds = DirFds(tree.dirs, await asyncio.to_thread(open_root), tree.dir_path)
     try:
         file_nodes = await _Importer(blob, tree, fds, concurrency, stats, progress).run()
     finally:

@@ -80,7 +80,7 @@ async def _ours_with_read_size(read_size: int) -> None:
     import grpc.aio
 
     from castore_di.blobservice.memory import MemoryBlobService
-    from castore_di.grpc_channel import MAX_MESSAGE_SIZE
+    from castore_di._grpc.wire import MAX_MESSAGE_SIZE
     from castore_di.server.blob import BlobServicer
 
     server = grpc.aio.server(

@@ -11,9 +11,29 @@ from typing import Any
 
 import pytest
 
+from castore_di._embedded import StoreOptions, acquire, release
+from castore_di.blobservice.embedded import _BlobRecords, decode_index
 from castore_di.digests import B3Digest
-from castore_di.embedded_store import decode_index
+from castore_di.directoryservice.embedded import _DirectoryRecords
+from castore_di.maintenance import FsckReport
 from tests.cases_base import Case
+
+
+def fsck(path: str, options: StoreOptions | None = None) -> FsckReport:
+    """Both kinds' checks of the store at ``path``, as one report (what ``castore fsck`` prints)."""
+    env = acquire(path, options)
+    try:
+        blobs, dirs = _BlobRecords(env).fsck(), _DirectoryRecords(env).fsck()
+    finally:
+        release(env)
+    return FsckReport(
+        chunks=blobs.chunks,
+        blobs=blobs.blobs,
+        directories=dirs.directories,
+        bytes_checked=blobs.bytes_checked + dirs.bytes_checked,
+        problems=blobs.problems + dirs.problems,
+        notes=blobs.notes + dirs.notes,
+    )
 
 
 def flip_stored(value: bytes) -> bytes:
@@ -30,7 +50,7 @@ class EmbeddedBlobBackdoor:
     async def corrupt(self, digest: B3Digest) -> None:
         """Flip a byte of the blob's chunk (its last chunk when it is chunked)."""
         store = self.service._store()
-        with store.write() as txn:
+        with store.env.write() as txn:
             raw = txn.get(digest, db=store.blobs_db)
             target = digest if raw is None else decode_index(bytes(raw), digest)[-1][0]
             value = bytes(txn.get(target, db=store.chunks_db))
@@ -39,7 +59,7 @@ class EmbeddedBlobBackdoor:
     async def drop_chunk(self, digest: B3Digest) -> B3Digest:
         """Delete the first chunk of a chunked blob; return its digest."""
         store = self.service._store()
-        with store.write() as txn:
+        with store.env.write() as txn:
             chunk = decode_index(bytes(txn.get(digest, db=store.blobs_db)), digest)[0][0]
             txn.delete(chunk, db=store.chunks_db)
         return chunk
@@ -51,7 +71,7 @@ class EmbeddedDirectoryBackdoor:
 
     async def corrupt(self, digest: B3Digest) -> None:
         store = self.service._store()
-        with store.write() as txn:
+        with store.env.write() as txn:
             value = bytes(txn.get(digest, db=store.dirs_db))
             txn.put(digest, flip_stored(value), db=store.dirs_db)
 

@@ -38,25 +38,42 @@ class _ServerStore:
     """The server's embedded store, opened in the test process; what the embedded backdoors use."""
 
     def __init__(self, request: pytest.FixtureRequest) -> None:
-        from castore_di.embedded_store import acquire, release
+        from castore_di._embedded import acquire, release
+        from castore_di.blobservice.embedded import _BlobRecords
+        from castore_di.directoryservice.embedded import _DirectoryRecords
 
-        self._store_obj = acquire(str(_server(request, "embedded").data_dir))
-        request.addfinalizer(lambda: release(self._store_obj))
+        env = acquire(str(_server(request, "embedded").data_dir))
+        request.addfinalizer(lambda: release(env))
+        self.blobs = _BlobRecords(env)
+        self.dirs = _DirectoryRecords(env)
+
+
+class _ServerBlobs:
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        self._records = _ServerStore(request).blobs
 
     def _store(self) -> Any:
-        return self._store_obj
+        return self._records
+
+
+class _ServerDirectories:
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        self._records = _ServerStore(request).dirs
+
+    def _store(self) -> Any:
+        return self._records
 
 
 def _blob_backdoor(service: Any, request: pytest.FixtureRequest) -> Any:
     from tests.cases_embedded import EmbeddedBlobBackdoor
 
-    return EmbeddedBlobBackdoor(_ServerStore(request))
+    return EmbeddedBlobBackdoor(_ServerBlobs(request))
 
 
 def _directory_backdoor(service: Any, request: pytest.FixtureRequest) -> Any:
     from tests.cases_embedded import EmbeddedDirectoryBackdoor
 
-    return EmbeddedDirectoryBackdoor(_ServerStore(request))
+    return EmbeddedDirectoryBackdoor(_ServerDirectories(request))
 
 
 def _name(backend: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from castore_di.digests import B3Digest
-from castore_di.objectstore_common import object_key, zstd_compress, zstd_decompress
+from castore_di._objectstore.store import object_key, zstd_compress, zstd_decompress
 from tests.cases_base import Case, flip_byte
 
 __all__ = ["BLOB_CASES", "DIRECTORY_CASES", "ObjectStoreBlobBackdoor", "ObjectStoreDirectoryBackdoor", "TEST_AVG"]

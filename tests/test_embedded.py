@@ -15,11 +15,13 @@ from castore_di import load_container
 from castore_di.blobservice.embedded import EmbeddedBlobService, EmbeddedBlobServiceConfig
 from castore_di.digests import blake3_digest
 from castore_di.directoryservice.embedded import EmbeddedDirectoryService, EmbeddedDirectoryServiceConfig
-from castore_di.embedded_store import BATCH_BYTES, StoreOptions, _open, fsck
+from castore_di._embedded import StoreOptions
+from castore_di._embedded.env import _open
+from castore_di.blobservice.embedded import BATCH_BYTES
 from castore_di.errors import ClosedError, ConfigError, IntegrityError, StorageError
 from castore_di.nodes import Directory, FileNode
 from castore_di.testing.fixtures import CLOSURE_D, DIRECTORY_D, chain
-from tests.cases_embedded import EmbeddedBlobBackdoor, EmbeddedDirectoryBackdoor
+from tests.cases_embedded import EmbeddedBlobBackdoor, EmbeddedDirectoryBackdoor, fsck
 
 
 def _config(path: Path, **extra: Any) -> dict[str, Any]:
@@ -127,7 +129,7 @@ async def test_both_kinds_share_one_environment(tmp_path: Path) -> None:
     dirs = container.directory_service("default")
     digest = await blobs.put(b"shared")
     root = await dirs.put_closure(CLOSURE_D)
-    assert blobs._store() is dirs._store()
+    assert blobs._store().env is dirs._store().env
     assert len([k for k in _open if k == os.path.realpath(tmp_path)]) == 1
     await blobs.close()
     assert await dirs.get(root) == DIRECTORY_D  # still open for the other service
@@ -204,7 +206,7 @@ async def test_chunks_are_deduplicated(tmp_path: Path) -> None:
     shared = {c.digest for c in ca} & {c.digest for c in cb}
     assert len(shared) >= len(ca) - 3
     store = service._store()
-    with store.read() as txn:
+    with store.env.read() as txn:
         stored = txn.stat(store.chunks_db)["entries"]
     assert stored == len({c.digest for c in ca} | {c.digest for c in cb})
     await service.close()
@@ -215,7 +217,7 @@ async def test_incompressible_chunks_are_stored_raw_and_text_compressed(tmp_path
     noise = await service.put(_data(10_000, 2))
     text = await service.put(b"castore " * 2000)
     store = service._store()
-    with store.read() as txn:
+    with store.env.read() as txn:
         assert bytes(txn.get(noise, db=store.chunks_db))[0] == 0
         stored = bytes(txn.get(text, db=store.chunks_db))
     assert stored[0] == 1 and len(stored) < 1000
@@ -249,16 +251,16 @@ async def test_blob_invisible_until_close_and_abort_leaves_no_index(tmp_path: Pa
 async def test_closure_is_one_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     service = EmbeddedDirectoryService(str(tmp_path))
     await service.get(DIRECTORY_D.digest)  # open the engine
-    store = service._store()
+    env = service._store().env
     commits = 0
-    original = store._after_commit
+    original = env._after_commit
 
     def counting() -> None:
         nonlocal commits
         commits += 1
         original()
 
-    monkeypatch.setattr(store, "_after_commit", counting)
+    monkeypatch.setattr(env, "_after_commit", counting)
     dirs = chain(50)
     root = await service.put_closure(dirs)
     assert commits == 1

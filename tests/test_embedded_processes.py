@@ -23,7 +23,8 @@ from pathlib import Path
 from castore_di.blobservice.embedded import EmbeddedBlobService
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.embedded import EmbeddedDirectoryService
-from castore_di.embedded_store import StoreOptions, fsck
+from castore_di._embedded import StoreOptions
+from tests.cases_embedded import fsck
 from castore_di.nodes import Directory, FileNode, SymlinkNode
 
 REPO = Path(__file__).resolve().parent.parent

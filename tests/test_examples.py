@@ -22,7 +22,7 @@ EXAMPLE_DIRS = sorted(p.name for p in EXAMPLES.iterdir() if p.is_dir() and not p
 
 
 def test_every_example_is_listed() -> None:
-    assert EXAMPLE_DIRS == ["embedding", "fastapi_app", "programmatic", "testing_overrides", "third_party_backend"]
+    assert EXAMPLE_DIRS == ["fastapi_app", "host_container", "programmatic", "testing_overrides", "third_party_backend"]
     for name in EXAMPLE_DIRS:
         assert (EXAMPLES / name / "README.md").is_file(), f"{name} has no README.md"
         assert list((EXAMPLES / name).glob("test_*.py")), f"{name} has no tests"

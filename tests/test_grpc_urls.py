@@ -10,7 +10,7 @@ from castore_di.composition import default_registry
 from castore_di.digests import blake3_digest
 from castore_di.directoryservice.grpc import GRPCDirectoryService
 from castore_di.errors import ConfigError, StorageError
-from castore_di.grpc_channel import parse_grpc_url
+from castore_di._grpc.channel import parse_grpc_url
 
 # (url, must succeed) for both kinds, from the reference's from_addr tests
 FROM_ADDR = [

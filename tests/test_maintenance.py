@@ -23,10 +23,11 @@ from castore_di.blobservice.embedded import EmbeddedBlobService
 from castore_di.blobservice.objectstore import ObjectStoreBlobService
 from castore_di.digests import B3Digest, blake3_digest
 from castore_di.directoryservice.embedded import EmbeddedDirectoryService
-from castore_di.embedded_store import BATCH_BYTES, fsck
+from castore_di.blobservice.embedded import BATCH_BYTES
+from tests.cases_embedded import fsck
 from castore_di.maintenance import Checkable, Collectable
 from castore_di.nodes import Directory, FileNode
-from castore_di.objectstore_common import object_key
+from castore_di._objectstore.store import object_key
 from tests.cases_embedded import EmbeddedBlobBackdoor, EmbeddedDirectoryBackdoor
 from tests.cases_objectstore import ObjectStoreBlobBackdoor
 
@@ -240,7 +241,7 @@ async def test_a_writer_whose_chunks_were_collected_refuses_to_commit(tmp_path: 
     await writer.write(data[: BATCH_BYTES + 1_000_000])
     store = service._store()
     first = _chunk_digests(data, service)[0]
-    with store.write() as txn:
+    with store.env.write() as txn:
         txn.delete(first, db=store.chunks_db)
     await writer.write(data[BATCH_BYTES + 1_000_000 :])
     with pytest.raises(Exception, match="gone"):
@@ -253,7 +254,7 @@ async def test_a_writer_whose_chunks_were_collected_refuses_to_commit(tmp_path: 
 async def test_gc_removes_the_lock_files_of_dead_writers_only(tmp_path: Path) -> None:
     service = EmbeddedBlobService(str(tmp_path), avg_chunk_size=AVG)
     store = service._store()
-    live, dead = store.new_lease(), store.new_lease()
+    live, dead = store.env.new_lease(), store.env.new_lease()
     dead._file.close()  # as if its process died before storing anything
     assert sorted(p.name for p in (tmp_path / "writers").iterdir()) == sorted([live.token.hex(), dead.token.hex()])
     assert (await service.gc(dry_run=True)).removed == []

@@ -26,7 +26,8 @@ from castore_di.composition import blob_service_from_addr, directory_service_fro
 from castore_di.digests import B3Digest, blake3_digest
 from castore_di.directoryservice.objectstore import ObjectStoreDirectoryService, ObjectStoreDirectoryServiceConfig
 from castore_di.errors import ConfigError, IntegrityError, StorageError, UnsupportedOperationError
-from castore_di.objectstore_common import object_key, parse_objectstore_url, zstd_compress
+from castore_di._objectstore.config import parse_objectstore_url
+from castore_di._objectstore.store import object_key, zstd_compress
 from castore_di.proto import rpc_blobstore_pb2
 from castore_di.testing.fixtures import CLOSURE_D, DIRECTORY_A, DIRECTORY_B, DIRECTORY_D, DIRECTORY_WITH_KEEP
 from tests.cases_objectstore import TEST_AVG

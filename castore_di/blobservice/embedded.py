@@ -1,17 +1,64 @@
 """The embedded on-disk blob service (``type: embedded``, URL ``embedded://`` or ``embedded:///abs/path``).
 
 Blobs are cut with FastCDC 2020 (``pyfastcdc``; min = avg/2, max = 2*avg, as the object store
-and the reference) so equal chunks are stored once. Storage, durability and the measurements
-behind the choice of LMDB: :mod:`castore_di.embedded_store`.
+and the reference) so equal chunks are stored once. The environment, durability and the
+measurements behind the choice of LMDB: :mod:`castore_di._embedded`. This module owns the
+blob records in it, their check and their garbage collection, in four databases:
+
+* ``chunks``: chunk digest -> a stored value (:mod:`castore_di._embedded.codec`). A blob no
+  longer than one chunk *is* its chunk (its digest is the chunk digest).
+* ``blobs``: blob digest -> its chunk list (``<Q`` size + 32-byte digest per chunk), written
+  only for blobs cut into two or more chunks, and written last.
+* ``loose``: chunk digest -> empty, for a chunk stored before any index named it (by a
+  writer that commits a large blob's chunks in several transactions). Such a chunk is not a
+  blob (``has`` is false for it) and is garbage once no writer in progress needs it.
+* ``inflight``: writer token (16 bytes) + chunk digest -> empty: the loose chunks a writer in
+  progress will name in its index.
+
+Garbage collection (``castore gc``). A chunk's digest alone cannot tell a one-chunk blob
+(which *is* its chunk, with no index) from a chunk left by an aborted large write, so
+writers record the difference as it arises: a chunk written before its blob's index is
+marked ``loose``; the transaction that commits an index, and the one that stores a
+one-chunk blob, clear the marks of the chunks they name. Blobs are never deleted, so a chunk
+once unmarked stays needed forever, and ``gc`` only ever removes loose chunks. A writer in
+progress keeps its loose chunks with ``inflight`` entries, written in the same transaction
+that stores (or, for a chunk already there, finds) them, and holds a writer lease
+(:mod:`castore_di._embedded.lease`) for its whole life. ``gc`` runs in write transactions, so
+no writer commits in between: it drops the entries of writers whose lease is gone (the
+process died or the writer was abandoned) and removes every loose chunk no live writer
+holds. A writer that finds a loose chunk after ``gc`` removed it simply stores it again; the
+transaction that commits an index also checks that the earlier-stored chunks still exist.
+We chose liveness by lock over a grace period because a slow writer (a large blob streamed
+over the network) may take any time between its first chunks and its index. Chunks left by
+versions without ``loose`` marks are never collected.
+
+Chunks of a large blob are committed in batches of at most ``BATCH_BYTES`` so no write
+transaction is long. Compression stays inline: moving chunks of at least 64 KiB (or 16 KiB)
+to ``asyncio.to_thread`` changed a stdlib import (50,724 files, 823 MB, 4 rounds
+interleaved) from a 4.96 s median to 4.81 s (5.34 s) on this loaded 2-CPU machine, within
+the noise, for 7% (12%) more CPU time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
+from castore_di._embedded import (
+    Compression,
+    EmbeddedStoreFields,
+    Environment,
+    StoreOptions,
+    WriterLease,
+    acquire,
+    codec,
+    release,
+    url_fields,
+)
+from castore_di._embedded.lease import TOKEN_LEN
 from castore_di.blobservice.base import (
     BlobReader,
     BlobService,
@@ -22,27 +69,274 @@ from castore_di.blobservice.base import (
     HashingWriter,
 )
 from castore_di.composition.config import BlobServiceConfig
-from castore_di.digests import B3Digest, blake3_digest
-from castore_di.embedded_store import (
-    BATCH_BYTES,
-    Compression,
-    EmbeddedStoreFields,
-    FsckReport,
-    GcReport,
-    StoreOptions,
-    acquire,
-    encode_index,
-    release,
-    url_fields,
-)
-from castore_di.errors import ClosedError, ConfigError, IntegrityError, MissingDependencyError
+from castore_di.digests import B3_LEN, B3Digest, blake3_digest
+from castore_di.errors import ClosedError, ConfigError, IntegrityError, MissingDependencyError, StorageError
+from castore_di.maintenance import FsckReport, GcReport
 
 if TYPE_CHECKING:
-    from castore_di.embedded_store import EmbeddedStore, WriterLease
+    import lmdb
 
-__all__ = ["EmbeddedBlobService", "EmbeddedBlobServiceConfig"]
+__all__ = ["EmbeddedBlobService", "EmbeddedBlobServiceConfig", "BATCH_BYTES", "encode_index", "decode_index"]
 
 DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
+BATCH_BYTES = 8 << 20  # chunks of a large blob are committed in transactions of about this size
+_INDEX_ENTRY = struct.Struct("<Q32s")
+_GC_BATCH = 4096  # loose chunks examined per gc write transaction (keeps each one short)
+
+
+def encode_index(chunks: list[tuple[B3Digest, int]]) -> bytes:
+    """A chunk list as stored in ``blobs``."""
+    return b"".join(_INDEX_ENTRY.pack(size, bytes(digest)) for digest, size in chunks)
+
+
+def decode_index(raw: bytes | memoryview, blob: B3Digest) -> list[tuple[B3Digest, int]]:
+    """The chunk list of ``blob``; a malformed value is an :class:`IntegrityError`."""
+    if len(raw) % _INDEX_ENTRY.size or not raw:
+        raise IntegrityError(f"blob {blob}: stored chunk index is malformed ({len(raw)} bytes)")
+    return [(B3Digest(d), size) for size, d in _INDEX_ENTRY.iter_unpack(raw)]
+
+
+def _chunk_name(digest: B3Digest, blob: B3Digest | None) -> str:
+    return f"chunk {digest}" if blob is None or blob == digest else f"blob {blob}: chunk {digest}"
+
+
+class _BlobRecords:
+    """The blob databases of one environment; methods are synchronous and short."""
+
+    def __init__(self, env: Environment) -> None:
+        self.env = env
+        self.chunks_db = env.db(b"chunks")
+        self.blobs_db = env.db(b"blobs")
+        self.loose_db = env.db(b"loose")
+        self.inflight_db = env.db(b"inflight")
+
+    # -- writing (inside a write transaction) ----------------------------------------
+
+    def put_chunks(
+        self,
+        txn: lmdb.Transaction,
+        chunks: list[tuple[B3Digest, bytes]],
+        compression: Compression,
+        lease: WriterLease | None = None,
+    ) -> None:
+        """Store chunks not yet present.
+
+        With ``lease`` (chunks stored ahead of their blob's index) new chunks are marked
+        loose and every loose chunk among them is claimed for the lease's writer.
+        """
+        enc = codec()
+        for digest, data in chunks:
+            if txn.get(digest, db=self.chunks_db) is None:
+                txn.put(digest, enc.encode(data, compression), db=self.chunks_db, dupdata=False)
+                if lease is not None:
+                    txn.put(digest, b"", db=self.loose_db)
+                    txn.put(lease.token + digest, b"", db=self.inflight_db)
+            elif lease is not None and txn.get(digest, db=self.loose_db) is not None:
+                txn.put(lease.token + digest, b"", db=self.inflight_db)
+
+    def claim_chunks(self, txn: lmdb.Transaction, digests: list[B3Digest]) -> None:
+        """Mark chunks as needed for good: a committed index or a one-chunk blob names them."""
+        for digest in digests:
+            txn.delete(digest, db=self.loose_db)
+
+    def check_chunks_exist(self, txn: lmdb.Transaction, digests: list[B3Digest], blob: B3Digest) -> None:
+        """Refuse to commit an index whose earlier-stored chunks are gone."""
+        for digest in digests:
+            if txn.get(digest, db=self.chunks_db) is None:
+                raise StorageError(f"blob {blob}: chunk {digest} stored earlier by this writer is gone")
+
+    def put_index(self, txn: lmdb.Transaction, blob: B3Digest, chunks: list[tuple[B3Digest, int]]) -> None:
+        if txn.get(blob, db=self.blobs_db) is None:
+            txn.put(blob, encode_index(chunks), db=self.blobs_db)
+
+    def drop_claims(self, txn: lmdb.Transaction, token: bytes) -> int:
+        """Delete a writer's ``inflight`` entries; how many there were."""
+        cursor = txn.cursor(db=self.inflight_db)
+        found = cursor.set_range(token)
+        keys: list[bytes] = []
+        while found:
+            key = bytes(cursor.key())
+            if not key.startswith(token):
+                break
+            keys.append(key)
+            found = cursor.next()
+        for key in keys:
+            txn.delete(key, db=self.inflight_db)
+        return len(keys)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _is_blob_chunk(self, txn: lmdb.Transaction, digest: B3Digest) -> bool:
+        return txn.get(digest, db=self.chunks_db) is not None and txn.get(digest, db=self.loose_db) is None
+
+    def has_blob(self, digest: B3Digest) -> bool:
+        """Whether ``digest`` is a stored blob (a chunk that is not loose, or an index)."""
+        with self.env.read() as txn:
+            return self._is_blob_chunk(txn, digest) or txn.get(digest, db=self.blobs_db) is not None
+
+    def get_chunk_unverified(self, digest: B3Digest, blob: B3Digest) -> bytes | None:
+        """A chunk's decoded bytes; the caller verifies (``ChunkedReader`` does)."""
+        with self.env.read() as txn:
+            raw = txn.get(digest, db=self.chunks_db)
+            if raw is None:
+                return None
+            return codec().decode(raw, _chunk_name(digest, blob))
+
+    def read_blob(self, digest: B3Digest) -> tuple[bytes | None, list[tuple[B3Digest, int]] | None]:
+        """``(verified bytes, None)`` for a one-chunk blob, ``(None, chunk list)`` for a chunked one,
+        ``(None, None)`` when absent; one read transaction."""
+        with self.env.read() as txn:
+            raw = txn.get(digest, db=self.chunks_db)
+            if raw is None or txn.get(digest, db=self.loose_db) is not None:
+                index = txn.get(digest, db=self.blobs_db)
+                return None, None if index is None else decode_index(index, digest)
+            data = codec().decode(raw, _chunk_name(digest, None))
+        if blake3_digest(data) != digest:
+            raise IntegrityError(f"blob {digest}: chunk {digest} is corrupted")
+        return data, None
+
+    def lookup_blob(self, digest: B3Digest) -> tuple[bool, list[tuple[B3Digest, int]] | None]:
+        """``(is_a_chunk, chunk_list_or_None)`` in one read transaction."""
+        with self.env.read() as txn:
+            if self._is_blob_chunk(txn, digest):
+                return True, None
+            raw = txn.get(digest, db=self.blobs_db)
+            if raw is None:
+                return False, None
+            return False, decode_index(raw, digest)
+
+    # -- consistency check -----------------------------------------------------------
+
+    def fsck(self) -> FsckReport:
+        """Verify every chunk and chunk index in one read snapshot."""
+        import blake3
+
+        report = FsckReport()
+        dec = codec()
+        bad_chunks: set[bytes] = set()
+        with self.env.read() as txn:
+            for key, raw in txn.cursor(db=self.chunks_db):
+                report.chunks += 1
+                digest = bytes(key)
+                try:
+                    data = dec.decode(raw, f"chunk {digest.hex()}")
+                except IntegrityError as e:
+                    report.problems.append(str(e))
+                    bad_chunks.add(digest)
+                    continue
+                report.bytes_checked += len(data)
+                if len(digest) != B3_LEN or blake3_digest(data) != digest:
+                    report.problems.append(f"chunk {digest.hex()}: stored bytes do not match the digest")
+                    bad_chunks.add(digest)
+            for key, raw in txn.cursor(db=self.blobs_db):
+                report.blobs += 1
+                blob = B3Digest(bytes(key)) if len(key) == B3_LEN else None
+                if blob is None:
+                    report.problems.append(f"blob index under a malformed key {bytes(key).hex()}")
+                    continue
+                try:
+                    entries = decode_index(raw, blob)
+                except IntegrityError as e:
+                    report.problems.append(str(e))
+                    continue
+                hasher = blake3.blake3()
+                whole = True
+                for i, (chunk, size) in enumerate(entries):
+                    stored = txn.get(chunk, db=self.chunks_db)
+                    if stored is None:
+                        report.problems.append(f"blob {blob}: chunk #{i} {chunk} is missing")
+                        whole = False
+                        break
+                    if chunk in bad_chunks:
+                        report.problems.append(f"blob {blob}: chunk #{i} {chunk} is corrupted")
+                        whole = False
+                        break
+                    if txn.get(chunk, db=self.loose_db) is not None:
+                        report.problems.append(f"blob {blob}: chunk #{i} {chunk} is marked loose (gc would remove it)")
+                    data = dec.decode(stored, f"chunk {chunk}")
+                    if len(data) != size:
+                        report.problems.append(
+                            f"blob {blob}: chunk #{i} {chunk} has {len(data)} bytes, index says {size}"
+                        )
+                        whole = False
+                        break
+                    hasher.update(data)
+                if whole and hasher.digest() != blob:
+                    report.problems.append(f"blob {blob}: its chunks do not hash to the blob digest")
+            loose = loose_bytes = 0
+            for key, _ in txn.cursor(db=self.loose_db):
+                stored = txn.get(key, db=self.chunks_db)
+                loose += 1
+                loose_bytes += 0 if stored is None else len(stored)
+            claims = txn.stat(self.inflight_db)["entries"]
+            if loose:
+                report.notes.append(
+                    f"{loose} chunks ({loose_bytes} bytes stored) are not part of any blob yet: "
+                    f"{claims} are claimed by writers in progress; gc removes the others"
+                )
+        return report
+
+    # -- garbage collection ----------------------------------------------------------
+
+    def gc(self, *, dry_run: bool = False) -> GcReport:
+        """Remove loose chunks no live writer claims (see the module docstring).
+
+        Works in write transactions of at most ``_GC_BATCH`` chunks, each re-reading which
+        writers are alive, so concurrent writers wait for one short transaction at most.
+        ``dry_run`` only reads and reports what would go.
+        """
+        report = GcReport(dry_run=dry_run)
+        after: bytes | None = None
+        dead_seen: set[bytes] = set()
+        while True:
+            dead_files: list[bytes] = []
+            with self.env.read() if dry_run else self.env.write() as txn:
+                protected, dead = self._claims(txn)
+                for token in dead:
+                    if token not in dead_seen:
+                        dead_seen.add(token)
+                        report.dead_writers += 1
+                    if not dry_run:
+                        self.drop_claims(txn, token)
+                        dead_files.append(token)
+                batch: list[bytes] = []
+                cursor = txn.cursor(db=self.loose_db)
+                found = cursor.first() if after is None else cursor.set_range(after)
+                while found and len(batch) < _GC_BATCH:
+                    key = bytes(cursor.key())
+                    if key != after:
+                        batch.append(key)
+                    found = cursor.next()
+                for key in batch:
+                    if key in protected:
+                        report.kept_in_flight += 1
+                        continue
+                    stored = txn.get(key, db=self.chunks_db)
+                    if stored is not None:
+                        report.removed.append(key.hex())
+                        report.removed_bytes += len(stored)
+                    if not dry_run:
+                        txn.delete(key, db=self.chunks_db)
+                        txn.delete(key, db=self.loose_db)
+            for token in dead_files:
+                self.env.remove_lease_file(token)
+            if not batch:
+                if not dry_run:
+                    self.env.remove_dead_lease_files()
+                return report
+            after = batch[-1]
+
+    def _claims(self, txn: lmdb.Transaction) -> tuple[set[bytes], list[bytes]]:
+        """Chunks claimed by live writers, and the tokens of dead writers that claim some."""
+        protected: set[bytes] = set()
+        alive: dict[bytes, bool] = {}
+        for key, _ in txn.cursor(db=self.inflight_db):
+            token, chunk = bytes(key[:TOKEN_LEN]), bytes(key[TOKEN_LEN:])
+            if token not in alive:
+                alive[token] = self.env.lease_alive(token)
+            if alive[token]:
+                protected.add(chunk)
+        return protected, [t for t, live in alive.items() if not live]
 
 
 class EmbeddedBlobService(BlobService):
@@ -67,15 +361,20 @@ class EmbeddedBlobService(BlobService):
         self.min_chunk_size = avg_chunk_size // 2
         self.max_chunk_size = avg_chunk_size * 2
         self.compression: Compression = compression
-        self._engine: EmbeddedStore | None = None
+        self._engine: _BlobRecords | None = None
         self._closed = False
         self._cdc: Any = None
 
-    def _store(self) -> EmbeddedStore:
+    def _store(self) -> _BlobRecords:
         if self._engine is None:
             if self._closed:
                 raise ClosedError("embedded blob service is closed")
-            self._engine = acquire(self.path, self.options)
+            env = acquire(self.path, self.options)
+            try:
+                self._engine = _BlobRecords(env)
+            except BaseException:
+                release(env)
+                raise
         return self._engine
 
     def _chunker(self) -> Any:
@@ -123,7 +422,7 @@ class EmbeddedBlobService(BlobService):
     async def fsck(self) -> FsckReport:
         """Verify every chunk and chunk index (directories: the directory service's ``fsck``)."""
         store = self._store()
-        return await asyncio.to_thread(store.fsck, blobs=True, directories=False)
+        return await asyncio.to_thread(store.fsck)
 
     async def gc(self, *, dry_run: bool = False) -> GcReport:
         """Remove chunks of writes that never committed (safe with concurrent writers)."""
@@ -134,7 +433,7 @@ class EmbeddedBlobService(BlobService):
         self._closed = True
         engine, self._engine = self._engine, None
         if engine is not None:
-            release(engine)
+            release(engine.env)
 
 
 class _EmbeddedWriter(HashingWriter):
@@ -190,20 +489,20 @@ class _EmbeddedWriter(HashingWriter):
     def _flush(self) -> None:
         store = self._svc._store()
         if self._lease is None:
-            self._lease = store.new_lease()
-        with store.write() as txn:
+            self._lease = store.env.new_lease()
+        with store.env.write() as txn:
             store.put_chunks(txn, self._pending, self._svc.compression, self._lease)
         self._pending = []
         self._pending_bytes = 0
         self._flushed = len(self._chunks)
 
-    def _end_lease(self, store: EmbeddedStore, drop_claims: bool) -> None:
+    def _end_lease(self, store: _BlobRecords, drop_claims: bool) -> None:
         lease, self._lease = self._lease, None
         if lease is None:
             return
         try:
             if drop_claims:
-                with store.write() as txn:
+                with store.env.write() as txn:
                     store.drop_claims(txn, lease.token)
         finally:
             lease.release()
@@ -215,7 +514,7 @@ class _EmbeddedWriter(HashingWriter):
             # One chunk (or the empty blob): the blob is its own chunk, no index.
             data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
             self._parts = []
-            with store.write() as txn:
+            with store.env.write() as txn:
                 store.put_chunks(txn, [(digest, data)], self._svc.compression)
                 store.claim_chunks(txn, [digest])
             return digest
@@ -223,17 +522,16 @@ class _EmbeddedWriter(HashingWriter):
         if len(self._chunks) == 1:
             if self._chunks[0][0] != digest:  # pragma: no cover - would be a hashing bug
                 raise IntegrityError(f"blob {digest}: its single chunk hashes differently")
-            with store.write() as txn:
+            with store.env.write() as txn:
                 store.put_chunks(txn, self._pending, self._svc.compression)
                 store.claim_chunks(txn, [digest])
         else:
-            with store.write() as txn:
+            with store.env.write() as txn:
                 earlier = [d for d, _ in self._chunks[: self._flushed]]
                 store.check_chunks_exist(txn, earlier, digest)
                 store.put_chunks(txn, self._pending, self._svc.compression)
                 store.claim_chunks(txn, [d for d, _ in self._chunks])
-                if txn.get(digest, db=store.blobs_db) is None:
-                    txn.put(digest, encode_index(self._chunks), db=store.blobs_db)
+                store.put_index(txn, digest, self._chunks)
                 if self._lease is not None:
                     store.drop_claims(txn, self._lease.token)
         self._end_lease(store, drop_claims=False)

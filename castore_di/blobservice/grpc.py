@@ -1,7 +1,7 @@
 """A blob service reached over gRPC (``type: grpc``, URL ``grpc+http://host:port`` …).
 
 Talks ``tvix.castore.v1.BlobService`` to our server or the reference's. Construction does
-no I/O; the channel is made on first use (see :class:`~castore_di.grpc_channel.LazyChannel`
+no I/O; the channel is made on first use (see :class:`~castore_di._grpc.channel.LazyChannel`
 for ``wait-connect=1``; :meth:`GRPCBlobService.connect` connects explicitly). Stat and
 Read are retried on UNAVAILABLE with bounded backoff; Put is not (a stream cannot be
 replayed), but it first waits up to ``connect_timeout`` for the channel to be ready.
@@ -49,16 +49,20 @@ from castore_di.blobservice.base import (
 from castore_di.composition.config import BlobServiceConfig
 from castore_di.digests import B3_LEN, B3Digest, blake3_digest
 from castore_di.errors import IntegrityError, StorageError
-from castore_di.grpc_channel import (
+from castore_di._grpc.channel import (
     GrpcClient,
     GrpcClientConfig,
     StreamSender,
-    decode_blob_chunk as _decode_chunk,
-    encode_blob_chunk as _encode_chunk,
     identity,
     is_not_found,
     translate_rpc_error,
 )
+from castore_di._grpc.wire import BLOB_PUT as _PUT
+from castore_di._grpc.wire import BLOB_READ as _READ
+from castore_di._grpc.wire import BLOB_STAT as _STAT
+from castore_di._grpc.wire import CHUNK_MESSAGE_SIZE
+from castore_di._grpc.wire import decode_blob_chunk as _decode_chunk
+from castore_di._grpc.wire import encode_blob_chunk as _encode_chunk
 
 if TYPE_CHECKING:
     import grpc.aio
@@ -66,12 +70,9 @@ if TYPE_CHECKING:
 __all__ = ["GRPCBlobService", "GRPCBlobServiceConfig", "BUFFER_LIMIT", "WRITE_MESSAGE_SIZE"]
 
 BUFFER_LIMIT = 8 * 1024 * 1024  # blobs up to this size are fully verified before reading
-WRITE_MESSAGE_SIZE = 1 << 20  # BlobChunk payload per Put message
+WRITE_MESSAGE_SIZE = CHUNK_MESSAGE_SIZE  # BlobChunk payload per Put message
 PUT_QUEUE_DEPTH = 4  # Put messages buffered ahead of gRPC flow control
 
-_STAT = "/tvix.castore.v1.BlobService/Stat"
-_READ = "/tvix.castore.v1.BlobService/Read"
-_PUT = "/tvix.castore.v1.BlobService/Put"
 
 
 class GRPCBlobService(GrpcClient, BlobService):

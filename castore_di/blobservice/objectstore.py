@@ -36,14 +36,12 @@ from castore_di.composition.config import BlobServiceConfig
 from castore_di.digests import B3Digest, EMPTY_DIGEST, blake3_digest
 from castore_di.errors import ConfigError, IntegrityError, MissingDependencyError, StorageError
 from castore_di.maintenance import FsckReport
-from castore_di.objectstore_common import (
+from castore_di._objectstore.config import ObjectStoreFields, parse_objectstore_url
+from castore_di._objectstore.store import (
     EXTRA_HINT,
     ObjectStoreAccess,
-    _import_obstore,
+    import_obstore,
     object_key,
-    parse_objectstore_url,
-    validate_options,
-    validate_store_url,
     zstd_compress,
     zstd_decompress,
 )
@@ -192,7 +190,7 @@ class _Fsck:
         return self.report
 
     async def _each(self, area: str, check: Callable[[str, B3Digest], Awaitable[None]]) -> None:
-        obstore = _import_obstore()
+        obstore = import_obstore()
         access = self.svc.access
         try:
             stream = obstore.list(access.store, f"{area}/", chunk_size=_FSCK_LIST_PAGE)
@@ -398,34 +396,20 @@ def _check_avg(value: int) -> None:
         )
 
 
-def _url_validator(_inst: object, _attr: object, value: str) -> None:
-    validate_store_url(value)
-
-
-def _options_validator(inst: object, _attr: object, value: dict[str, str]) -> None:
-    validate_options(value, getattr(inst, "object_store_url", None))
-
-
 def _avg_validator(_inst: object, _attr: object, value: int) -> None:
     _check_avg(value)
 
 
 @attrs.frozen(kw_only=True)
-class ObjectStoreBlobServiceConfig(BlobServiceConfig):
+class ObjectStoreBlobServiceConfig(ObjectStoreFields, BlobServiceConfig):
     """Blobs chunked into an object store.
 
     Attributes:
-        object_store_url: Where: ``s3://bucket/prefix``, ``gs://…``, ``az://container/prefix``,
-            ``https://host/path``, ``file:///abs/path``, ``memory:///``.
-        object_store_options: obstore store and HTTP-client options (all strings), e.g.
-            ``endpoint``, ``region``, ``access_key_id``, ``allow_http``, ``use_emulator``.
         avg_chunk_size: FastCDC average chunk size in bytes (min = avg/2, max = 2*avg),
             between 4 KiB and 2 MiB; default 262144 as the reference.
     """
 
     type_tag: ClassVar[str] = "objectstore"
-    object_store_url: str = attrs.field(validator=[attrs.validators.instance_of(str), _url_validator])
-    object_store_options: dict[str, str] = attrs.field(factory=dict, validator=_options_validator)
     avg_chunk_size: int = attrs.field(default=DEFAULT_AVG_CHUNK_SIZE, validator=_avg_validator)
 
     def build(self) -> ObjectStoreBlobService:

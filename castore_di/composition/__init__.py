@@ -1,19 +1,30 @@
-"""Composition: registry, strict config structuring, graph validation, container building."""
+"""Composition: registry, strict config structuring, graph validation, container building.
+
+Attributes load their module on first access (as attrs does), so importing a submodule
+such as :mod:`castore_di.composition.config` (which every backend does) loads neither the
+container machinery nor any service module. Composition never imports a service module.
+"""
 
 from __future__ import annotations
 
-from castore_di.composition.config import (
-    BlobServiceConfig,
-    DirectoryServiceConfig,
-    ServiceConfig,
-    reference,
-    reference_fields,
-)
-from castore_di.composition.container import CastoreContainer, build_container
-from castore_di.composition.embedding import CastoreContainerProvider, castore_container
-from castore_di.composition.graph import CompositionGraph, Instance, build_graph
-from castore_di.composition.loader import ConfigSource, read_config
-from castore_di.composition.registry import Registry, default_registry
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from castore_di.blobservice.base import BlobService
+    from castore_di.composition.config import (
+        BlobServiceConfig,
+        DirectoryServiceConfig,
+        ServiceConfig,
+        reference,
+        reference_fields,
+    )
+    from castore_di.composition.container import CastoreContainer, build_container
+    from castore_di.composition.graph import CompositionGraph, Instance, build_graph
+    from castore_di.composition.host import CastoreContainerProvider, castore_container
+    from castore_di.composition.loader import ConfigSource, read_config
+    from castore_di.composition.registry import Registry, default_registry
+    from castore_di.directoryservice.base import DirectoryService
 
 __all__ = [
     "BlobServiceConfig",
@@ -39,9 +50,44 @@ __all__ = [
     "reference_fields",
 ]
 
+_LAZY: dict[str, str] = {
+    "BlobServiceConfig": "config",
+    "DirectoryServiceConfig": "config",
+    "ServiceConfig": "config",
+    "reference": "config",
+    "reference_fields": "config",
+    "CastoreContainer": "container",
+    "build_container": "container",
+    "CompositionGraph": "graph",
+    "Instance": "graph",
+    "build_graph": "graph",
+    "CastoreContainerProvider": "host",
+    "castore_container": "host",
+    "ConfigSource": "loader",
+    "read_config": "loader",
+    "Registry": "registry",
+    "default_registry": "registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 def load_graph(source: ConfigSource, registry: Registry | None = None) -> CompositionGraph:
     """Read and validate a config; returns the instance graph without building anything."""
+    from castore_di.composition.graph import build_graph
+    from castore_di.composition.loader import read_config
+
     return build_graph(read_config(source), registry)
 
 
@@ -51,6 +97,8 @@ def load_container(source: ConfigSource, registry: Registry | None = None) -> Ca
     The whole config is validated first (types, fields, references, cycles); services are
     created on first use of their providers.
     """
+    from castore_di.composition.container import build_container
+
     return build_container(load_graph(source, registry))
 
 
@@ -58,6 +106,9 @@ def container_from_addrs(
     blob: str | None = None, directory: str | None = None, registry: Registry | None = None
 ) -> CastoreContainer:
     """A container whose ``default`` instances are built from URLs (``memory://`` …)."""
+    from castore_di.composition.container import build_container
+    from castore_di.composition.graph import build_graph
+
     config: dict[str, dict[str, str]] = {}
     if blob is not None:
         config["blobservices"] = {"default": blob}
@@ -66,15 +117,11 @@ def container_from_addrs(
     return build_container(build_graph(config, registry))
 
 
-def blob_service_from_addr(url: str, registry: Registry | None = None) -> "BlobService":
+def blob_service_from_addr(url: str, registry: Registry | None = None) -> BlobService:
     """One blob service from a URL, e.g. ``memory://`` or ``grpc+http://host:port``."""
     return container_from_addrs(blob=url, registry=registry).blob_service()
 
 
-def directory_service_from_addr(url: str, registry: Registry | None = None) -> "DirectoryService":
+def directory_service_from_addr(url: str, registry: Registry | None = None) -> DirectoryService:
     """One directory service from a URL."""
     return container_from_addrs(directory=url, registry=registry).directory_service()
-
-
-from castore_di.blobservice.base import BlobService  # noqa: E402
-from castore_di.directoryservice.base import DirectoryService  # noqa: E402

@@ -28,14 +28,16 @@ import contextlib
 import copy
 import threading
 from collections.abc import Iterator
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from dependency_injector import containers, providers
 
-from castore_di.blobservice.base import BlobService
+if TYPE_CHECKING:
+    from castore_di.blobservice.base import BlobService
+    from castore_di.directoryservice.base import DirectoryService
+
 from castore_di.composition.config import KINDS
 from castore_di.composition.graph import CompositionGraph, Instance, InstanceId
-from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import ConfigError, InstantiationError, UnknownInstanceError
 
 __all__ = ["CastoreContainer", "build_container"]

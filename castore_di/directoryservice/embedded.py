@@ -1,35 +1,86 @@
 """The embedded on-disk directory service (``type: embedded``, URL ``embedded://`` or ``embedded:///abs/path``).
 
 Directories are stored by digest in the data directory's LMDB environment (shared with the
-embedded blob service when both use one path). See :mod:`castore_di.embedded_store`.
+embedded blob service when both use one path; see :mod:`castore_di._embedded`), in the
+``dirs`` database: directory digest -> a stored value (:mod:`castore_di._embedded.codec`)
+of the directory's canonical encoding. This module owns those records and their check.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import attrs
 
-from castore_di.composition.config import DirectoryServiceConfig
-from castore_di.digests import B3Digest
-from castore_di.directoryservice.base import DirectoryService
-from castore_di.embedded_store import (
+from castore_di._embedded import (
     Compression,
     EmbeddedStoreFields,
-    FsckReport,
+    Environment,
     StoreOptions,
     acquire,
+    codec,
     release,
     url_fields,
 )
+from castore_di.composition.config import DirectoryServiceConfig
+from castore_di.digests import B3Digest, blake3_digest
+from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import ClosedError, IntegrityError, ValidationError
+from castore_di.maintenance import FsckReport
 from castore_di.nodes import Directory
 
-if TYPE_CHECKING:
-    from castore_di.embedded_store import EmbeddedStore
-
 __all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig"]
+
+
+class _DirectoryRecords:
+    """The ``dirs`` database of one environment; methods are synchronous and short."""
+
+    def __init__(self, env: Environment) -> None:
+        self.env = env
+        self.dirs_db = env.db(b"dirs")
+
+    def put_directories(self, items: list[tuple[B3Digest, bytes]], compression: Compression) -> None:
+        """Store encoded directories not yet present, all in one transaction."""
+        enc = codec()
+        with self.env.write() as txn:
+            for digest, encoded in items:
+                if txn.get(digest, db=self.dirs_db) is None:
+                    txn.put(digest, enc.encode(encoded, compression), db=self.dirs_db)
+
+    def get_directory_bytes(self, digest: B3Digest) -> bytes | None:
+        """A directory's verified encoding; ``None`` when absent."""
+        with self.env.read() as txn:
+            raw = txn.get(digest, db=self.dirs_db)
+            if raw is None:
+                return None
+            data = codec().decode(raw, f"directory {digest}")
+        if blake3_digest(data) != digest:
+            raise IntegrityError(f"directory {digest}: stored bytes do not match the digest")
+        return data
+
+    def fsck(self) -> FsckReport:
+        """Verify that every directory hashes to its key and is valid, in one read snapshot."""
+        report = FsckReport()
+        dec = codec()
+        with self.env.read() as txn:
+            for key, raw in txn.cursor(db=self.dirs_db):
+                report.directories += 1
+                name = f"directory {bytes(key).hex()}"
+                try:
+                    data = dec.decode(raw, name)
+                except IntegrityError as e:
+                    report.problems.append(str(e))
+                    continue
+                report.bytes_checked += len(data)
+                if blake3_digest(data) != bytes(key):
+                    report.problems.append(f"{name}: stored bytes do not match the digest")
+                    continue
+                try:
+                    Directory.decode(data)
+                except ValueError as e:
+                    report.problems.append(f"{name}: invalid directory: {e}")
+        return report
 
 
 class EmbeddedDirectoryService(DirectoryService):
@@ -44,14 +95,19 @@ class EmbeddedDirectoryService(DirectoryService):
         self.path = path
         self.options = options or StoreOptions()
         self.compression: Compression = compression
-        self._engine: EmbeddedStore | None = None
+        self._engine: _DirectoryRecords | None = None
         self._closed = False
 
-    def _store(self) -> EmbeddedStore:
+    def _store(self) -> _DirectoryRecords:
         if self._engine is None:
             if self._closed:
                 raise ClosedError("embedded directory service is closed")
-            self._engine = acquire(self.path, self.options)
+            env = acquire(self.path, self.options)
+            try:
+                self._engine = _DirectoryRecords(env)
+            except BaseException:
+                release(env)
+                raise
         return self._engine
 
     async def get(self, digest: B3Digest) -> Directory | None:
@@ -74,13 +130,13 @@ class EmbeddedDirectoryService(DirectoryService):
     async def fsck(self) -> FsckReport:
         """Verify that every stored directory hashes to its key and is valid."""
         store = self._store()
-        return await asyncio.to_thread(store.fsck, blobs=False, directories=True)
+        return await asyncio.to_thread(store.fsck)
 
     async def close(self) -> None:
         self._closed = True
         engine, self._engine = self._engine, None
         if engine is not None:
-            release(engine)
+            release(engine.env)
 
 
 @attrs.frozen(kw_only=True)

@@ -1,7 +1,7 @@
 """A directory service reached over gRPC (``type: grpc``, URL ``grpc+http://host:port`` …).
 
 Talks ``tvix.castore.v1.DirectoryService``. Construction does no I/O (see
-:class:`~castore_di.grpc_channel.LazyChannel`). Get is retried on UNAVAILABLE (a recursive
+:class:`~castore_di._grpc.channel.LazyChannel`). Get is retried on UNAVAILABLE (a recursive
 Get only before its first message); Put is not retried.
 
 * ``get`` checks that the returned directory hashes to the requested digest.
@@ -27,13 +27,13 @@ from castore_di.digests import B3_LEN, B3Digest
 from castore_di.directoryservice.base import DirectoryPutter, DirectoryService
 from castore_di.directoryservice.closure import LeavesToRoot, RootToLeaves
 from castore_di.errors import ClosedError, ClosureError, IntegrityError, StorageError, ValidationError
-from castore_di.grpc_channel import GrpcClient, GrpcClientConfig, StreamSender, is_not_found, translate_rpc_error
+from castore_di._grpc.channel import GrpcClient, GrpcClientConfig, StreamSender, is_not_found, translate_rpc_error
+from castore_di._grpc.wire import DIRECTORY_GET as _GET
+from castore_di._grpc.wire import DIRECTORY_PUT as _PUT
 from castore_di.nodes import Directory
 
 __all__ = ["GRPCDirectoryService", "GRPCDirectoryServiceConfig"]
 
-_GET = "/tvix.castore.v1.DirectoryService/Get"
-_PUT = "/tvix.castore.v1.DirectoryService/Put"
 
 
 def _get_request(digest: B3Digest, recursive: bool) -> bytes:

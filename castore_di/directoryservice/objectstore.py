@@ -32,13 +32,11 @@ from castore_di.directoryservice.base import DirectoryService
 from castore_di.directoryservice.closure import RootToLeaves
 from castore_di.errors import ClosureError, IntegrityError, UnsupportedOperationError, ValidationError
 from castore_di.nodes import Directory
-from castore_di.objectstore_common import (
+from castore_di._objectstore.config import ObjectStoreFields, parse_objectstore_url
+from castore_di._objectstore.store import (
     ObjectStoreAccess,
     object_key,
-    parse_objectstore_url,
     read_exactly,
-    validate_options,
-    validate_store_url,
     zstd_compress,
     zstd_error,
     zstd_stream,
@@ -162,27 +160,11 @@ class ObjectStoreDirectoryService(DirectoryService):
         await self.access.put_new(key, data)
 
 
-def _url_validator(_inst: object, _attr: object, value: str) -> None:
-    validate_store_url(value)
-
-
-def _options_validator(inst: object, _attr: object, value: dict[str, str]) -> None:
-    validate_options(value, getattr(inst, "object_store_url", None))
-
-
 @attrs.frozen(kw_only=True)
-class ObjectStoreDirectoryServiceConfig(DirectoryServiceConfig):
-    """Directory closures in an object store, one object per root.
-
-    Attributes:
-        object_store_url: Where: ``s3://bucket/prefix``, ``gs://…``, ``az://container/prefix``,
-            ``https://host/path``, ``file:///abs/path``, ``memory:///``.
-        object_store_options: obstore store and HTTP-client options (all strings).
-    """
+class ObjectStoreDirectoryServiceConfig(ObjectStoreFields, DirectoryServiceConfig):
+    """Directory closures in an object store, one object per root."""
 
     type_tag: ClassVar[str] = "objectstore"
-    object_store_url: str = attrs.field(validator=[attrs.validators.instance_of(str), _url_validator])
-    object_store_options: dict[str, str] = attrs.field(factory=dict, validator=_options_validator)
 
     def build(self) -> ObjectStoreDirectoryService:
         return ObjectStoreDirectoryService(self.object_store_url, self.object_store_options)

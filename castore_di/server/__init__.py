@@ -1,4 +1,4 @@
-"""gRPC servers for composed services: servicers, the error -> status table, :func:`serve`.
+"""gRPC servers for composed services: servicers and :func:`serve` (statuses: :mod:`castore_di._grpc.wire`).
 
 ``castore serve`` runs :func:`serve`; tests and applications can use :class:`CastoreServer`
 directly::
@@ -27,10 +27,10 @@ import grpc.aio
 from castore_di.blobservice.base import BlobService
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import ConfigError, StorageError
-from castore_di.grpc_channel import MAX_MESSAGE_SIZE
+from castore_di._grpc.wire import BLOB_SERVICE, DIRECTORY_SERVICE, MAX_MESSAGE_SIZE, STATUS_TABLE
 from castore_di.server.blob import BlobServicer
+from castore_di.server.common import abort_with, status_for
 from castore_di.server.directory import DirectoryServicer
-from castore_di.server.errors import STATUS_TABLE, abort_with, status_for
 
 __all__ = [
     "BlobServicer",
@@ -45,7 +45,7 @@ __all__ = [
 
 log = logging.getLogger("castore_di.server")
 
-_SERVICE_NAMES = ("tvix.castore.v1.BlobService", "tvix.castore.v1.DirectoryService")
+_SERVICE_NAMES = (BLOB_SERVICE, DIRECTORY_SERVICE)
 
 
 def normalize_listen(address: str) -> str:

@@ -11,7 +11,7 @@ Differences from the reference server, all wire-compatible:
 * Put streams every message into ``open_write`` as it arrives; nothing is buffered beyond
   what the backend's writer keeps, and an interrupted Put is aborted (nothing stored).
 * Bad digests and garbage requests are INVALID_ARGUMENT; other errors follow the table in
-  :mod:`castore_di.server.errors`.
+  :mod:`castore_di._grpc.wire`.
 """
 
 from __future__ import annotations
@@ -23,27 +23,22 @@ import grpc.aio
 
 from castore_di.blobservice.base import BlobService
 from castore_di.errors import ValidationError
+from castore_di._grpc.wire import BLOB_SERVICE, CHUNK_MESSAGE_SIZE, decode_blob_chunk, encode_blob_chunk
 from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
-from castore_di.grpc_channel import decode_blob_chunk, encode_blob_chunk
-from castore_di.server.common import Context, Servicer, not_found, parse_digest, parse_message
-from castore_di.server.errors import abort_with
+from castore_di.server.common import Context, Servicer, abort_with, not_found, parse_digest, parse_message
 
-__all__ = ["BlobServicer", "READ_MESSAGE_SIZE", "SERVICE_NAME", "encode_blob_chunk"]
-
-SERVICE_NAME = "tvix.castore.v1.BlobService"
+__all__ = ["BlobServicer", "READ_MESSAGE_SIZE"]
 
 # Measured with benches/grpc_bench.py --read-sizes (Read through our client from our
 # servicer, loopback, 2 vCPUs shared with other jobs), MB/s for 64 KiB / 256 KiB / 1 MiB /
 # 4 MiB messages: 64 MiB blob 430 / 601 / 690 / 420; 256 MiB blob 462 / 574 / 565 / 352.
-# 256 KiB-1 MiB is the plateau; 1 MiB matches the client's Put messages and stays well
-# under the 4 MiB default receive limit of other clients.
-READ_MESSAGE_SIZE = 1 << 20
+READ_MESSAGE_SIZE = CHUNK_MESSAGE_SIZE
 
 
 class BlobServicer(Servicer):
     """Serves one blob service; register it with :meth:`add_to_server`."""
 
-    SERVICE_NAME = SERVICE_NAME
+    SERVICE_NAME = BLOB_SERVICE
 
     def __init__(self, service: BlobService, read_message_size: int = READ_MESSAGE_SIZE) -> None:
         self.service = service

@@ -1,4 +1,4 @@
-"""What the servicers share: raw message handling, NOT_FOUND, registration."""
+"""What the servicers share: raw message handling, NOT_FOUND, errors as statuses, registration."""
 
 from __future__ import annotations
 
@@ -7,12 +7,26 @@ from typing import Any, ClassVar, NoReturn, TypeAlias
 import grpc
 import grpc.aio
 
+from castore_di._grpc.wire import error_details
 from castore_di.digests import B3_LEN, B3Digest
 from castore_di.errors import DigestError, ValidationError
 
-__all__ = ["Context", "Servicer", "not_found", "parse_digest", "parse_message"]
+__all__ = ["Context", "Servicer", "abort_with", "not_found", "parse_digest", "parse_message", "status_for"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code of an exception (the table in :mod:`castore_di._grpc.wire`)."""
+    code: grpc.StatusCode = getattr(grpc.StatusCode, error_details(exc)[0])
+    return code
+
+
+async def abort_with(context: Context, exc: BaseException, what: str = "") -> NoReturn:
+    """Abort the call with the status of ``exc``; its class and rule code go in trailing metadata."""
+    name, details, metadata = error_details(exc, what)
+    await context.abort(getattr(grpc.StatusCode, name), details, metadata)
+    raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
 
 async def not_found(context: Context, message: str) -> NoReturn:

@@ -19,24 +19,22 @@ from collections.abc import AsyncIterator
 import grpc
 import grpc.aio
 
+from castore_di._grpc.wire import DIRECTORY_SERVICE
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.directoryservice.closure import LeavesToRoot
 from castore_di.errors import ValidationError
 from castore_di.nodes import Directory
 from castore_di.proto.tvix.castore.protos import castore_pb2
 from castore_di.proto.tvix.castore.protos import rpc_directory_pb2 as pb
-from castore_di.server.common import Context, Servicer, not_found, parse_digest, parse_message
-from castore_di.server.errors import abort_with
+from castore_di.server.common import Context, Servicer, abort_with, not_found, parse_digest, parse_message
 
-__all__ = ["DirectoryServicer", "SERVICE_NAME"]
-
-SERVICE_NAME = "tvix.castore.v1.DirectoryService"
+__all__ = ["DirectoryServicer"]
 
 
 class DirectoryServicer(Servicer):
     """Serves one directory service; register it with :meth:`add_to_server`."""
 
-    SERVICE_NAME = SERVICE_NAME
+    SERVICE_NAME = DIRECTORY_SERVICE
 
     def __init__(self, service: DirectoryService) -> None:
         self.service = service

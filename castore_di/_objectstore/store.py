@@ -1,11 +1,7 @@
-"""Shared plumbing of the ``objectstore`` blob and directory services.
-
-URL parsing (``objectstore+<inner url>``, query -> options), the split of options into
-obstore's store config and HTTP client options, lazy store construction, the reference's
-sharded key layout, zstd helpers, and the translation of obstore exceptions into
-:mod:`castore_di.errors` (absence becomes ``None``; everything else a
-:class:`~castore_di.errors.StorageError`). obstore and zstandard are imported only when a
-store is built or data is (de)compressed.
+"""Object access: lazy store construction, the reference's sharded key layout, zstd helpers,
+and the translation of obstore exceptions into :mod:`castore_di.errors` (absence becomes
+``None``; everything else a :class:`~castore_di.errors.StorageError`). obstore and zstandard
+are imported only when a store is built or data is (de)compressed.
 """
 
 from __future__ import annotations
@@ -15,6 +11,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from castore_di._objectstore.config import split_options, validate_options, validate_store_url
 from castore_di.digests import B3Digest
 from castore_di.errors import ConfigError, IntegrityError, MissingDependencyError, StorageError
 
@@ -22,13 +19,8 @@ if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
 __all__ = [
-    "URL_PREFIX",
-    "CLIENT_OPTION_KEYS",
+    "EXTRA_HINT",
     "ObjectStoreAccess",
-    "parse_objectstore_url",
-    "validate_store_url",
-    "validate_options",
-    "split_options",
     "object_key",
     "zstd_compress",
     "zstd_decompress",
@@ -36,93 +28,12 @@ __all__ = [
     "zstd_error",
     "read_exactly",
     "build_store",
+    "import_obstore",
     "ZSTD_LEVEL",
 ]
 
-URL_PREFIX = "objectstore+"
 ZSTD_LEVEL = 3  # zstd's default level, as the reference writes
 EXTRA_HINT = "install the objectstore extra: pip install 'castore_di[objectstore]'"
-
-# obstore takes HTTP client settings separately from the store config (passing them in the
-# store config panics inside obstore for S3); the Rust crate accepts both in one map.
-CLIENT_OPTION_KEYS = frozenset(
-    {
-        "allow_http",
-        "allow_invalid_certificates",
-        "connect_timeout",
-        "default_content_type",
-        "http1_only",
-        "http2_only",
-        "http2_keep_alive_interval",
-        "http2_keep_alive_timeout",
-        "http2_keep_alive_while_idle",
-        "http2_max_frame_size",
-        "pool_idle_timeout",
-        "pool_max_idle_per_host",
-        "proxy_url",
-        "proxy_ca_certificate",
-        "proxy_excludes",
-        "randomize_addresses",
-        "read_timeout",
-        "timeout",
-        "user_agent",
-    }
-)
-
-# Schemes obstore's from_url understands (the reference's object_store::parse_url_opts set).
-_SCHEMES = frozenset({"memory", "file", "s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl", "http", "https"})
-
-
-def parse_objectstore_url(url: str) -> tuple[str, dict[str, str]]:
-    """Split ``objectstore+<url>?k=v`` into the inner URL (query removed) and the options."""
-    if not url.startswith(URL_PREFIX):
-        raise ConfigError(f"Missing objectstore uri: {url!r} must start with {URL_PREFIX!r}")
-    inner = url[len(URL_PREFIX) :]
-    parts = urllib.parse.urlsplit(inner)
-    options = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    bare = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", parts.fragment))
-    # urlunsplit drops the empty authority of memory:/// and file:///; keep the original form.
-    if parts.scheme in ("memory", "file") and not parts.netloc:
-        bare = f"{parts.scheme}://{parts.path}"
-    validate_store_url(bare)
-    return bare, options
-
-
-def validate_store_url(url: str) -> None:
-    """Refuse URLs obstore cannot open, without touching the network or the disk."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in _SCHEMES:
-        raise ConfigError(
-            f"unsupported object store URL {url!r}: the scheme must be one of {', '.join(sorted(_SCHEMES))}"
-        )
-    if parts.query:
-        raise ConfigError(f"object store URL {url!r}: put options in object_store_options, not the query")
-    if parts.scheme == "memory" and (parts.netloc or parts.path not in ("", "/")):
-        raise ConfigError(f"object store URL {url!r}: memory:/// takes no host or path")
-    if parts.scheme == "file" and (parts.netloc or not parts.path.startswith("/")):
-        raise ConfigError(f"object store URL {url!r}: file:// needs an absolute path and no host (file:///abs/path)")
-    if parts.scheme in ("s3", "s3a", "gs") and not parts.netloc:
-        raise ConfigError(f"object store URL {url!r}: the bucket is missing")
-    if parts.scheme in ("http", "https") and not parts.netloc:
-        raise ConfigError(f"object store URL {url!r}: the host is missing")
-
-
-def validate_options(options: Mapping[str, object], url: str | None = None) -> None:
-    """Options are a flat string-to-string map, as in the reference; file:// takes none."""
-    for key, value in options.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise ConfigError(f"object_store_options must map strings to strings, got {key!r}: {value!r}")
-    if url is not None and options and urllib.parse.urlsplit(url).scheme == "file":
-        raise ConfigError(f"{url}: file:// takes no object_store_options (got {', '.join(sorted(options))})")
-
-
-def split_options(options: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """``(store config, client options)``; an ``aws_``/``azure_``/``google_`` prefix is kept."""
-    config: dict[str, str] = {}
-    client: dict[str, str] = {}
-    for key, value in options.items():
-        (client if key.lower() in CLIENT_OPTION_KEYS else config)[key.lower()] = value
-    return config, client
 
 
 def object_key(area: str, digest: B3Digest) -> str:
@@ -136,7 +47,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _import_obstore() -> Any:
+def import_obstore() -> Any:
     try:
         import obstore
         import obstore.store
@@ -155,7 +66,7 @@ def _zstd() -> Any:
 
 def build_store(url: str, options: Mapping[str, str]) -> "ObjectStore":
     """An obstore store for ``url``. Only ``file://`` touches the disk (it creates the root)."""
-    obstore = _import_obstore()
+    obstore = import_obstore()
     config, client = split_options(options)
     scheme = urllib.parse.urlsplit(url).scheme
     kwargs: dict[str, Any] = {}
@@ -204,7 +115,7 @@ class ObjectStoreAccess:
 
     async def get(self, key: str) -> bytes | None:
         """The object's bytes, or ``None`` when absent."""
-        obstore = _import_obstore()
+        obstore = import_obstore()
         store = self.store
         try:
             result = await obstore.get_async(store, key)
@@ -215,7 +126,7 @@ class ObjectStoreAccess:
             raise self._error("GET", key, e) from e
 
     async def exists(self, key: str) -> bool:
-        obstore = _import_obstore()
+        obstore = import_obstore()
         store = self.store
         try:
             await obstore.head_async(store, key)
@@ -231,7 +142,7 @@ class ObjectStoreAccess:
         Uses a create-only put where the store has one; every backend's single-request put
         is atomic, so no partial object is ever visible under ``key``.
         """
-        obstore = _import_obstore()
+        obstore = import_obstore()
         exceptions = obstore.exceptions
         store = self.store
         try:
@@ -253,7 +164,7 @@ class ObjectStoreAccess:
 
     async def put(self, key: str, data: bytes) -> None:
         """Overwrite ``key`` (used by tests that reach storage behind the API)."""
-        obstore = _import_obstore()
+        obstore = import_obstore()
         store = self.store
         try:
             await obstore.put_async(store, key, data, use_multipart=False)

@@ -8,7 +8,7 @@ from dependency_injector import containers, providers
 from dependency_injector.wiring import Provide, inject
 
 from castore_di import B3Digest, BlobService, Directory, DirectoryService, FileNode
-from castore_di.composition.embedding import castore_container
+from castore_di.composition.host import castore_container
 
 CONFIG = Path(__file__).resolve().parents[2] / "containers" / "memory.yaml"
 

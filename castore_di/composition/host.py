@@ -1,4 +1,4 @@
-"""Embedding a castore container in a host application's ``DeclarativeContainer``.
+"""A castore container as a slot of a host application's ``DeclarativeContainer``.
 
 A host declares the castore container as a class attribute and wires its own providers to
 the instances it needs::
@@ -23,15 +23,17 @@ the class body runs.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from dependency_injector import containers, providers
 
-from castore_di.blobservice.base import BlobService
 from castore_di.composition.container import CastoreContainer
 from castore_di.composition.loader import ConfigSource
 from castore_di.composition.registry import Registry
-from castore_di.directoryservice.base import DirectoryService
+
+if TYPE_CHECKING:
+    from castore_di.blobservice.base import BlobService
+    from castore_di.directoryservice.base import DirectoryService
 
 __all__ = ["CastoreContainerProvider", "castore_container", "fresh_copy"]
 

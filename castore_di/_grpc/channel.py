@@ -1,4 +1,4 @@
-"""Shared plumbing of the gRPC clients: URL rules, channel options, retries, error translation.
+"""Plumbing of the gRPC clients: URL rules, channel options, retries, error translation.
 
 URL forms (the reference's ``channel_from_url`` rules):
 
@@ -24,18 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import attrs
 
-from castore_di.errors import (
-    CastoreError,
-    ClosedError,
-    ClosureError,
-    ConfigError,
-    DigestError,
-    IntegrityError,
-    MissingDependencyError,
-    StorageError,
-    UnsupportedOperationError,
-    ValidationError,
-)
+from castore_di._grpc.wire import MAX_MESSAGE_SIZE, error_from_status
+from castore_di.errors import CastoreError, ClosedError, ConfigError, MissingDependencyError, StorageError
 
 if TYPE_CHECKING:
     import grpc
@@ -47,22 +37,14 @@ __all__ = [
     "GrpcClientConfig",
     "LazyChannel",
     "StreamSender",
-    "decode_blob_chunk",
-    "encode_blob_chunk",
     "identity",
     "is_not_found",
     "parse_grpc_url",
     "translate_rpc_error",
-    "ERROR_CLASS_KEY",
-    "ERROR_CODE_KEY",
-    "MAX_MESSAGE_SIZE",
 ]
 
 T = TypeVar("T")
 
-MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # receive/send limit on both sides (grpc's default is 4 MiB)
-ERROR_CLASS_KEY = "castore-error"  # trailing metadata: our exception class behind a status
-ERROR_CODE_KEY = "castore-error-code"  # trailing metadata: the ValidationError rule code
 
 
 @attrs.frozen
@@ -369,47 +351,9 @@ class GrpcClient:
         return StreamSender(multicallable, method.rsplit("/", 1)[-1], self.url, self._chan.stream_timeout, depth)
 
 
-# Exceptions a server may name in trailing metadata, rebuilt on the client side.
-_REBUILD: dict[str, Callable[[str, str], CastoreError]] = {
-    "ClosureError": lambda msg, code: ClosureError(msg, code=code or "closure"),
-    "DigestError": lambda msg, code: DigestError(msg),
-    "IntegrityError": lambda msg, code: IntegrityError(msg),
-    "UnsupportedOperationError": lambda msg, code: UnsupportedOperationError(msg),
-}
-
-
-def _metadata(e: "grpc.aio.AioRpcError") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in e.trailing_metadata() or ():
-        out[key] = value if isinstance(value, str) else value.decode("utf-8", "replace")
-    return out
-
-
 def translate_rpc_error(e: "grpc.aio.AioRpcError", what: str, target: str) -> CastoreError:
-    """Turn a failed call into the library's exception; the message names call and server."""
-    grpc = _import_grpc()
-    code = e.code()
-    details = e.details() or ""
-    meta = _metadata(e)
-    cls_name = meta.get(ERROR_CLASS_KEY, "")
-    message = f"{what}: {details}" if details else what
-    if cls_name in _REBUILD:
-        return _REBUILD[cls_name](message, meta.get(ERROR_CODE_KEY, ""))
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        err = ValidationError(message)
-        err.code = meta.get(ERROR_CODE_KEY, "invalid")
-        return err
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return StorageError(f"{what}: gRPC server {target} unavailable: {details}")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return StorageError(f"{what}: gRPC call to {target} timed out")
-    if code == grpc.StatusCode.DATA_LOSS:
-        return IntegrityError(f"{what}: server {target} reports data loss: {details}")
-    if code == grpc.StatusCode.UNIMPLEMENTED:
-        return UnsupportedOperationError(f"{what}: not supported by {target}: {details}")
-    if code == grpc.StatusCode.CANCELLED:
-        return StorageError(f"{what}: call to {target} was cancelled")
-    return StorageError(f"{what}: gRPC server {target} failed ({code.name}): {details}")
+    """Turn a failed call into the library's exception (:func:`.wire.error_from_status`)."""
+    return error_from_status(e.code().name, e.details() or "", e.trailing_metadata() or (), what, target)
 
 
 class StreamSender:
@@ -474,40 +418,3 @@ class StreamSender:
 
     def cancel(self) -> None:
         self.call.cancel()
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def encode_blob_chunk(data: bytes | bytearray | memoryview) -> bytes:
-    """``BlobChunk{data}`` on the wire, built with a single copy of the payload."""
-    if not data:
-        return b""
-    return b"".join((b"\x0a", _varint(len(data)), data))
-
-
-def decode_blob_chunk(raw: bytes) -> bytes:
-    """``BlobChunk.data`` of a serialized message (fast path for the usual one-field form)."""
-    if not raw:
-        return b""
-    if raw[0] == 0x0A:
-        length, shift, i = 0, 0, 1
-        while i < len(raw) and i < 11:
-            b = raw[i]
-            length |= (b & 0x7F) << shift
-            i += 1
-            if not b & 0x80:
-                if i + length == len(raw):
-                    return raw[i:]
-                break
-            shift += 7
-    from castore_di.proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
-
-    data: bytes = pb.BlobChunk.FromString(raw).data
-    return data

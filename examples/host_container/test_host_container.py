@@ -1,4 +1,4 @@
-"""Tests of the embedding example: wiring, per-instance services, overrides, shutdown."""
+"""Tests of the host_container example: wiring, per-instance services, overrides, shutdown."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""castore_di.composition.embedding: a castore container as a slot of a host container."""
+"""castore_di.composition.host: a castore container as a slot of a host container."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from castore_di import BlobService, ConfigError, DirectoryService, load_containe
 from castore_di.blobservice.combined import CombinedBlobService
 from castore_di.blobservice.memory import MemoryBlobService
 from castore_di.composition.container import CastoreContainer
-from castore_di.composition.embedding import CastoreContainerProvider, castore_container, fresh_copy
+from castore_di.composition.host import CastoreContainerProvider, castore_container, fresh_copy
 
 CONFIG: dict[str, Any] = {
     "blobservices": {"local": {"type": "memory"}, "default": {"type": "combined", "local": "local", "remote": "memory://"}},

@@ -1,0 +1,202 @@
+"""One open LMDB environment per data directory, shared in the process by reference count."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from castore_di._embedded.config import StoreOptions
+from castore_di._embedded.lease import WriterLease, lease_alive, lease_file, remove_dead_lease_files
+from castore_di.errors import ClosedError, ConfigError, MissingDependencyError, StorageError
+
+if TYPE_CHECKING:
+    import lmdb
+
+__all__ = ["Environment", "acquire", "release"]
+
+_MAX_DBS = 8
+
+
+def _import_lmdb() -> Any:
+    try:
+        import lmdb
+    except ImportError as e:  # pragma: no cover - a core dependency
+        raise MissingDependencyError("the embedded store needs 'lmdb' (pip install castore_di)") from e
+    return lmdb
+
+
+class Environment:
+    """One open LMDB environment: named databases, transactions, syncs, writer leases.
+
+    Obtain it with :func:`acquire`, give it back with :func:`release`. It knows no record
+    format: each service kind opens its own databases with :meth:`db`.
+    """
+
+    def __init__(self, path: str, options: StoreOptions) -> None:
+        self._lmdb = _import_lmdb()
+        self.path = path
+        self.options = options
+        self._closed = False
+        self._last_sync = time.monotonic()
+        self._sync_lock = threading.Lock()
+        self._dbs: dict[bytes, Any] = {}
+        self._dbs_lock = threading.Lock()
+        full = options.durability == "full"
+        try:
+            os.makedirs(path, exist_ok=True)
+            self.env: lmdb.Environment = self._lmdb.open(
+                path,
+                map_size=options.map_size,
+                max_dbs=_MAX_DBS,
+                max_readers=options.max_readers,
+                subdir=True,
+                sync=full,
+                metasync=full,
+                readahead=False,
+                lock=True,
+            )
+        except (self._lmdb.Error, OSError) as e:
+            raise StorageError(f"cannot open embedded store at {path}: {e}") from e
+
+    def db(self, name: bytes) -> Any:
+        """The named database (``lmdb._Database``), created on first use."""
+        self._check_open()
+        with self._dbs_lock:
+            found = self._dbs.get(name)
+            if found is None:
+                try:
+                    found = self._dbs[name] = self.env.open_db(name)
+                except self._lmdb.Error as e:
+                    raise StorageError(f"embedded store {self.path}: cannot open database {name!r}: {e}") from e
+            return found
+
+    # -- transactions ----------------------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction whose ``get`` returns zero-copy buffers (copy before it ends)."""
+        self._check_open()
+        try:
+            with self.env.begin(buffers=True) as txn:
+                yield txn
+        except self._lmdb.Error as e:
+            raise StorageError(f"embedded store {self.path}: {e}") from e
+
+    @contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction; commits on success, then syncs as ``durability`` asks."""
+        self._check_open()
+        try:
+            with self.env.begin(write=True, buffers=True) as txn:
+                yield txn
+        except self._lmdb.MapFullError as e:
+            raise StorageError(
+                f"embedded store {self.path} is full (map_size={self.options.map_size}); raise map_size"
+            ) from e
+        except self._lmdb.Error as e:
+            raise StorageError(f"embedded store {self.path}: {e}") from e
+        self._after_commit()
+
+    def _after_commit(self) -> None:
+        if self.options.durability == "full":
+            return  # LMDB synced the commit itself
+        if time.monotonic() - self._last_sync >= self.options.sync_interval:
+            self.sync()
+
+    def sync(self) -> None:
+        """Flush committed transactions to disk (fsync)."""
+        with self._sync_lock:
+            self._last_sync = time.monotonic()
+            if not self._closed:
+                try:
+                    self.env.sync(True)
+                except self._lmdb.Error as e:
+                    raise StorageError(f"embedded store {self.path}: sync failed: {e}") from e
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"embedded store {self.path} is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.sync()
+        finally:
+            self._closed = True
+            self.env.close()
+
+    # -- writer leases ---------------------------------------------------------------
+
+    def new_lease(self) -> WriterLease:
+        """Register a writer in progress (see :mod:`castore_di._embedded.lease`)."""
+        self._check_open()
+        return WriterLease(self.path)
+
+    def lease_alive(self, token: bytes) -> bool:
+        return lease_alive(self.path, token)
+
+    def remove_lease_file(self, token: bytes) -> None:
+        """Remove a dead writer's lock file (no error when it is gone)."""
+        try:
+            os.unlink(lease_file(self.path, token))
+        except FileNotFoundError:
+            pass
+
+    def remove_dead_lease_files(self) -> None:
+        remove_dead_lease_files(self.path)
+
+
+# --- per-process sharing ----------------------------------------------------------------
+
+_registry_lock = threading.Lock()
+_open: dict[str, tuple[Environment, int]] = {}
+
+
+def _key(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return os.path.realpath(path)
+
+
+def acquire(path: str, options: StoreOptions | None = None) -> Environment:
+    """The process's environment for ``path``, opened on first use; pair with :func:`release`.
+
+    ``options=None`` takes the environment as already open (or the defaults).
+    """
+    try:
+        key = _key(os.path.abspath(os.path.expanduser(path)))
+    except OSError as e:
+        raise StorageError(f"cannot create embedded store directory {path}: {e}") from e
+    with _registry_lock:
+        entry = _open.get(key)
+        if entry is not None:
+            env, refs = entry
+            if options is not None and env.options != options:
+                raise ConfigError(
+                    f"embedded store {key} is already open in this process with {env.options}; "
+                    f"every service on one path must use the same map_size/durability/sync_interval/max_readers "
+                    f"(got {options})"
+                )
+            _open[key] = (env, refs + 1)
+            return env
+        env = Environment(key, options or StoreOptions())
+        _open[key] = (env, 1)
+        return env
+
+
+def release(env: Environment) -> None:
+    """Give back an environment from :func:`acquire`; the last release syncs and closes it."""
+    with _registry_lock:
+        entry = _open.get(env.path)
+        if entry is None or entry[0] is not env:
+            return
+        refs = entry[1] - 1
+        if refs > 0:
+            _open[env.path] = (env, refs)
+            return
+        del _open[env.path]
+    env.close()

@@ -301,3 +301,40 @@ def test_export_through_a_symlinked_parent(tmp_path: pathlib.Path, castore: Cast
     (real / "planted").symlink_to(tmp_path / "elsewhere")
     castore("export", "--file", str(blob["digest"]), str(tmp_path / "via" / "planted"), expect=1)
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A 1 MiB tmpfs (needs root and permission to mount; skipped otherwise)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_says_so_and_the_store_stays_usable(tmp_path: pathlib.Path, small_tmpfs: pathlib.Path) -> None:
+    config = tmp_path / "full.yaml"
+    store = small_tmpfs / "store"
+    config.write_text(f"blobservices:\n  default: {{type: embedded, path: '{store}'}}\n"
+                      f"directoryservices:\n  default: {{type: embedded, path: '{store}'}}\n")
+    castore = Castore(config)
+    kept = tmp_path / "kept.txt"
+    kept.write_bytes(b"stored before the disk filled up")
+    [first] = castore.json("import", "--json", str(kept))
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))  # incompressible, three times the disk
+    failed = castore("import", str(big), expect=1)
+    assert "no space left on device" in failed.stderr.decode().lower()
+    assert castore("cat", str(first["digest"])).stdout == kept.read_bytes()
+    assert "ok" in castore("fsck").stdout.decode()
+    later = tmp_path / "later.txt"
+    later.write_bytes(b"small enough to fit")
+    [second] = castore.json("import", "--json", str(later))
+    assert castore("cat", str(second["digest"])).stdout == later.read_bytes()

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["Environment", "acquire", "release"]
 
 _MAX_DBS = 8
+_LOW_SPACE = 64 << 20  # an I/O error with less free space than this is taken for a full disk
 
 
 def _import_lmdb() -> Any:
@@ -98,8 +99,23 @@ class Environment:
                 f"embedded store {self.path} is full (map_size={self.options.map_size}); raise map_size"
             ) from e
         except self._lmdb.Error as e:
-            raise StorageError(f"embedded store {self.path}: {e}") from e
+            raise self._write_error(e) from e
         self._after_commit()
+
+    def _write_error(self, e: Exception) -> StorageError:
+        """A failed commit or sync; a full disk says so (LMDB reports a short write as EIO)."""
+        text = str(e)
+        full = "No space left" in text
+        if not full and ("Input/output error" in text or isinstance(e, self._lmdb.DiskError)):
+            try:
+                st = os.statvfs(self.path)
+                full = st.f_bavail * st.f_frsize < _LOW_SPACE
+            except OSError:
+                pass
+        if full:
+            return StorageError(f"embedded store {self.path}: no space left on device ({text}); "
+                                "the failed transaction was not applied")
+        return StorageError(f"embedded store {self.path}: {text}")
 
     def _after_commit(self) -> None:
         if self.options.durability == "full":
@@ -115,7 +131,7 @@ class Environment:
                 try:
                     self.env.sync(True)
                 except self._lmdb.Error as e:
-                    raise StorageError(f"embedded store {self.path}: sync failed: {e}") from e
+                    raise self._write_error(e) from e
 
     def _check_open(self) -> None:
         if self._closed:

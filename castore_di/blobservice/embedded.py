@@ -33,16 +33,20 @@ over the network) may take any time between its first chunks and its index. Chun
 versions without ``loose`` marks are never collected.
 
 Chunks of a large blob are committed in batches of at most ``BATCH_BYTES`` so no write
-transaction is long. Compression stays inline: moving chunks of at least 64 KiB (or 16 KiB)
-to ``asyncio.to_thread`` changed a stdlib import (50,724 files, 823 MB, 4 rounds
-interleaved) from a 4.96 s median to 4.81 s (5.34 s) on this loaded 2-CPU machine, within
-the noise, for 7% (12%) more CPU time.
+transaction is long. Cutting, hashing and compressing run in worker threads (blake3,
+pyfastcdc and zstd release the GIL), batched so a thread hop carries at least a few
+megabytes or a whole small blob: with many writers in flight they use every core.
+``put_many`` stores a batch of small blobs with one compression pass in a thread and one
+write transaction; ``has_many`` answers from one read transaction
+(``benches/import_bench.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -134,6 +138,12 @@ class _BlobRecords:
             elif lease is not None and txn.get(digest, db=self.loose_db) is not None:
                 txn.put(lease.token + digest, b"", db=self.inflight_db)
 
+    def put_encoded(self, txn: lmdb.Transaction, values: list[tuple[B3Digest, bytes]]) -> None:
+        """Store already encoded one-chunk blobs not yet present."""
+        for digest, value in values:
+            if txn.get(digest, db=self.chunks_db) is None:
+                txn.put(digest, value, db=self.chunks_db, dupdata=False)
+
     def claim_chunks(self, txn: lmdb.Transaction, digests: list[B3Digest]) -> None:
         """Mark chunks as needed for good: a committed index or a one-chunk blob names them."""
         for digest in digests:
@@ -173,6 +183,13 @@ class _BlobRecords:
         """Whether ``digest`` is a stored blob (a chunk that is not loose, or an index)."""
         with self.env.read() as txn:
             return self._is_blob_chunk(txn, digest) or txn.get(digest, db=self.blobs_db) is not None
+
+    def has_blobs(self, digests: Sequence[B3Digest]) -> list[bool]:
+        """``has_blob`` for each digest, in one read transaction."""
+        with self.env.read() as txn:
+            return [
+                self._is_blob_chunk(txn, d) or txn.get(d, db=self.blobs_db) is not None for d in digests
+            ]
 
     def get_chunk_unverified(self, digest: B3Digest, blob: B3Digest) -> bytes | None:
         """A chunk's decoded bytes; the caller verifies (``ChunkedReader`` does)."""
@@ -363,7 +380,7 @@ class EmbeddedBlobService(BlobService):
         self.compression: Compression = compression
         self._engine: _BlobRecords | None = None
         self._closed = False
-        self._cdc: Any = None
+        self._cdc = threading.local()  # one FastCDC per thread: writers cut in worker threads
 
     def _store(self) -> _BlobRecords:
         if self._engine is None:
@@ -378,20 +395,53 @@ class EmbeddedBlobService(BlobService):
         return self._engine
 
     def _chunker(self) -> Any:
-        if self._cdc is None:
+        cdc = getattr(self._cdc, "cdc", None)
+        if cdc is None:
             try:
                 import pyfastcdc
             except ImportError as e:  # pragma: no cover - a core dependency
                 raise MissingDependencyError(
                     "the embedded blob service needs 'pyfastcdc' (pip install castore_di)"
                 ) from e
-            self._cdc = pyfastcdc.FastCDC(
+            cdc = self._cdc.cdc = pyfastcdc.FastCDC(
                 self.avg_chunk_size, min_size=self.min_chunk_size, max_size=self.max_chunk_size
             )
-        return self._cdc
+        return cdc
 
     async def has(self, digest: B3Digest) -> bool:
         return self._store().has_blob(digest)
+
+    async def has_many(self, digests: Sequence[B3Digest]) -> list[bool]:
+        store = self._store()
+        return await asyncio.to_thread(store.has_blobs, digests)
+
+    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        """Blobs of one chunk are hashed and compressed in a thread and committed in one
+        transaction; longer ones go through writers."""
+        small = [i for i, b in enumerate(blobs) if len(b) <= self.min_chunk_size]
+        out: list[B3Digest | None] = [None] * len(blobs)
+        if small:
+            store = self._store()
+            digests = await asyncio.to_thread(self._put_small, store, [blobs[i] for i in small])
+            for i, d in zip(small, digests):
+                out[i] = d
+        rest = [i for i, d in enumerate(out) if d is None]
+        if rest:
+            for i, d in zip(rest, await asyncio.gather(*(self.put(blobs[i]) for i in rest))):
+                out[i] = d
+        return out  # type: ignore[return-value]
+
+    def _put_small(self, store: _BlobRecords, blobs: list[bytes]) -> list[B3Digest]:
+        digests = [blake3_digest(b) for b in blobs]
+        present = store.has_blobs(digests)
+        enc = codec()
+        values = [(d, enc.encode(b, self.compression)) for d, b, p in zip(digests, blobs, present) if not p]
+        with store.env.write() as txn:
+            store.put_encoded(txn, values)
+            # A chunk stored ahead of a large blob's index may already hold these bytes:
+            # as a blob of its own it is needed for good.
+            store.claim_chunks(txn, digests)
+        return digests
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         store = self._store()
@@ -456,15 +506,26 @@ class _EmbeddedWriter(HashingWriter):
         self._pending_bytes = 0
         self._lease: WriterLease | None = None
         self._flushed = 0  # self._chunks[:self._flushed] were stored ahead of the index
+        self._unhashed: list[bytes] = []
 
     async def _write(self, data: bytes) -> None:
-        self._hash(data)
         self._parts.append(data)
+        self._unhashed.append(data)
         self._buffered += len(data)
         if self._buffered >= self._cut_at:
-            self._cut(final=False)
-            if self._pending_bytes >= BATCH_BYTES:
-                self._flush()
+            # A few MiB per thread hop: hashing, cutting and compressing release the GIL.
+            await asyncio.to_thread(self._step)
+
+    def _hash_pending(self) -> None:
+        for part in self._unhashed:
+            self._hash(part)
+        self._unhashed = []
+
+    def _step(self) -> None:
+        self._hash_pending()
+        self._cut(final=False)
+        if self._pending_bytes >= BATCH_BYTES:
+            self._flush()
 
     def _cut(self, final: bool) -> None:
         buf = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
@@ -508,6 +569,10 @@ class _EmbeddedWriter(HashingWriter):
             lease.release()
 
     async def _finish(self) -> B3Digest:
+        return await asyncio.to_thread(self._finish_sync)
+
+    def _finish_sync(self) -> B3Digest:
+        self._hash_pending()
         digest = self._hashed_digest()
         store = self._svc._store()
         if not self._chunks and self._buffered <= self._svc.min_chunk_size:
@@ -542,6 +607,7 @@ class _EmbeddedWriter(HashingWriter):
     async def _abort(self) -> None:
         # Chunks flushed before the abort stay, marked loose, until ``gc`` removes them.
         self._parts = []
+        self._unhashed = []
         self._pending = []
         self._chunks = []
         if self._lease is not None:

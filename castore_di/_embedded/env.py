@@ -43,6 +43,7 @@ class Environment:
         self.options = options
         self._closed = False
         self._last_sync = time.monotonic()
+        self._dirty = False  # commits since the last sync
         self._sync_lock = threading.Lock()
         self._dbs: dict[bytes, Any] = {}
         self._dbs_lock = threading.Lock()
@@ -120,6 +121,7 @@ class Environment:
     def _after_commit(self) -> None:
         if self.options.durability == "full":
             return  # LMDB synced the commit itself
+        self._dirty = True
         if time.monotonic() - self._last_sync >= self.options.sync_interval:
             self.sync()
 
@@ -127,6 +129,7 @@ class Environment:
         """Flush committed transactions to disk (fsync)."""
         with self._sync_lock:
             self._last_sync = time.monotonic()
+            self._dirty = False
             if not self._closed:
                 try:
                     self.env.sync(True)
@@ -141,7 +144,8 @@ class Environment:
         if self._closed:
             return
         try:
-            self.sync()
+            if self._dirty:  # a read-only session (castore ls, cat) does not wait for an fsync
+                self.sync()
         finally:
             self._closed = True
             self.env.close()

@@ -12,6 +12,7 @@ configuration error; 130 interrupted.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.abc
 import sys
 import traceback
@@ -45,7 +46,32 @@ Exit codes:
 Errors are one line on stderr; --verbose adds the traceback."""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CASTORE"},
+# Where each command lives, so a command imports only its own module (``castore ls`` does
+# not load the server or the config checker). A name missing here is found by loading
+# every module in ``_load_commands``.
+_COMMANDS = {
+    "cat": "inspect", "check": "check", "export": "transfer", "fsck": "maintain", "gc": "maintain",
+    "graph": "check", "import": "transfer", "ls": "inspect", "schema": "check", "serve": "serve",
+    "stat": "inspect",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _load_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            module = _COMMANDS.get(cmd_name)
+            if module is not None:
+                importlib.import_module(f"castore_di.cli.{module}")
+            if cmd_name not in self.commands:
+                _load_commands()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CASTORE"},
              epilog=_EPILOG)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="CASTORE_CONFIG",
               help="Config file (YAML, JSON or TOML). Env: CASTORE_CONFIG.")
@@ -83,8 +109,6 @@ def run_async(ctx: CliContext, fn: Callable[[], Awaitable[T]]) -> T:
 
 def _load_commands() -> None:
     # Each command lives in its own module and registers itself on ``cli``.
-    import importlib
-
     for name in ("check", "serve", "transfer", "inspect", "maintain"):
         try:
             importlib.import_module(f"castore_di.cli.{name}")
@@ -127,7 +151,6 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``castore`` console script."""
     if argv is None:
         _import_di_lean()
-    _load_commands()
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="castore", standalone_mode=False)

@@ -351,17 +351,20 @@ class _Writer:
         return reader
 
     async def _small(self, job: list[int]) -> None:
+        files = [self._plan.files[i] for i in job]
+        try:
+            found = await self._blob.read_many([node.digest for _d, _name, node in files])  # verified
+        except Exception as e:
+            d, name, _node = files[0]
+            raise _storage_error(e, f"{self._plan.file_path(d, name)} (or one of {len(files) - 1} more)") from e
         contents: list[bytes] = []
-        for i in job:
-            try:
-                async with await self._open(i) as reader:
-                    data = await reader.read()  # verified by the reader
-            except Exception as e:
-                d, name, _node = self._plan.files[i]
-                raise _storage_error(e, self._plan.file_path(d, name)) from e
-            if len(data) != self._plan.files[i][2].size:  # pragma: no cover - a reader bug
-                d, name, node = self._plan.files[i]
-                raise IntegrityError(f"{self._plan.file_path(d, name)}: blob {node.digest} is short")
+        for (d, name, node), data in zip(files, found):
+            if data is None:
+                raise StorageError(f"{self._plan.file_path(d, name)}: blob {node.digest} not found")
+            if len(data) != node.size:
+                raise IntegrityError(
+                    f"{self._plan.file_path(d, name)}: blob {node.digest} has {len(data)} bytes, the node says {node.size}"
+                )
             contents.append(data)
         await self._thread(self._write_batch, job, contents)
         total = sum(len(c) for c in contents)

@@ -407,6 +407,13 @@ class BlobService(abc.ABC):
         """
         return list(await asyncio.gather(*(self.put(b) for b in blobs)))
 
+    async def read_many(self, digests: Sequence[B3Digest]) -> list[bytes | None]:
+        """Several (small) whole blobs, each verified; ``None`` for an absent one.
+
+        Backends may read them in one go; the default reads them one by one.
+        """
+        return [await self.read_bytes(d) for d in digests]
+
     async def read_bytes(self, digest: B3Digest) -> bytes | None:
         """The whole blob in memory (verified), or ``None`` when absent."""
         reader = await self.open_read(digest)

@@ -212,6 +212,25 @@ class _BlobRecords:
             raise IntegrityError(f"blob {digest}: chunk {digest} is corrupted")
         return data, None
 
+    def read_blobs(
+        self, digests: Sequence[B3Digest]
+    ) -> list[tuple[bytes | None, list[tuple[B3Digest, int]] | None]]:
+        """:meth:`read_blob` for each digest, in one read transaction."""
+        dec = codec()
+        out: list[tuple[bytes | None, list[tuple[B3Digest, int]] | None]] = []
+        with self.env.read() as txn:
+            for digest in digests:
+                raw = txn.get(digest, db=self.chunks_db)
+                if raw is None or txn.get(digest, db=self.loose_db) is not None:
+                    index = txn.get(digest, db=self.blobs_db)
+                    out.append((None, None if index is None else decode_index(index, digest)))
+                    continue
+                data = dec.decode(raw, _chunk_name(digest, None))
+                if blake3_digest(data) != digest:
+                    raise IntegrityError(f"blob {digest}: chunk {digest} is corrupted")
+                out.append((data, None))
+        return out
+
     def lookup_blob(self, digest: B3Digest) -> tuple[bool, list[tuple[B3Digest, int]] | None]:
         """``(is_a_chunk, chunk_list_or_None)`` in one read transaction."""
         with self.env.read() as txn:
@@ -455,6 +474,17 @@ class EmbeddedBlobService(BlobService):
             return store.get_chunk_unverified(chunk, digest)
 
         return ChunkedReader(digest, [ChunkMeta(d, size) for d, size in index], fetch)
+
+    async def read_many(self, digests: Sequence[B3Digest]) -> list[bytes | None]:
+        """One-chunk blobs are read, decompressed and verified in a thread; others one by one."""
+        store = self._store()
+        found = await asyncio.to_thread(store.read_blobs, digests)
+        out: list[bytes | None] = []
+        for digest, (data, index) in zip(digests, found):
+            if data is None and index is not None:
+                data = await self.read_bytes(digest)
+            out.append(data)
+        return out
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         is_chunk, index = self._store().lookup_blob(digest)

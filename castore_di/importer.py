@@ -298,11 +298,16 @@ class _Importer:
 
     # -- threads -------------------------------------------------------------------
 
-    def _open(self, f: _File) -> tuple[int, os.stat_result]:
-        """Open a walked file for reading: no link followed, never blocks, regular files only."""
+    def _open(self, f: _File, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
+        """Open a walked file for reading: no link followed, never blocks, regular files only.
+
+        ``dir_fd``: the file's directory when the caller holds it open.
+        """
         try:
             if f.dir < 0:
                 fd = os.open(self._tree.root, _O_READ)
+            elif dir_fd is not None:
+                fd = os.open(f.name, _O_READ, dir_fd=dir_fd)
             else:
                 assert self._fds is not None
                 handle = self._fds.acquire(f.dir)
@@ -325,24 +330,36 @@ class _Importer:
     def _read_batch(self, indexes: list[int]) -> list[tuple[int, bytes, B3Digest, bool] | tuple[int, None, None, bool]]:
         """Read and hash small files; ``None`` data for a file that grew past ``SMALL_FILE``."""
         out: list[tuple[int, bytes, B3Digest, bool] | tuple[int, None, None, bool]] = []
-        for i in indexes:
-            f = self._tree.files[i]
-            fd, st = self._open(f)
-            try:
-                executable = bool(st.st_mode & 0o100)
+        handle: Handle | None = None
+        current = -1
+        try:
+            for i in indexes:
+                f = self._tree.files[i]
+                if self._fds is not None and f.dir >= 0 and (handle is None or f.dir != current):
+                    if handle is not None:
+                        self._fds.release(handle)
+                        handle = None
+                    handle = self._fds.acquire(f.dir)
+                    current = f.dir
+                fd, st = self._open(f, None if handle is None else handle.fd)
                 try:
-                    data = os.read(fd, max(st.st_size, f.size) + 1)
-                    if len(data) > st.st_size:
-                        while len(data) <= SMALL_FILE and (more := os.read(fd, SMALL_FILE)):
-                            data += more
-                except OSError as e:
-                    raise _os_error("read", self._tree.file_path(f), e) from e
-            finally:
-                os.close(fd)
-            if len(data) > SMALL_FILE:
-                out.append((i, None, None, executable))
-            else:
-                out.append((i, data, B3Digest(blake3.blake3(data).digest()), executable))
+                    executable = bool(st.st_mode & 0o100)
+                    try:
+                        data = os.read(fd, max(st.st_size, f.size) + 1)
+                        if len(data) > st.st_size:
+                            while len(data) <= SMALL_FILE and (more := os.read(fd, SMALL_FILE)):
+                                data += more
+                    except OSError as e:
+                        raise _os_error("read", self._tree.file_path(f), e) from e
+                finally:
+                    os.close(fd)
+                if len(data) > SMALL_FILE:
+                    out.append((i, None, None, executable))
+                else:
+                    out.append((i, data, B3Digest(blake3.blake3(data).digest()), executable))
+        finally:
+            if handle is not None and self._fds is not None:
+                self._fds.release(handle)
         return out
 
     def _hash_file(self, f: _File) -> tuple[B3Digest, int, bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any, ClassVar
@@ -94,6 +95,39 @@ class FailingConfig(BlobServiceConfig):
 
 
 @attrs.frozen(kw_only=True)
+class FlakyConfig(BlobServiceConfig):
+    """Fails its first ``failures`` builds (counted in EVENTS as attempts), then works."""
+
+    type_tag: ClassVar[str] = "flaky"
+    label: str = "flaky"
+    failures: int = 1
+
+    def build(self) -> RecordingBlobService:
+        attempts = sum(1 for e in EVENTS if e == ("attempt", self.label))
+        record("attempt", self.label)
+        if attempts < self.failures:
+            raise RuntimeError(f"attempt {attempts + 1} failed")
+        return RecordingBlobService(self.label)
+
+
+@attrs.frozen(kw_only=True)
+class AsyncLeafConfig(BlobServiceConfig):
+    """An ``async def build`` that yields to the loop before the service exists."""
+
+    type_tag: ClassVar[str] = "async_leaf"
+    label: str = "async_leaf"
+    delay: float = 0.0
+    fail: bool = False
+
+    async def build(self) -> RecordingBlobService:
+        record("attempt", self.label)
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("cannot connect")
+        return RecordingBlobService(self.label)
+
+
+@attrs.frozen(kw_only=True)
 class PositiveConfig(BlobServiceConfig):
     """Cross-field validation happens when the config loads."""
 
@@ -111,7 +145,7 @@ class PositiveConfig(BlobServiceConfig):
 
 def registry() -> Registry:
     reg = default_registry().copy()
-    for cfg in (LeafConfig, PeerConfig, BlobOnDirConfig, FailingConfig, PositiveConfig):
+    for cfg in (LeafConfig, PeerConfig, BlobOnDirConfig, FailingConfig, PositiveConfig, FlakyConfig, AsyncLeafConfig):
         reg.register("blobservices", cfg.type_tag, cfg)
     reg.register("directoryservices", DirOnBlobConfig.type_tag, DirOnBlobConfig)
     return reg

@@ -106,9 +106,9 @@ def test_self_reference_is_a_cycle() -> None:
     ("config", "error", "message"),
     [
         ({"blobservices": {"default": {"type": "memry"}}}, UnknownTypeError,
-         "blobservices.default.type: unknown type 'memry' (known: blob_on_dir, combined, "),
+         "blobservices.default.type: unknown type 'memry' (known: async_leaf, blob_on_dir, combined, "),
         ({"blobservices": {"default": {"type": "nonsense"}}}, UnknownTypeError,
-         "blobservices.default.type: unknown type 'nonsense' (known: blob_on_dir, combined"),
+         "blobservices.default.type: unknown type 'nonsense' (known: async_leaf, blob_on_dir, combined"),
         ({"blobservices": {"default": {"type": "memory", "size": 3}}}, UnknownFieldError,
          "blobservices.default: unknown field 'size'"),
         ({"blobservices": {"a": {"type": "memory"}, "b": "memory://",
@@ -193,8 +193,8 @@ def test_construction_failure_names_the_instance() -> None:
                                recording.registry())
     with pytest.raises(InstantiationError) as e:
         container.blob_service()
-    assert str(e.value).startswith("blobservices.bad: cannot build 'failing' service: disk on fire")
-    assert isinstance(e.value.__cause__, RuntimeError)
+    assert str(e.value).startswith("blobservices.default -> blobservices.bad: cannot build 'failing' service: disk on fire")
+    assert isinstance(e.value.__cause__, InstantiationError) and isinstance(e.value.__cause__.__cause__, RuntimeError)
 
 
 def test_nothing_is_built_until_used() -> None:

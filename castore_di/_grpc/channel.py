@@ -324,8 +324,37 @@ def is_not_found(e: BaseException) -> bool:
 class GrpcClient:
     """Base of the gRPC service clients: a :class:`LazyChannel` and the call helpers."""
 
+    # The service name a connectivity check asks the server's grpc.health.v1 about.
+    _health_service = ""
+
     def __init__(self, url: str, **options: Any) -> None:
         self._chan = LazyChannel(url, **options)
+
+    async def check_connectivity(self) -> str:
+        """One ``grpc.health.v1.Health/Check`` of this client's service, not retried.
+
+        A server without the health service (UNIMPLEMENTED) still answered: reachable.
+        """
+        from grpc_health.v1 import health_pb2
+
+        grpc = _import_grpc()
+        channel = await self._chan.get()
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check", request_serializer=identity, response_deserializer=identity
+        )
+        request = health_pb2.HealthCheckRequest(service=self._health_service).SerializeToString()
+        target = self._chan.target.display
+        try:
+            raw = await check(request, timeout=self._chan.connect_timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return f"gRPC {target}: reachable (no health service)"
+            raise translate_rpc_error(e, "health check", target) from e
+        status = health_pb2.HealthCheckResponse.FromString(raw).status
+        name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        if status != health_pb2.HealthCheckResponse.SERVING:
+            raise StorageError(f"gRPC {target}: {self._health_service or 'server'} is {name}")
+        return f"gRPC {target}: {self._health_service} {name}"
 
     @property
     def url(self) -> str:

@@ -64,12 +64,14 @@ def _zstd() -> Any:
     return zstandard
 
 
-def build_store(url: str, options: Mapping[str, str]) -> "ObjectStore":
+def build_store(url: str, options: Mapping[str, str], retry_config: Any = None) -> "ObjectStore":
     """An obstore store for ``url``. Only ``file://`` touches the disk (it creates the root)."""
     obstore = import_obstore()
     config, client = split_options(options)
     scheme = urllib.parse.urlsplit(url).scheme
     kwargs: dict[str, Any] = {}
+    if retry_config is not None:
+        kwargs["retry_config"] = retry_config
     if config:
         kwargs["config"] = config
     if client:
@@ -109,6 +111,25 @@ class ObjectStoreAccess:
             except ConfigError as e:
                 raise StorageError(str(e)) from e
         return self._store
+
+    async def check(self) -> str:
+        """One listing request (at most one key), not retried: reachable, bucket and credentials good."""
+        import datetime
+
+        obstore = import_obstore()
+        no_retries = {
+            "max_retries": 0,
+            "retry_timeout": datetime.timedelta(seconds=1),
+            "backoff": {"init_backoff": datetime.timedelta(milliseconds=100),
+                        "max_backoff": datetime.timedelta(milliseconds=100), "base": 2.0},
+        }
+        try:
+            store = build_store(self.url, self.options, None if self.url.startswith("file:") else no_retries)
+            async for _batch in obstore.list(store, chunk_size=1):
+                break
+        except Exception as e:
+            raise StorageError(f"object store {self.url}: LIST failed: {_first_line(e)}") from e
+        return f"object store {self.url}: listed"
 
     def _error(self, op: str, key: str, e: BaseException) -> StorageError:
         return StorageError(f"object store {self.url}: {op} {key} failed: {_first_line(e)}")

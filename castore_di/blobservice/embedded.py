@@ -82,6 +82,8 @@ if TYPE_CHECKING:
 
 __all__ = ["EmbeddedBlobService", "EmbeddedBlobServiceConfig", "BATCH_BYTES", "encode_index", "decode_index"]
 
+_ABSENT = B3Digest(bytes(32))  # a digest no store holds: a read that finds nothing
+
 DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
 BATCH_BYTES = 8 << 20  # chunks of a large blob are committed in transactions of about this size
 _INDEX_ENTRY = struct.Struct("<Q32s")
@@ -412,6 +414,16 @@ class EmbeddedBlobService(BlobService):
                 release(env)
                 raise
         return self._engine
+
+    async def check_connectivity(self) -> str:
+        """Open the store's environment (in a thread) and read from it once."""
+
+        def open_and_read() -> None:
+            store = self._store()
+            store.has_blob(_ABSENT)
+
+        await asyncio.to_thread(open_and_read)
+        return f"embedded store {self.path}: open"
 
     def _chunker(self) -> Any:
         cdc = getattr(self._cdc, "cdc", None)

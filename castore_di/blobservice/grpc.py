@@ -78,6 +78,8 @@ PUT_QUEUE_DEPTH = 4  # Put messages buffered ahead of gRPC flow control
 class GRPCBlobService(GrpcClient, BlobService):
     """A :class:`BlobService` client of a ``tvix.castore.v1.BlobService`` server."""
 
+    _health_service = "tvix.castore.v1.BlobService"
+
     # -- Stat --------------------------------------------------------------------------
 
     async def _stat(self, digest: B3Digest, send_chunks: bool) -> list[ChunkMeta] | None:

@@ -157,6 +157,10 @@ class ObjectStoreBlobService(BlobService):
     def open_write(self) -> BlobWriter:
         return _ObjectStoreBlobWriter(self)
 
+    async def check_connectivity(self) -> str:
+        """One listing of the store (see :class:`~castore_di.connectivity.Connectable`)."""
+        return await self.access.check()
+
     async def fsck(self) -> FsckReport:
         """Verify every chunk object and every blob index (see :class:`_Fsck`)."""
         return await _Fsck(self).run()

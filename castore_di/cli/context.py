@@ -37,20 +37,26 @@ class CliContext:
     verbose: bool = False
     _container: CastoreContainer | None = None
     _addr_container: CastoreContainer | None = None
+    metrics: Any = None
+    """A :class:`castore_di.metrics.Metrics` to record into (set before the services are built)."""
 
     def container(self) -> CastoreContainer:
         """The container from ``--config``/``CASTORE_CONFIG``, else the default config."""
         if self._container is None:
             from castore_di.composition import load_container
 
-            self._container = load_container(self.config_path if self.config_path else default_config())
+            self._container = load_container(
+                self.config_path if self.config_path else default_config(), metrics=self.metrics
+            )
         return self._container
 
     def _addrs(self) -> CastoreContainer:
         if self._addr_container is None:
             from castore_di.composition import container_from_addrs
 
-            self._addr_container = container_from_addrs(blob=self.blob_addr, directory=self.directory_addr)
+            self._addr_container = container_from_addrs(
+                blob=self.blob_addr, directory=self.directory_addr, metrics=self.metrics
+            )
         return self._addr_container
 
     def blob_service(self) -> BlobService:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import click
 
@@ -31,9 +32,11 @@ __all__ = ["serve_command"]
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True),
               help="PEM certificate chain: serve TLS (clients use grpc+https://). Needs --tls-key.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="PEM private key for --tls-cert.")
+@click.option("--metrics-listen", metavar="HOST:PORT",
+              help="Serve Prometheus metrics of every service operation at http://HOST:PORT/metrics.")
 @pass_ctx
 def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_cert: str | None,
-                  tls_key: str | None) -> None:
+                  tls_key: str | None, metrics_listen: str | None) -> None:
     """Serve tvix.castore.v1 BlobService and DirectoryService (with health and reflection).
 
     Prints "castore serve: listening on ADDRESS" for every bound address; stops on
@@ -45,6 +48,7 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
         raise click.UsageError("--tls-cert and --tls-key go together")
     for address in listen:
         normalize_listen(address)  # refuse bad addresses before building anything
+    metrics_server = _start_metrics(ctx, metrics_listen) if metrics_listen else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     blob_name = ctx.blob_addr or ctx.blob_name
     directory_name = ctx.directory_addr or ctx.directory_name
@@ -60,4 +64,25 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
             tls=(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None,
         )
 
-    run_async(ctx, main)
+    try:
+        run_async(ctx, main)
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+
+
+def _start_metrics(ctx: CliContext, address: str) -> Any:
+    """Record every operation of the served services and serve /metrics from a thread."""
+    from castore_di.metrics import Metrics
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"expected HOST:PORT, got {address!r}", param_hint="--metrics-listen")
+    ctx.metrics = Metrics()
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        server = ctx.metrics.serve(host, int(port))
+    except OSError as e:
+        raise click.BadParameter(f"cannot listen on {address}: {e.strerror or e}", param_hint="--metrics-listen")
+    click.echo(f"castore serve: metrics on http://{host}:{server.server_port}/metrics", err=True)
+    return server

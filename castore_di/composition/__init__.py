@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from castore_di.composition.loader import ConfigSource, read_config
     from castore_di.composition.registry import Registry, default_registry
     from castore_di.directoryservice.base import DirectoryService
+    from castore_di.metrics import Metrics
 
 __all__ = [
     "BlobServiceConfig",
@@ -91,19 +92,26 @@ def load_graph(source: ConfigSource, registry: Registry | None = None) -> Compos
     return build_graph(read_config(source), registry)
 
 
-def load_container(source: ConfigSource, registry: Registry | None = None) -> CastoreContainer:
+def load_container(
+    source: ConfigSource, registry: Registry | None = None, *, metrics: Metrics | None = None
+) -> CastoreContainer:
     """Read a config (a YAML/JSON/TOML path or a mapping) and return its container.
 
     The whole config is validated first (types, fields, references, cycles); services are
-    created on first use of their providers.
+    created on first use of their providers. With ``metrics`` (a
+    :class:`castore_di.metrics.Metrics`), every service's operations are recorded.
     """
     from castore_di.composition.container import build_container
 
-    return build_container(load_graph(source, registry))
+    return build_container(load_graph(source, registry), metrics)
 
 
 def container_from_addrs(
-    blob: str | None = None, directory: str | None = None, registry: Registry | None = None
+    blob: str | None = None,
+    directory: str | None = None,
+    registry: Registry | None = None,
+    *,
+    metrics: Metrics | None = None,
 ) -> CastoreContainer:
     """A container whose ``default`` instances are built from URLs (``memory://`` …)."""
     from castore_di.composition.container import build_container
@@ -114,7 +122,7 @@ def container_from_addrs(
         config["blobservices"] = {"default": blob}
     if directory is not None:
         config["directoryservices"] = {"default": directory}
-    return build_container(build_graph(config, registry))
+    return build_container(build_graph(config, registry), metrics)
 
 
 def blob_service_from_addr(url: str, registry: Registry | None = None) -> BlobService:

@@ -61,8 +61,9 @@ class ServiceConfig:
     """Base of every backend config class.
 
     Subclasses are frozen, keyword-only attrs classes with a ``type_tag`` and a ``build``
-    method that receives referenced services as keyword arguments. Construction of the
-    service must do no I/O.
+    method that receives referenced services as keyword arguments. A sync ``build`` must do
+    no I/O; a service that must connect or open something first defines ``async def build``,
+    which the container awaits (see :mod:`castore_di.composition.container`).
     """
 
     kind: ClassVar[str]

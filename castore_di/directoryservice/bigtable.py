@@ -237,6 +237,15 @@ class BigtableDirectoryService(DirectoryService):
             with contextlib.suppress(Exception):  # closing is best effort, never an error
                 await client.close()
 
+    async def check_connectivity(self) -> str:
+        """One ReadRows of an absent row, not retried: the emulator or service and the table answer."""
+        table = self._table()
+        query = self._lib.ReadRowsQuery(row_keys=[b"castore-connectivity-check"])
+        timeout = self.timeout or 10.0
+        with self._translate("read the table"):
+            await table.read_rows(query, operation_timeout=timeout, attempt_timeout=timeout, retryable_errors=())
+        return f"bigtable {self.project_id}/{self.instance_name}/{self.table_name}: table readable"
+
     @contextlib.contextmanager
     def _translate(self, action: str) -> Iterator[None]:
         try:

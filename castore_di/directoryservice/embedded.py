@@ -32,6 +32,8 @@ from castore_di.nodes import Directory
 
 __all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig"]
 
+_ABSENT = B3Digest(bytes(32))  # a digest no store holds: a read that finds nothing
+
 
 class _DirectoryRecords:
     """The ``dirs`` database of one environment; methods are synchronous and short."""
@@ -109,6 +111,16 @@ class EmbeddedDirectoryService(DirectoryService):
                 release(env)
                 raise
         return self._engine
+
+    async def check_connectivity(self) -> str:
+        """Open the store's environment (in a thread) and read from it once."""
+
+        def open_and_read() -> None:
+            store = self._store()
+            store.get_directory_bytes(_ABSENT)
+
+        await asyncio.to_thread(open_and_read)
+        return f"embedded store {self.path}: open"
 
     async def get(self, digest: B3Digest) -> Directory | None:
         raw = self._store().get_directory_bytes(digest)

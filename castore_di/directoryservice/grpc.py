@@ -46,6 +46,8 @@ def _get_request(digest: B3Digest, recursive: bool) -> bytes:
 class GRPCDirectoryService(GrpcClient, DirectoryService):
     """A :class:`DirectoryService` client of a ``tvix.castore.v1.DirectoryService`` server."""
 
+    _health_service = "tvix.castore.v1.DirectoryService"
+
     def _decode(self, raw: bytes, what: str) -> Directory:
         try:
             return Directory.decode(raw)

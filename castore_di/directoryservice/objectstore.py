@@ -104,6 +104,10 @@ class ObjectStoreDirectoryService(DirectoryService):
     def __init__(self, object_store_url: str, object_store_options: dict[str, str] | None = None) -> None:
         self.access = ObjectStoreAccess(object_store_url, object_store_options or {})
 
+    async def check_connectivity(self) -> str:
+        """One listing of the store (see :class:`~castore_di.connectivity.Connectable`)."""
+        return await self.access.check()
+
     async def get(self, digest: B3Digest) -> Directory | None:
         """The root of a stored closure (inner directories of a closure are not served)."""
         stream = self._stream(digest, first_only=True)

@@ -1,7 +1,11 @@
-"""An HTTP service that stores uploads and serves blobs by digest.
+"""An HTTP service that stores uploads and serves blobs by digest, with ``/metrics``.
 
-Endpoints receive ``blobservices.default`` via ``@inject`` and ``Provide``; the container is
-loaded from ``containers/local.yaml`` unless ``CASTORE_CONFIG`` names another file.
+The application's container (``Application``) takes its castore config from its own
+``providers.Configuration`` (the ``castore`` key; by default ``containers/local.yaml``, or
+the file ``CASTORE_CONFIG`` names). The castore services start and stop with the app's
+lifespan through the container's ``init_resources()`` / ``shutdown_resources()``.
+Endpoints receive ``blobservices.default`` via ``@inject`` and ``Provide``; every service
+operation is recorded in a Prometheus registry served at ``GET /metrics``.
 """
 
 
@@ -11,18 +15,31 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
+import yaml
+from dependency_injector import containers, providers
 from dependency_injector.wiring import Provide, inject
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
-import castore_di
 from castore_di import B3Digest, BlobReader, BlobService
+from castore_di.composition.host import castore_container, init_resources, shutdown_resources
+from castore_di.metrics import Metrics
 
 CONTAINERS = Path(__file__).resolve().parents[2] / "containers"
 
+
+
+class Application(containers.DeclarativeContainer):
+    """The app's container: its config, its metrics, and the castore services."""
+
+    config = providers.Configuration()
+    metrics = providers.Singleton(Metrics)
+    castore = castore_container(config.castore, metrics=metrics)
+
+
 router = APIRouter()
 
-Blobs = Annotated[BlobService, Depends(Provide["blobservices.default"])]
+Blobs = Annotated[BlobService, Depends(Provide["castore.blobservices.default"])]
 
 
 def _parse_digest(text: str) -> B3Digest:
@@ -64,19 +81,40 @@ async def _stream(reader: BlobReader) -> AsyncIterator[bytes]:
             yield block
 
 
-def create_app(container: castore_di.CastoreContainer | None = None) -> FastAPI:
-    """The application; its container is wired here and closed on shutdown."""
-    if container is None:
-        container = castore_di.load_container(os.environ.get("CASTORE_CONFIG") or CONTAINERS / "local.yaml")
-    castore = container
+@router.get("/metrics")
+@inject
+async def metrics(metrics: Annotated[Metrics, Depends(Provide["metrics"])]) -> Response:
+    """Prometheus metrics of every castore service operation."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+def default_application() -> Application:
+    """The container configured from ``CASTORE_CONFIG`` (or ``containers/local.yaml``).
+
+    The file is parsed as is: castore interpolates ``${VAR}`` when it reads its config.
+    """
+    application = Application()
+    path = Path(os.environ.get("CASTORE_CONFIG") or CONTAINERS / "local.yaml")
+    application.config.from_dict({"castore": yaml.safe_load(path.read_text())})
+    return application
+
+
+def create_app(application: Application | None = None) -> FastAPI:
+    """The application; its container is wired here, started and stopped by the lifespan."""
+    container = application if application is not None else default_application()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await castore.aclose()
+        await init_resources(container)
+        try:
+            yield
+        finally:
+            await shutdown_resources(container)
 
-    castore.wire(modules=[__name__])
+    container.wire(modules=[__name__])
     app = FastAPI(title="castore blob API", lifespan=lifespan)
-    app.state.castore = castore
+    app.state.container = container
     app.include_router(router)
     return app

@@ -1,4 +1,4 @@
-"""Tests of the FastAPI example with the store overridden by memory services."""
+"""Tests of the FastAPI example: the store overridden by memory services, the lifespan, metrics."""
 
 from __future__ import annotations
 
@@ -23,12 +23,13 @@ def store() -> MemoryBlobService:
 @pytest.fixture
 def client(store: MemoryBlobService, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[TestClient]:
     """The app built from its default config, with ``blobservices.default`` overridden."""
-    monkeypatch.setenv("CASTORE_DATA_DIR", str(tmp_path))  # in case the default store is touched
-    container = castore_di.load_container(blob_api.CONTAINERS / "local.yaml")
-    with container.override_instance("blobservices.default", store):
-        with TestClient(blob_api.create_app(container)) as test_client:
+    monkeypatch.setenv("CASTORE_DATA_DIR", str(tmp_path))  # the lifespan builds the other instances
+    monkeypatch.delenv("CASTORE_CONFIG", raising=False)
+    application = blob_api.default_application()
+    with application.castore().override_instance("blobservices.default", store):
+        with TestClient(blob_api.create_app(application)) as test_client:
             yield test_client
-    container.unwire()
+    application.unwire()
 
 
 async def test_upload_then_download(client: TestClient, store: MemoryBlobService) -> None:
@@ -76,7 +77,26 @@ def test_config_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     with TestClient(app) as client:
         digest = client.post("/blobs", content=b"hello").json()["digest"]
         assert client.get(f"/blobs/{digest}").content == b"hello"
-    app.state.castore.unwire()
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+        assert 'castore_written_bytes_total{instance="blobservices.default",type="memory"} 5.0' in metrics.text
+        assert 'castore_operations_total{instance="blobservices.default",operation="open_read",type="memory"} 1.0' \
+            in metrics.text
+    app.state.container.unwire()
+
+
+def test_config_from_the_host_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test gives the castore config through the application's own Configuration."""
+    application = blob_api.Application()
+    application.config.from_dict({"castore": {"blobservices": {"default": "memory://"}}})
+    with TestClient(blob_api.create_app(application)) as client:
+        digest = client.post("/blobs", content=b"from the host config").json()["digest"]
+        assert client.get(f"/blobs/{digest}").content == b"from the host config"
+        castore = application.castore()
+        served = castore.blob_service()
+    application.unwire()
+    # the lifespan's shutdown closed the services: a new instance is built on next use
+    assert castore.blob_service() is not served
 
 
 async def test_local_config_end_to_end(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -87,7 +107,7 @@ async def test_local_config_end_to_end(monkeypatch: pytest.MonkeyPatch, tmp_path
     with TestClient(app) as client:
         digest = client.post("/blobs", content=b"on disk").json()["digest"]
         assert client.get(f"/blobs/{digest}").content == b"on disk"
-    app.state.castore.unwire()
+    app.state.container.unwire()
     # The lifespan closed the store; a new container over the same directory finds the blob.
     async with castore_di.load_container(blob_api.CONTAINERS / "local.yaml") as again:
         assert await again.blob_service().read_bytes(castore_di.B3Digest.parse(digest)) == b"on disk"

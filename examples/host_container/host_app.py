@@ -1,14 +1,23 @@
-"""A host application that embeds the castore container of ``containers/memory.yaml``."""
+"""A host application that embeds a castore container configured from its own Configuration.
+
+The castore config is the ``castore`` key of the host's ``providers.Configuration`` (here
+loaded from ``containers/memory.yaml``; tests change it per test with ``from_dict``); the
+castore services start and stop with the host's ``init_resources()`` /
+``shutdown_resources()``; their operations are recorded in the host's ``metrics``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import yaml
 from dependency_injector import containers, providers
 from dependency_injector.wiring import Provide, inject
 
 from castore_di import B3Digest, BlobService, Directory, DirectoryService, FileNode
 from castore_di.composition.host import castore_container
+from castore_di.metrics import Metrics
 
 CONFIG = Path(__file__).resolve().parents[2] / "containers" / "memory.yaml"
 
@@ -42,12 +51,23 @@ class Archive:
 class Application(containers.DeclarativeContainer):
     """The host container: its own providers wired to the embedded castore instances."""
 
-    castore = castore_container(CONFIG)
+    config = providers.Configuration()
+    metrics = providers.Singleton(Metrics)
+    castore = castore_container(config.castore, metrics=metrics)
     archive = providers.Singleton(
         Archive,
         blobs=castore.blobservices.default,  # attribute access, as dependency-injector users write it
         directories=castore.directory("default"),  # the typed equivalent
     )
+
+
+def create_application(castore_config: Path | dict[str, Any] = CONFIG) -> Application:
+    """An application whose castore config is a file (read as is: castore interpolates ``${VAR}``) or a dict."""
+    application = Application()
+    if isinstance(castore_config, Path):
+        castore_config = yaml.safe_load(castore_config.read_text())
+    application.config.from_dict({"castore": castore_config})
+    return application
 
 
 @inject

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+from dependency_injector import containers, providers
+
 import castore_di
 from castore_di import B3Digest, BlobService
+from castore_di.composition.host import castore_container
 
 CONFIG = Path(__file__).with_name("catalog.yaml")
 
@@ -37,3 +41,22 @@ class Catalog:
 def load() -> castore_di.CastoreContainer:
     """The catalog's container, loaded from ``catalog.yaml``."""
     return castore_di.load_container(CONFIG)
+
+
+class CatalogContainer(containers.DeclarativeContainer):
+    """The catalog inside an application container: castore's config is ``config.castore``."""
+
+    config = providers.Configuration()
+    castore = castore_container(config.castore)
+    catalog = providers.Singleton(Catalog, blobs=castore.blob("default"))
+
+
+def create_container() -> CatalogContainer:
+    """The application container with ``catalog.yaml`` as its castore config.
+
+    The file is parsed as is: castore interpolates ``${VAR}`` when it reads its config,
+    which happens on first need, so a test can still override ``config.castore``.
+    """
+    container = CatalogContainer()
+    container.config.castore.from_dict(yaml.safe_load(CONFIG.read_text()))
+    return container

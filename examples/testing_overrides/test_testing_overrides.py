@@ -13,10 +13,11 @@ import pytest
 from dependency_injector import providers
 
 import castore_di
+from castore_di.composition.host import init_resources, shutdown_resources
 from castore_di.blobservice.combined import CombinedBlobService
 from castore_di.blobservice.memory import MemoryBlobService
 
-from catalog import Catalog, load
+from catalog import Catalog, create_container, load
 
 
 @pytest.fixture
@@ -93,3 +94,40 @@ async def test_with_the_plugin_fixture(
     with container.override_instance("blobservices.remote", replacement):
         digest = await replacement.put(b"from the plugin's container")
         assert await Catalog(container.blob_service()).link("plugin", digest)
+
+
+async def test_override_keeps_what_was_stored_before(container: castore_di.CastoreContainer) -> None:
+    """Pattern 4: the original instance comes back after the block, with its data."""
+    local = container.blob_service("local")
+    digest = await local.put(b"stored before the override")
+    default = container.blob_service()
+    with container.override_instance("blobservices.local", MemoryBlobService()):
+        assert container.blob_service() is not default
+        assert not await container.blob_service("local").has(digest)
+    assert container.blob_service("local") is local and await local.has(digest)
+    assert container.blob_service() is default
+
+
+async def test_host_configuration_per_test() -> None:
+    """Pattern 5: the castore config comes from the host's Configuration; a test replaces it."""
+    app = create_container()
+    with app.config.castore.override({"blobservices": {"default": "memory://"}}):
+        catalog = app.catalog()  # first need: the overridden config is read and validated
+        await catalog.add("note", b"no server needed")
+        assert await catalog.get("note") == b"no server needed"
+        assert isinstance(app.castore().blob_service(), MemoryBlobService)
+    await app.castore().aclose()
+
+
+async def test_host_configuration_from_dict_before_first_use() -> None:
+    app = create_container()
+    app.config.from_dict({"castore": {"blobservices": {
+        "remote": "memory://", "local": "memory://",
+        "default": {"type": "combined", "local": "local", "remote": "remote"},
+    }}})
+    await init_resources(app)
+    try:
+        assert isinstance(app.castore().blob_service(), CombinedBlobService)
+        assert await app.catalog().add("x", b"through the host lifecycle")
+    finally:
+        await shutdown_resources(app)

@@ -56,6 +56,7 @@ READ_THREADS: Final = 2  # more only adds GIL hand-offs (measured on 2 cores)
 _BLOCK: Final = 1 << 20
 _BATCH_FILES: Final = 128
 _BATCH_BYTES: Final = 4 << 20
+_BATCHES_IN_FLIGHT: Final = 4
 _CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _O_READ: Final = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
@@ -295,6 +296,9 @@ class _Importer:
         self._pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="castore-import")
         self._misses = 0  # consecutive batches with nothing present
         self._batches = 0
+        # Batches of small files in flight: enough to keep the readers and the store's
+        # threads busy; a remote store sees at most this many put_many calls at once.
+        self._batch_slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
 
     # -- threads -------------------------------------------------------------------
 
@@ -445,6 +449,10 @@ class _Importer:
         return self._misses < 4 or self._batches % 8 == 0
 
     async def _small(self, indexes: list[int]) -> None:
+        async with self._batch_slots:
+            await self._small_batch(indexes)
+
+    async def _small_batch(self, indexes: list[int]) -> None:
         read = await self._thread(self._read_batch, indexes)
         ready = [(i, d, h, x) for i, d, h, x in read if d is not None]
         grown = [i for i, d, _h, _x in read if d is None]

@@ -362,6 +362,9 @@ class HashingWriter(BlobWriter):
         return B3Digest(self._hasher.digest())
 
 
+_MANY_AT_ONCE = 8  # calls in flight for the default has_many/put_many
+
+
 class BlobService(abc.ABC):
     """A content-addressed store of blobs (see the module docstring for the contract)."""
 
@@ -398,14 +401,20 @@ class BlobService(abc.ABC):
 
     async def has_many(self, digests: Sequence[B3Digest]) -> list[bool]:
         """``has`` for each digest, in order (backends may answer in one lookup)."""
-        return list(await asyncio.gather(*(self.has(d) for d in digests)))
+        out: list[bool] = []
+        for i in range(0, len(digests), _MANY_AT_ONCE):
+            out += await asyncio.gather(*(self.has(d) for d in digests[i : i + _MANY_AT_ONCE]))
+        return out
 
     async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
         """Store several (small) blobs; their digests in order, each returned only once stored.
 
-        Backends may commit them together (one transaction); the default puts them concurrently.
+        Backends may commit them together (one transaction); the default puts a few at a time.
         """
-        return list(await asyncio.gather(*(self.put(b) for b in blobs)))
+        out: list[B3Digest] = []
+        for i in range(0, len(blobs), _MANY_AT_ONCE):
+            out += await asyncio.gather(*(self.put(b) for b in blobs[i : i + _MANY_AT_ONCE]))
+        return out
 
     async def read_many(self, digests: Sequence[B3Digest]) -> list[bytes | None]:
         """Several (small) whole blobs, each verified; ``None`` for an absent one.

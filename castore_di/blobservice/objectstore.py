@@ -298,12 +298,11 @@ class _ObjectStoreBlobWriter(BlobWriter):
         # last is final, since FastCDC decides a cut from at most max_size bytes after it.
         self._threshold = avg * 8
         self._chunker: FastCDC | None = None
-        # The whole-blob hash may use several threads (blake3 releases the GIL); chunk hashes
-        # and compression run in the upload tasks' threads, so cutting, hashing and
-        # compressing overlap (benches/objectstore_ingest.py, the memory:// row).
+        # The whole-blob hash may use several threads (blake3 releases the GIL); the next
+        # cut runs while earlier chunks compress and upload (benches/objectstore_ingest.py).
         self._hasher: Any = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self._buf = bytearray()
-        self._chunks: list[ChunkMeta | None] = []  # filled in by the uploads
+        self._chunks: list[ChunkMeta] = []
         self._slots = asyncio.Semaphore(service.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._failure: BaseException | None = None
@@ -320,11 +319,11 @@ class _ObjectStoreBlobWriter(BlobWriter):
             if len(self._buf) >= self._threshold:
                 await self._cut(final=False)
 
-    def _cut_sync(self, final: bool) -> tuple[list[bytes], int]:
+    def _cut_sync(self, final: bool) -> tuple[list[tuple[B3Digest, bytes]], int]:
         """Cut the buffer (in a worker thread): the finished chunks and the bytes consumed."""
         if self._chunker is None:
             self._chunker = _new_chunker(self._svc.avg_chunk_size)
-        out: list[bytes] = []
+        out: list[tuple[B3Digest, bytes]] = []
         with memoryview(self._buf) as view:
             pieces = [(c.offset, c.length) for c in self._chunker.cut_buf(view)]
             if not final and pieces:
@@ -332,17 +331,18 @@ class _ObjectStoreBlobWriter(BlobWriter):
             consumed = pieces[-1][0] + pieces[-1][1] if pieces else 0
             self._hasher.update(view[:consumed])
             for offset, length in pieces:
-                out.append(bytes(view[offset : offset + length]))
+                chunk = bytes(view[offset : offset + length])
+                out.append((blake3_digest(chunk), chunk))
         return out, consumed
 
     async def _cut(self, final: bool) -> None:
         pieces, consumed = await asyncio.to_thread(self._cut_sync, final)
         del self._buf[:consumed]
-        for chunk in pieces:
-            self._chunks.append(None)
+        for digest, chunk in pieces:
+            self._chunks.append(ChunkMeta(digest, len(chunk)))
             await self._slots.acquire()
             self._raise_failure()
-            task = asyncio.create_task(self._upload(len(self._chunks) - 1, chunk))
+            task = asyncio.create_task(self._upload(digest, chunk))
             self._tasks.add(task)
             task.add_done_callback(self._upload_done)
 
@@ -356,9 +356,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
         if self._failure is not None:
             raise StorageError(f"chunk upload failed: {self._failure}") from self._failure
 
-    async def _upload(self, index: int, chunk: bytes) -> None:
-        digest = await asyncio.to_thread(blake3_digest, chunk)
-        self._chunks[index] = ChunkMeta(digest, len(chunk))
+    async def _upload(self, digest: B3Digest, chunk: bytes) -> None:
         key = _chunk_key(digest)
         access = self._svc.access
         if await access.exists(key):
@@ -380,9 +378,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
         await self._drain()
         self._raise_failure()
         digest = B3Digest(self._hasher.digest())
-        chunks = [c for c in self._chunks if c is not None] if len(self._chunks) >= 2 else []
-        if len(chunks) != len(self._chunks) and len(self._chunks) >= 2:  # pragma: no cover - drained above
-            raise StorageError("a chunk upload did not finish")
+        chunks = self._chunks if len(self._chunks) >= 2 else []
         # Published last: only now are all chunks it names known to be stored.
         await self._svc.access.put_new(_blob_key(digest), _encode_index(chunks))
         return digest

@@ -42,6 +42,7 @@ from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.directoryservice.closure import leaves_first
 from castore_di.errors import IntegrityError, StorageError, ValidationError
+from castore_di.expansion import check_export_fits
 from castore_di.importer import ImportProgress
 from castore_di.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode, validate_name
 
@@ -443,8 +444,12 @@ async def export_directory(
     merge: bool = False,
     concurrency: int = DEFAULT_CONCURRENCY,
     progress: ImportProgress | None = None,
+    max_size: int | None = None,
 ) -> ExportStats:
     """Materialize the directory ``root`` at ``dest``.
+
+    Before anything is written, the size the closure expands to is checked against
+    ``max_size`` and the free space at ``dest`` (:func:`~castore_di.expansion.check_export_fits`).
 
     ``dest`` must not exist or be an empty directory; with ``merge`` an existing directory
     is written into (existing files of the same names are replaced, existing directories
@@ -453,6 +458,7 @@ async def export_directory(
     """
     dest = os.fspath(dest)
     closure = await fetch_closure(dirs, root)
+    await asyncio.to_thread(check_export_fits, closure, root, dest, max_size)
 
     def prepare() -> int:
         existed = _prepare_dest(dest, merge)

@@ -7,11 +7,15 @@ plain data, cheap to import.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import attrs
 
-__all__ = ["Checkable", "Collectable", "FsckReport", "GcReport"]
+if TYPE_CHECKING:
+    from castore_di.digests import B3Digest
+
+__all__ = ["Checkable", "Collectable", "Compactable", "DirectoryListing", "FsckReport", "GcReport"]
 
 
 @attrs.define(kw_only=True)
@@ -83,4 +87,22 @@ class Collectable(Protocol):
 
     async def gc(self, *, dry_run: bool = False) -> GcReport:
         """Remove unreferenced data, safely against concurrent writers."""
+        ...
+
+
+@runtime_checkable
+class DirectoryListing(Protocol):
+    """A directory service that can list what it stores (for the referential check)."""
+
+    def directory_digests(self) -> "AsyncIterator[B3Digest]":
+        """Digests of stored directories: at least every closure root (inner ones may follow)."""
+        ...
+
+
+@runtime_checkable
+class Compactable(Protocol):
+    """A service whose storage can be rewritten to give freed space back to the file system."""
+
+    async def compact(self) -> tuple[int, int]:
+        """Rewrite the storage compactly; ``(bytes on disk before, after)``."""
         ...

@@ -38,6 +38,7 @@ def flip_byte(data: bytes, rng: random.Random | None = None) -> bytes:
 class MemoryBlobBackdoor:
     def __init__(self, service: Any) -> None:
         self.service = service
+        self.detected_by = service  # served without re-hashing; its fsck finds damage
 
     async def corrupt(self, digest: B3Digest) -> None:
         self.service._blobs[digest] = flip_byte(self.service._blobs[digest])

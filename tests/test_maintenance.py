@@ -80,8 +80,8 @@ async def test_fsck_cli_embedded_clean_then_damaged(tmp_path: Path) -> None:
     await dirs.close()
 
     out = castore(*embedded_args(path), "fsck", expect=0).stdout
-    assert out.count(": ok") == 2, out
-    assert "blob service" in out and "directory service" in out
+    assert out.count(": ok") == 3, out  # each service, then the references between them
+    assert "blob service" in out and "directory service" in out and "references: 2 directories" in out
 
     blobs = EmbeddedBlobService(str(path), avg_chunk_size=AVG)
     dirs = EmbeddedDirectoryService(str(path))
@@ -89,7 +89,7 @@ async def test_fsck_cli_embedded_clean_then_damaged(tmp_path: Path) -> None:
     await EmbeddedDirectoryBackdoor(dirs).corrupt(root)
     await blobs.close()
     await dirs.close()
-    proc = castore(*embedded_args(path), "fsck", expect=1)
+    proc = castore(*embedded_args(path), "fsck", "--no-refs", expect=1)
     assert str(big) in proc.stdout and root.hex() in proc.stdout, proc.stdout
     assert "fsck found 3 problems" in proc.stderr  # the chunk, its blob, the directory
     problems = [line for line in proc.stdout.splitlines() if line.startswith("  ") and "note:" not in line]
@@ -384,5 +384,6 @@ async def test_gc_in_a_loop_against_writer_processes(tmp_path: Path) -> None:
 
 
 def test_gc_on_a_backend_without_one(tmp_path: Path) -> None:
-    out = castore("--blob-service-addr=memory://", "gc", expect=0).stdout
-    assert "no garbage collection for this backend" in out
+    proc = castore("--blob-service-addr=memory://", "gc", expect=3)
+    assert "no garbage collection for this backend" in proc.stdout
+    assert "nothing checked for blob service memory://" in proc.stderr

@@ -66,7 +66,7 @@ from castore_di._embedded.config import (
     parse_embedded_url,
     url_fields,
 )
-from castore_di._embedded.env import Environment, acquire, release
+from castore_di._embedded.env import Environment, acquire, compact, release
 from castore_di._embedded.lease import WriterLease
 
 __all__ = [
@@ -80,6 +80,7 @@ __all__ = [
     "WriterLease",
     "acquire",
     "codec",
+    "compact",
     "default_data_dir",
     "parse_embedded_url",
     "release",

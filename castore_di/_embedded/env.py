@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -11,15 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from castore_di._embedded.config import StoreOptions
 from castore_di._embedded.lease import WriterLease, lease_alive, lease_file, remove_dead_lease_files
-from castore_di.errors import ClosedError, ConfigError, MissingDependencyError, StorageError
+from castore_di.errors import ClosedError, ConfigError, LockedError, MissingDependencyError, StorageError
 
 if TYPE_CHECKING:
     import lmdb
 
-__all__ = ["Environment", "acquire", "release"]
+__all__ = ["Environment", "acquire", "compact", "release"]
 
 _MAX_DBS = 8
 _LOW_SPACE = 64 << 20  # an I/O error with less free space than this is taken for a full disk
+_USERS_LOCK = "users.lock"  # every process with the environment open holds a shared flock
 
 
 def _import_lmdb() -> Any:
@@ -48,6 +51,7 @@ class Environment:
         self._dbs: dict[bytes, Any] = {}
         self._dbs_lock = threading.Lock()
         full = options.durability == "full"
+        self._users = _hold_users_lock(path)
         try:
             os.makedirs(path, exist_ok=True)
             self.env: lmdb.Environment = self._lmdb.open(
@@ -62,6 +66,7 @@ class Environment:
                 lock=True,
             )
         except (self._lmdb.Error, OSError) as e:
+            self._users.close()
             raise StorageError(f"cannot open embedded store at {path}: {e}") from e
 
     def db(self, name: bytes) -> Any:
@@ -149,6 +154,7 @@ class Environment:
         finally:
             self._closed = True
             self.env.close()
+            self._users.close()
 
     # -- writer leases ---------------------------------------------------------------
 
@@ -169,6 +175,92 @@ class Environment:
 
     def remove_dead_lease_files(self) -> None:
         remove_dead_lease_files(self.path)
+
+
+def _hold_users_lock(path: str) -> Any:
+    """A shared ``flock`` on ``<path>/users.lock`` for as long as the environment is open.
+
+    :func:`compact` takes it exclusively, so it knows no other process has the store open,
+    and an opener meanwhile is refused instead of reading a file being swapped.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+        users = open(os.path.join(path, _USERS_LOCK), "a+b")  # noqa: SIM115 - held while open
+    except OSError as e:
+        raise StorageError(f"cannot open embedded store at {path}: {e}") from e
+    try:
+        fcntl.flock(users.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        users.close()
+        raise LockedError(
+            f"embedded store {path} is being compacted by another process (castore gc --compact); try again"
+        ) from None
+    return users
+
+
+def _disk_usage(path: str) -> int:
+    """Bytes the store's data file occupies on disk (allocated blocks, not its length)."""
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+    except FileNotFoundError:
+        return 0
+    return st.st_blocks * 512
+
+
+def compact(path: str, options: StoreOptions | None = None) -> tuple[int, int]:
+    """Rewrite the store at ``path`` compactly and swap it in atomically; ``(before, after)`` bytes.
+
+    LMDB never gives freed pages back to the file system: it reuses them, so the data file
+    keeps its high-water mark. A compacting copy (``mdb_env_copy2`` with ``MDB_CP_COMPACT``)
+    writes only the pages in use; it is fsynced and renamed over ``data.mdb``. Refused
+    (:class:`LockedError`) while the store is open anywhere else, in this process or
+    another, since their maps would keep pointing at the old file.
+    """
+    lmdb = _import_lmdb()
+    key = _key(os.path.abspath(os.path.expanduser(path)))
+    with _registry_lock:
+        if key in _open:
+            raise LockedError(f"embedded store {key} is open in this process; close its services first")
+        try:
+            users = open(os.path.join(key, _USERS_LOCK), "a+b")  # noqa: SIM115
+        except OSError as e:
+            raise StorageError(f"cannot open embedded store at {key}: {e}") from e
+        with users:
+            try:
+                fcntl.flock(users.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockedError(
+                    f"refusing to compact embedded store {key}: another process has it open"
+                ) from None
+            before = _disk_usage(key)
+            work = os.path.join(key, ".compact")
+            shutil.rmtree(work, ignore_errors=True)
+            os.mkdir(work)
+            opts = options or StoreOptions()
+            try:
+                env = lmdb.open(key, map_size=opts.map_size, max_dbs=_MAX_DBS, subdir=True, lock=True,
+                                readahead=False)
+                try:
+                    env.copy(work, compact=True)
+                finally:
+                    env.close()
+                copied = os.path.join(work, "data.mdb")
+                fd = os.open(copied, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(copied, os.path.join(key, "data.mdb"))
+                dir_fd = os.open(key, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            except (lmdb.Error, OSError) as e:
+                raise StorageError(f"compacting embedded store {key} failed: {e}") from e
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            return before, _disk_usage(key)
 
 
 # --- per-process sharing ----------------------------------------------------------------

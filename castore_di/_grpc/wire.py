@@ -14,6 +14,9 @@ Status decisions (divergences from the reference, which maps nearly everything t
 * a backend failure (:class:`StorageError`) is INTERNAL: not a transport problem, so clients
   should not blindly retry it; a store locked by another process or a service already closed
   (server shutting down) is UNAVAILABLE, which clients may retry;
+* a call past a server limit is RESOURCE_EXHAUSTED (DEADLINE_EXCEEDED for the idle
+  timeout) and a stream the client did not finish is CANCELLED (``grpc_status`` on the
+  exception);
 * anything unexpected is INTERNAL with the exception's type and message.
 
 Absence is not an error of the services (``None``/``False``); the servicers turn it into
@@ -87,7 +90,14 @@ STATUS_TABLE: tuple[tuple[type[BaseException], str], ...] = (
 
 
 def status_name(exc: BaseException) -> str:
-    """The ``grpc.StatusCode`` member name for an exception (INTERNAL when no row matches)."""
+    """The ``grpc.StatusCode`` member name for an exception (INTERNAL when no row matches).
+
+    An exception that names its own status in ``grpc_status`` (a server limit, a stream the
+    client did not finish) gets that one.
+    """
+    own = getattr(exc, "grpc_status", None)
+    if isinstance(own, str):
+        return own
     for cls, name in STATUS_TABLE:
         if isinstance(exc, cls):
             return name
@@ -132,7 +142,8 @@ def error_from_status(
     if status == "UNAVAILABLE":
         return StorageError(f"{what}: gRPC server {target} unavailable: {details}")
     if status == "DEADLINE_EXCEEDED":
-        return StorageError(f"{what}: gRPC call to {target} timed out")
+        said = f" ({details})" if details and details != "Deadline Exceeded" else ""
+        return StorageError(f"{what}: gRPC call to {target} timed out{said}")
     if status == "DATA_LOSS":
         return IntegrityError(f"{what}: server {target} reports data loss: {details}")
     if status == "UNIMPLEMENTED":

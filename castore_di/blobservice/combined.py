@@ -4,10 +4,17 @@ Reads try ``local`` first, then ``remote``. Unlike the reference, a blob read fr
 ``remote`` is copied into ``local`` (``populate_local``, on by default) and verified
 against its digest on the way, so the next read is local; set it to ``false`` for the
 reference's read-only behaviour. Writes go to ``local`` only; ``remote`` is never written.
+
+An existence check (``has``) that ``remote`` cannot answer (unreachable, failing) counts
+as "absent": the caller uploads, which only writes ``local``. So a combined service
+imports with its remote down; the first such failure is logged as one warning, and the
+remote is not asked again for :data:`REMOTE_RETRY_AFTER` seconds.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import ClassVar
 
 import attrs
@@ -15,9 +22,13 @@ import attrs
 from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
 from castore_di.composition.config import BlobServiceConfig, reference
 from castore_di.digests import B3Digest
-from castore_di.errors import IntegrityError
+from castore_di.errors import IntegrityError, StorageError
 
 __all__ = ["CombinedBlobService", "CombinedBlobServiceConfig"]
+
+log = logging.getLogger("castore_di.blobservice.combined")
+
+REMOTE_RETRY_AFTER = 30.0  # seconds existence checks skip a remote that just failed
 
 
 class CombinedBlobService(BlobService):
@@ -25,9 +36,23 @@ class CombinedBlobService(BlobService):
         self.local = local
         self.remote = remote
         self.populate_local = populate_local
+        self._warned = False
+        self._remote_down_until = 0.0
 
     async def has(self, digest: B3Digest) -> bool:
-        return await self.local.has(digest) or await self.remote.has(digest)
+        if await self.local.has(digest):
+            return True
+        if time.monotonic() < self._remote_down_until:
+            return False
+        try:
+            return await self.remote.has(digest)
+        except StorageError as e:
+            # not asked again for a while: each check of a down remote costs its retries
+            self._remote_down_until = time.monotonic() + REMOTE_RETRY_AFTER
+            if not self._warned:
+                self._warned = True
+                log.warning("combined blob service: remote unavailable, treating blobs as absent (%s)", e)
+            return False
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         reader = await self.local.open_read(digest)

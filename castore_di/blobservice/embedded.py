@@ -59,6 +59,7 @@ from castore_di._embedded import (
     WriterLease,
     acquire,
     codec,
+    compact,
     release,
     url_fields,
 )
@@ -306,11 +307,23 @@ class _BlobRecords:
                 stored = txn.get(key, db=self.chunks_db)
                 loose += 1
                 loose_bytes += 0 if stored is None else len(stored)
-            claims = txn.stat(self.inflight_db)["entries"]
+            live_claims = dead_claims = 0
+            alive: dict[bytes, bool] = {}
+            for key, _ in txn.cursor(db=self.inflight_db):
+                token = bytes(key[:TOKEN_LEN])
+                if token not in alive:
+                    alive[token] = self.env.lease_alive(token)
+                if alive[token]:
+                    live_claims += 1
+                else:
+                    dead_claims += 1
             if loose:
+                dead = sum(not live for live in alive.values())
                 report.notes.append(
                     f"{loose} chunks ({loose_bytes} bytes stored) are not part of any blob yet: "
-                    f"{claims} are claimed by writers in progress; gc removes the others"
+                    f"{live_claims} are claimed by writers in progress"
+                    + (f", {dead_claims} by {dead} writers that died" if dead_claims else "")
+                    + "; gc removes all but the claims of writers in progress"
                 )
         return report
 
@@ -520,6 +533,17 @@ class EmbeddedBlobService(BlobService):
         """Remove chunks of writes that never committed (safe with concurrent writers)."""
         store = self._store()
         return await asyncio.to_thread(store.gc, dry_run=dry_run)
+
+    async def compact(self) -> tuple[int, int]:
+        """Rewrite the store compactly (:func:`castore_di._embedded.compact`); ``(before, after)`` bytes.
+
+        The service lets go of the store first and opens it again on next use; refused
+        while another service or process has the store open.
+        """
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            release(engine.env)
+        return await asyncio.to_thread(compact, self.path, self.options)
 
     async def close(self) -> None:
         self._closed = True

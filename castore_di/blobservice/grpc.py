@@ -11,6 +11,8 @@ Reads, by what Stat(send_chunks) reports:
 * several chunks: a :class:`ChunkedReader` that fetches one chunk at a time (each verified
   against its chunk digest; a seek fetches only the chunk holding the target). Reading the
   whole blob from the start also checks the blob digest at the end.
+* Whatever the form, a server that sends more bytes than Stat announced is caught after
+  at most one message beyond the announced size (:class:`IntegrityError`).
 * one chunk (our server describes unchunked blobs so, which also gives the size): blobs up
   to :data:`BUFFER_LIMIT` are read whole and verified before any byte is returned; larger
   ones stream with the digest checked incrementally and compared at EOF (an
@@ -112,6 +114,22 @@ class GRPCBlobService(GrpcClient, BlobService):
     async def has(self, digest: B3Digest) -> bool:
         return await self._stat(digest, send_chunks=False) is not None
 
+    async def stat_size(self, digest: B3Digest) -> int | None:
+        """The blob's size from Stat alone (our server lists an unchunked blob as one chunk).
+
+        Falls back to reading when the server gives no chunk list.
+        """
+        chunks = await self._stat(digest, send_chunks=True)
+        if chunks is None:
+            return None
+        if chunks:
+            return sum(c.size for c in chunks)
+        reader = await self.open_read(digest)
+        if reader is None:
+            return None
+        async with reader:
+            return reader.size
+
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         chunks = await self._stat(digest, send_chunks=True)
         if chunks is not None and len(chunks) == 1 and chunks[0].digest == digest:
@@ -127,15 +145,28 @@ class GRPCBlobService(GrpcClient, BlobService):
         call: grpc.aio.UnaryStreamCall[bytes, bytes] = await self._unary_stream(_READ, request, self._chan.stream_timeout)
         return call
 
-    async def _read_whole(self, digest: B3Digest) -> bytes | None:
-        """All bytes of a blob or chunk via Read (retried), unverified; None if absent."""
+    async def _read_whole(self, digest: B3Digest, size: int) -> bytes | None:
+        """All bytes of a blob or chunk via Read (retried), unverified; None if absent.
+
+        ``size`` is what Stat promised: a server that sends more is caught after at most
+        one message beyond it (:class:`IntegrityError`), so a lying peer cannot make us
+        buffer without bound.
+        """
 
         async def call() -> bytes | None:
             stream = await self._open_stream(digest)
             parts: list[bytes] = []
+            received = 0
             try:
                 async for raw in stream:
-                    parts.append(_decode_chunk(raw))
+                    data = _decode_chunk(raw)
+                    received += len(data)
+                    if received > size:
+                        stream.cancel()
+                        raise IntegrityError(
+                            f"blob {digest}: server {self.url} sent more than the {size} bytes it announced"
+                        )
+                    parts.append(data)
             except Exception as e:
                 if is_not_found(e):
                     return None
@@ -144,9 +175,9 @@ class GRPCBlobService(GrpcClient, BlobService):
 
         return await self._chan.retrying(f"Read {digest}", call)
 
-    async def _read_verified(self, digest: B3Digest) -> bytes | None:
-        data = await self._read_whole(digest)
-        if data is not None and blake3_digest(data) != digest:
+    async def _read_verified(self, digest: B3Digest, size: int) -> bytes | None:
+        data = await self._read_whole(digest, size)
+        if data is not None and (len(data) != size or blake3_digest(data) != digest):
             raise IntegrityError(f"blob {digest}: server {self.url} returned bytes that do not match the digest")
         return data
 
@@ -155,11 +186,16 @@ class GRPCBlobService(GrpcClient, BlobService):
         if chunks is None:
             return None
         if len(chunks) >= 2:
-            return ChunkedReader(digest, chunks, self._read_whole, readahead=2)
+            sizes = {c.digest: c.size for c in chunks}
+
+            async def fetch(chunk: B3Digest) -> bytes | None:
+                return await self._read_whole(chunk, sizes[chunk])
+
+            return ChunkedReader(digest, chunks, fetch, readahead=2)
         if len(chunks) == 1:
             size = chunks[0].size
             if size <= BUFFER_LIMIT:
-                data = await self._read_verified(digest)
+                data = await self._read_verified(digest, size)
                 if data is None:
                     return None
                 return BytesReader(data)

@@ -6,7 +6,8 @@ shorthands ``--blob-service-addr``/``--directory-service-addr``. With nothing gi
 embedded on-disk default under the user's data directory is used.
 
 Exit codes: 0 success; 1 a runtime error (storage, integrity, not found); 2 usage or
-configuration error; 130 interrupted.
+configuration error; 3 nothing checked (``fsck``/``gc`` on a backend without a check);
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,16 +25,21 @@ import click
 from castore_di.cli.context import CliContext
 from castore_di.errors import CastoreError, ConfigError
 
-__all__ = ["main", "cli", "run_async", "pass_ctx"]
+__all__ = ["main", "cli", "run_async", "pass_ctx", "NothingCheckedError"]
 
 T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_NOTHING_CHECKED = 3
 EXIT_INTERRUPTED = 130
 
 pass_ctx = click.make_pass_decorator(CliContext)
+
+
+class NothingCheckedError(CastoreError):
+    """fsck or gc found nothing it could check for a selected service (exit code 3)."""
 
 
 _EPILOG = """\b
@@ -42,6 +48,8 @@ Exit codes:
   1    runtime error: storage or integrity failure, not found, a refused
        file (fifo, socket, device) or destination (not empty, exists)
   2    usage or configuration error: bad option or digest, invalid config
+  3    nothing checked: fsck or gc on a backend that has no check (or nothing
+       to collect); a script can tell it from "verified"
   130  interrupted
 Errors are one line on stderr; --verbose adds the traceback."""
 
@@ -166,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         _report(e, verbose)
         sys.exit(EXIT_USAGE)
+    except NothingCheckedError as e:
+        _report(e, verbose)
+        sys.exit(EXIT_NOTHING_CHECKED)
     except (CastoreError, OSError) as e:
         _report(e, verbose)
         sys.exit(EXIT_ERROR)

@@ -9,8 +9,11 @@ import click
 
 from castore_di.cli import cli, pass_ctx, run_async
 from castore_di.cli.context import CliContext
+from castore_di.limits import ServerLimits
 
 __all__ = ["serve_command"]
+
+_LIMITS = ServerLimits()
 
 
 @cli.command("serve")
@@ -32,15 +35,35 @@ __all__ = ["serve_command"]
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True),
               help="PEM certificate chain: serve TLS (clients use grpc+https://). Needs --tls-key.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="PEM private key for --tls-cert.")
+@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=_LIMITS.idle_timeout,
+              show_default=True, help="Seconds a Put stream may go without a message (or a Read's client without taking one) "
+                   "before the call is aborted.")
+@click.option("--max-streams", type=click.IntRange(min=1), default=_LIMITS.max_streams, show_default=True,
+              help="Streaming calls (Read, Put, recursive Get) served at once; more are refused.")
+@click.option("--max-message-size", type=click.IntRange(min=1024), default=_LIMITS.max_message_size,
+              show_default=True, help="Bytes of one received message (what one in-flight Put buffers).")
+@click.option("--max-blob-size", type=click.IntRange(min=1), default=_LIMITS.max_blob_size, show_default=True,
+              help="Bytes one blob Put may carry.")
+@click.option("--max-put-directories", type=click.IntRange(min=1), default=_LIMITS.max_put_directories,
+              show_default=True, help="Directories in one Directory Put.")
+@click.option("--max-put-directory-bytes", type=click.IntRange(min=1), default=_LIMITS.max_put_directory_bytes,
+              show_default=True, help="Encoded bytes of one Directory Put.")
+@click.option("--max-depth", type=click.IntRange(min=1), default=_LIMITS.max_depth, show_default=True,
+              help="Nesting depth of a closure sent in one Directory Put.")
 @click.option("--metrics-listen", metavar="HOST:PORT",
               help="Serve Prometheus metrics of every service operation at http://HOST:PORT/metrics.")
 @pass_ctx
 def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_cert: str | None,
-                  tls_key: str | None, metrics_listen: str | None) -> None:
+                  tls_key: str | None, idle_timeout: float, max_streams: int, max_message_size: int,
+                  max_blob_size: int, max_put_directories: int, max_put_directory_bytes: int,
+                  max_depth: int, metrics_listen: str | None) -> None:
     """Serve tvix.castore.v1 BlobService and DirectoryService (with health and reflection).
 
     Prints "castore serve: listening on ADDRESS" for every bound address; stops on
-    SIGTERM/SIGINT after a grace period and closes every service.
+    SIGTERM/SIGINT after a grace period and closes every service. The --idle-timeout and
+    --max-* options bound what one client can make the server hold; a call past a limit
+    fails alone (RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, naming the option). An address
+    that cannot be bound is one error line and exit code 2.
     """
     from castore_di.server import normalize_listen, serve
 
@@ -48,6 +71,15 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
         raise click.UsageError("--tls-cert and --tls-key go together")
     for address in listen:
         normalize_listen(address)  # refuse bad addresses before building anything
+    limits = ServerLimits(
+        idle_timeout=idle_timeout,
+        max_streams=max_streams,
+        max_message_size=max_message_size,
+        max_blob_size=max_blob_size,
+        max_put_directories=max_put_directories,
+        max_put_directory_bytes=max_put_directory_bytes,
+        max_depth=max_depth,
+    )
     metrics_server = _start_metrics(ctx, metrics_listen) if metrics_listen else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     blob_name = ctx.blob_addr or ctx.blob_name
@@ -62,6 +94,7 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
             describe=f"blob service {blob_name}, directory service {directory_name}",
             on_stopped=ctx.aclose,
             tls=(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None,
+            limits=limits,
         )
 
     try:

@@ -163,6 +163,23 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concu
     run_async(ctx, run)
 
 
+class ByteSize(click.ParamType):  # type: ignore[type-arg]
+    """A byte count: digits with an optional K, M, G or T suffix (powers of 1024)."""
+
+    name = "size"
+    _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        unit = text[-1:] if text[-1:] in self._UNITS and text[-1:] else ""
+        digits = text[: len(text) - len(unit)]
+        if not digits.isdigit():
+            self.fail(f"{value!r} is not a size (e.g. 1000000, 512M, 10G)", param, ctx)
+        return int(digits) * self._UNITS[unit]
+
+
 @cli.command("export")
 @click.argument("source")
 @click.argument("dest", type=click.Path())
@@ -176,16 +193,21 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concu
 @click.option("-j", "--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_CONCURRENCY, show_default=True,
               help="Files written at once.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when it is a terminal).")
+@click.option("--max-size", type=ByteSize(), default=None,
+              help="Refuse a tree that expands to more bytes than this (e.g. 10G); the free space at DEST "
+                   "is always checked.")
 @pass_ctx
 def export_command(ctx: CliContext, source: str, dest: str, form: str | None, executable: bool, force: bool,
-                   concurrency: int, progress: bool | None) -> None:
+                   concurrency: int, progress: bool | None, max_size: int | None) -> None:
     """Materialize a stored node at DEST.
 
     Without --directory/--file/--symlink, SOURCE is a digest looked up as a directory
     first, then as a blob. A directory is written into DEST, which must not exist or be
     empty unless --force; every blob is verified (size and BLAKE3) as it streams, files
     are written under a temporary name and renamed when complete, symlinks are created as
-    symlinks and never followed, and names that could escape DEST are refused.
+    symlinks and never followed, and names that could escape DEST are refused. The size
+    the tree expands to is computed first: more than --max-size or the free space at DEST
+    is refused before anything is written.
     """
     if form == "symlink":
         export_symlink(SymlinkNode(os.fsencode(source)), dest, replace=force)
@@ -205,7 +227,7 @@ def export_command(ctx: CliContext, source: str, dest: str, form: str | None, ex
             bar = Progress(f"exporting {digest}", enabled=progress)
             try:
                 await export_directory(blob, dirs, digest, dest, merge=force, concurrency=concurrency,
-                                       progress=bar if bar.enabled else None)
+                                       progress=bar if bar.enabled else None, max_size=max_size)
             finally:
                 bar.finish()
             return

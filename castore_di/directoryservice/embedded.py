@@ -9,6 +9,7 @@ of the directory's canonical encoding. This module owns those records and their 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import ClassVar
 
 import attrs
@@ -24,7 +25,7 @@ from castore_di._embedded import (
     url_fields,
 )
 from castore_di.composition.config import DirectoryServiceConfig
-from castore_di.digests import B3Digest, blake3_digest
+from castore_di.digests import B3_LEN, B3Digest, blake3_digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import ClosedError, IntegrityError, ValidationError
 from castore_di.maintenance import FsckReport
@@ -60,6 +61,19 @@ class _DirectoryRecords:
         if blake3_digest(data) != digest:
             raise IntegrityError(f"directory {digest}: stored bytes do not match the digest")
         return data
+
+    def digests_after(self, after: bytes | None, limit: int) -> list[B3Digest]:
+        """Up to ``limit`` stored digests in key order, starting after ``after``."""
+        out: list[B3Digest] = []
+        with self.env.read() as txn:
+            cursor = txn.cursor(db=self.dirs_db)
+            found = cursor.first() if after is None else cursor.set_range(after)
+            while found and len(out) < limit:
+                key = bytes(cursor.key())
+                if key != after and len(key) == B3_LEN:  # fsck reports malformed keys
+                    out.append(B3Digest(key))
+                found = cursor.next()
+        return out
 
     def fsck(self) -> FsckReport:
         """Verify that every directory hashes to its key and is valid, in one read snapshot."""
@@ -138,6 +152,18 @@ class EmbeddedDirectoryService(DirectoryService):
 
     async def _store_closure(self, root: B3Digest, directories: list[Directory]) -> None:
         self._store().put_directories([(d.digest, d.encode()) for d in directories], self.compression)
+
+    async def directory_digests(self) -> AsyncIterator[B3Digest]:
+        """Every stored directory, in pages read in a thread (no transaction spans a yield)."""
+        store = self._store()
+        after: bytes | None = None
+        while True:
+            page = await asyncio.to_thread(store.digests_after, after, 1024)
+            for digest in page:
+                yield digest
+            if not page:
+                return
+            after = page[-1]
 
     async def fsck(self) -> FsckReport:
         """Verify that every stored directory hashes to its key and is valid."""

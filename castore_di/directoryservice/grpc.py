@@ -7,7 +7,9 @@ Get only before its first message); Put is not retried.
 * ``get`` checks that the returned directory hashes to the requested digest.
 * ``get_recursive`` checks every message against the closure so far (:class:`RootToLeaves`:
   expected, not seen before, the size its parent gave) and that the stream was complete.
-  An empty stream or NOT_FOUND means "absent" (an empty result).
+  An empty stream or NOT_FOUND means "absent" (an empty result). A closure of more than
+  ``max_directories`` directories is refused (:class:`IntegrityError`), so a lying server
+  cannot make the client hold an endless stream.
 * ``put_multiple_start`` streams the closure in one Put as directories are added,
   validating it locally too (:class:`LeavesToRoot`) so problems raise :class:`ClosureError`
   at the offending ``put``; a server refusal re-raises the server's exception class.
@@ -43,10 +45,17 @@ def _get_request(digest: B3Digest, recursive: bool) -> bytes:
     return out
 
 
+DEFAULT_MAX_DIRECTORIES = 1_000_000
+
+
 class GRPCDirectoryService(GrpcClient, DirectoryService):
     """A :class:`DirectoryService` client of a ``tvix.castore.v1.DirectoryService`` server."""
 
     _health_service = "tvix.castore.v1.DirectoryService"
+
+    def __init__(self, url: str, *, max_directories: int = DEFAULT_MAX_DIRECTORIES, **options: Any) -> None:
+        super().__init__(url, **options)
+        self.max_directories = max_directories
 
     def _decode(self, raw: bytes, what: str) -> Directory:
         try:
@@ -102,9 +111,16 @@ class GRPCDirectoryService(GrpcClient, DirectoryService):
         if first is None:
             return
         validator = RootToLeaves(root)
+        received = 0
         try:
             raw: bytes | None = first
             while raw is not None:
+                received += 1
+                if received > self.max_directories:
+                    raise IntegrityError(
+                        f"{what}: server {self.url} sent more than {self.max_directories} directories "
+                        "(the limit is the client's max_directories)"
+                    )
                 directory = self._decode(raw, what)
                 try:
                     validator.add(directory)
@@ -206,8 +222,11 @@ class GRPCDirectoryServiceConfig(GrpcClientConfig, DirectoryServiceConfig):
 
     type_tag: ClassVar[str] = "grpc"
 
+    max_directories: int = attrs.field(default=DEFAULT_MAX_DIRECTORIES, validator=attrs.validators.gt(0))
+    """most directories a recursive Get may return before the client gives up on the server"""
+
     def build(self) -> GRPCDirectoryService:
-        return GRPCDirectoryService(self.url, **self.client_kwargs())
+        return GRPCDirectoryService(self.url, max_directories=self.max_directories, **self.client_kwargs())
 
     @classmethod
     def from_url(cls, url: str) -> "GRPCDirectoryServiceConfig":

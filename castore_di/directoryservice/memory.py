@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import ClassVar
 
 import attrs
@@ -36,6 +37,10 @@ class MemoryDirectoryService(DirectoryService):
     async def put(self, directory: Directory) -> B3Digest:
         self._dirs.setdefault(directory.digest, directory.encode())
         return directory.digest
+
+    async def directory_digests(self) -> AsyncIterator[B3Digest]:
+        for digest in list(self._dirs):
+            yield digest
 
 
 @attrs.frozen(kw_only=True)

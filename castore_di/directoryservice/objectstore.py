@@ -30,11 +30,12 @@ from castore_di.composition.config import DirectoryServiceConfig
 from castore_di.digests import B3Digest, blake3_digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.directoryservice.closure import RootToLeaves
-from castore_di.errors import ClosureError, IntegrityError, UnsupportedOperationError, ValidationError
+from castore_di.errors import ClosureError, IntegrityError, StorageError, UnsupportedOperationError, ValidationError
 from castore_di.nodes import Directory
 from castore_di._objectstore.config import ObjectStoreFields, parse_objectstore_url
 from castore_di._objectstore.store import (
     ObjectStoreAccess,
+    import_obstore,
     object_key,
     read_exactly,
     zstd_compress,
@@ -154,6 +155,22 @@ class ObjectStoreDirectoryService(DirectoryService):
             )
         await self._store_closure(directory.digest, [directory])
         return directory.digest
+
+    async def directory_digests(self) -> AsyncIterator[B3Digest]:
+        """The roots of the stored closures (one object each)."""
+        obstore = import_obstore()
+        try:
+            async for page in obstore.list(self.access.store, "dirs/", chunk_size=1000):
+                for meta in page:
+                    name = str(meta["path"]).rsplit("/", 1)[-1]
+                    try:
+                        yield B3Digest(bytes.fromhex(name))
+                    except ValueError:
+                        continue  # not one of ours; the object store fsck reports those
+        except StorageError:
+            raise
+        except Exception as e:
+            raise StorageError(f"object store {self.access.url}: LIST dirs/ failed: {e}") from e
 
     async def _store_closure(self, root: B3Digest, directories: list[Directory]) -> None:
         key = _dirs_key(root)

@@ -16,27 +16,33 @@ stopping) and server reflection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import grpc
 import grpc.aio
 
 from castore_di.blobservice.base import BlobService
 from castore_di.directoryservice.base import DirectoryService
-from castore_di.errors import ConfigError, StorageError
+from castore_di.errors import ConfigError
 from castore_di._grpc.wire import BLOB_SERVICE, DIRECTORY_SERVICE, MAX_MESSAGE_SIZE, STATUS_TABLE
 from castore_di.server.blob import BlobServicer
 from castore_di.server.common import abort_with, status_for
 from castore_di.server.directory import DirectoryServicer
+from castore_di.limits import ServerLimits, StreamGate
 
 __all__ = [
     "BlobServicer",
     "CastoreServer",
     "DirectoryServicer",
     "STATUS_TABLE",
+    "ServerLimits",
+    "BindError",
     "abort_with",
     "normalize_listen",
     "serve",
@@ -77,6 +83,70 @@ def _server_credentials(tls: tuple[str, str]) -> "grpc.ServerCredentials":
     return grpc.ssl_server_credentials([(key, cert)])
 
 
+class _DroppedPeerNoise(logging.Filter):
+    """Drops grpc's traceback for a write to a call that already ended (client gone, or cut off
+    by the idle timeout): expected on a server that bounds its clients, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("ExecuteBatchError raised in core by servicer method")
+
+
+class BindError(ConfigError):
+    """An address could not be bound (in use, not permitted, no such interface)."""
+
+
+class _Held:
+    keep = False
+
+
+@contextlib.contextmanager
+def _core_log_held() -> Iterator[_Held]:
+    """Hold what gRPC's C core writes to stderr meanwhile; pass it on unless the bind failed.
+
+    A failed bind makes the core log its own line; ours (:class:`BindError`) says the same
+    once, with the reason.
+    """
+    held = _Held()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2: nothing to hold
+        yield held
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if held.keep:
+                tmp.seek(0)
+                text = tmp.read()
+                if text:
+                    os.write(2, text)
+
+
+def _bind_reason(address: str) -> str:
+    """Why binding ``address`` fails, asked of the OS (grpc's own error gives no reason)."""
+    import socket
+
+    try:
+        if address.startswith("unix:"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.bind(address[len("unix:") :])
+            return "refused by gRPC"
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _name, sockaddr in infos:
+            with socket.socket(family, kind, proto) as s:
+                s.bind(sockaddr)
+        return "refused by gRPC"
+    except OSError as e:
+        return e.strerror or str(e)
+
+
 class CastoreServer:
     """A ``grpc.aio`` server for one blob and one directory service (either may be None)."""
 
@@ -86,13 +156,18 @@ class CastoreServer:
         directory_service: DirectoryService | None,
         *,
         tls: tuple[str, str] | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
-        """``tls`` is ``(certificate chain PEM file, private key PEM file)``; plaintext without it."""
+        """``tls`` is ``(certificate chain PEM file, private key PEM file)``; plaintext without it.
+
+        ``limits`` bound what one call can make the server hold (:class:`ServerLimits`).
+        """
         if blob_service is None and directory_service is None:
             raise ConfigError("nothing to serve: no blob and no directory service")
         self.blob_service = blob_service
         self.directory_service = directory_service
         self._credentials = _server_credentials(tls) if tls is not None else None
+        self.limits = limits if limits is not None else ServerLimits()
         self._server: grpc.aio.Server | None = None
         self._health: object | None = None
         self.addresses: list[str] = []
@@ -105,17 +180,18 @@ class CastoreServer:
         binds = [normalize_listen(a) for a in listen]
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", self.limits.max_message_size),
                 ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
                 ("grpc.so_reuseport", 0),
             ]
         )
         names: list[str] = []
+        gate = StreamGate(self.limits.max_streams)
         if self.blob_service is not None:
-            BlobServicer(self.blob_service).add_to_server(server)
+            BlobServicer(self.blob_service, limits=self.limits, gate=gate).add_to_server(server)
             names.append(_SERVICE_NAMES[0])
         if self.directory_service is not None:
-            DirectoryServicer(self.directory_service).add_to_server(server)
+            DirectoryServicer(self.directory_service, limits=self.limits, gate=gate).add_to_server(server)
             names.append(_SERVICE_NAMES[1])
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -123,12 +199,14 @@ class CastoreServer:
         bound: list[str] = []
         for address in binds:
             try:
-                if self._credentials is not None:
-                    port = server.add_secure_port(address, self._credentials)
-                else:
-                    port = server.add_insecure_port(address)
+                with _core_log_held() as held:
+                    if self._credentials is not None:
+                        port = server.add_secure_port(address, self._credentials)
+                    else:
+                        port = server.add_insecure_port(address)
+                    held.keep = True
             except RuntimeError as e:
-                raise StorageError(f"cannot listen on {address}: {e}") from e
+                raise BindError(f"cannot listen on {address}: {_bind_reason(address)}") from e
             if address.startswith("unix:"):
                 bound.append("unix://" + address[len("unix:") :])
             else:
@@ -163,12 +241,16 @@ async def serve(
     describe: str = "",
     on_stopped: Callable[[], Awaitable[None]] | None = None,
     tls: tuple[str, str] | None = None,
+    limits: ServerLimits | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully and run ``on_stopped``.
 
     Prints ``castore serve: listening on ADDRESS`` on stdout for every bound address (the
     machine-readable line test fixtures wait for), and logs one line at start and one at stop.
+    An address that cannot be bound raises :class:`BindError` (a :class:`ConfigError`)
+    naming it and the reason; nothing is logged as started or stopped then.
     """
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_DroppedPeerNoise())
     stop = asyncio.Event()
     received: list[str] = []
     loop = asyncio.get_running_loop()
@@ -180,9 +262,17 @@ async def serve(
     # handlers first: a signal that arrives right after the listening line must not kill us
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    server = CastoreServer(blob_service, directory_service, tls=tls)
+    server = CastoreServer(blob_service, directory_service, tls=tls, limits=limits)
     try:
         addresses = await server.start(listen)
+    except BaseException:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.stop(0)
+        if on_stopped is not None:
+            await on_stopped()
+        raise
+    try:
         log.info("castore serve: started%s on %s", f" ({describe})" if describe else "", ", ".join(addresses))
         for address in addresses:
             print(f"castore serve: listening on {address}", flush=True)

@@ -14,8 +14,9 @@ Writing is defensive whatever the stored data says:
   (one metadata operation; nothing existing is ever replaced) and removed again if its
   blob fails the check, so a failed export leaves no half-written file; with ``merge``
   (``--force``) a file is written under a temporary name and renamed over the old one;
-* bytes come from the blob service's verifying reader (the contract of ``open_read``:
-  each byte is hashed once, by the reader) and each file's size is checked.
+* every file's size and BLAKE3 digest are checked before the export reports success (small
+  files before they are created; a large one as it is written, removed if the check fails);
+  small files are read with ``read_many(verify=False)``, so each of their bytes is hashed once.
 
 Speed: the directories are made in a thread first; file contents are read from the blob
 service on the event loop while two writer threads write them (small files in batches),
@@ -35,6 +36,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
+import blake3
 
 from castore_di._dirfds import O_DIR, DirFds, Handle
 from castore_di.blobservice.base import BlobReader, BlobService
@@ -273,6 +275,12 @@ def _write_all(fd: int, blocks: list[bytes]) -> None:
             view = view[os.write(fd, view) :]
 
 
+def _hash_and_write(hasher: Any, fd: int, blocks: list[bytes]) -> None:
+    for block in blocks:
+        hasher.update(block)
+    _write_all(fd, blocks)
+
+
 def _write_file(dir_fd: int, name: bytes, data: bytes, executable: bool, replace: bool) -> None:
     fd, tmp = _create(dir_fd, name, executable, replace)
     ok = False
@@ -354,7 +362,8 @@ class _Writer:
     async def _small(self, job: list[int]) -> None:
         files = [self._plan.files[i] for i in job]
         try:
-            found = await self._blob.read_many([node.digest for _d, _name, node in files])  # verified
+            # Checked against their digests in the writer thread, before a file is created.
+            found = await self._blob.read_many([node.digest for _d, _name, node in files], verify=False)
         except Exception as e:
             d, name, _node = files[0]
             raise _storage_error(e, f"{self._plan.file_path(d, name)} (or one of {len(files) - 1} more)") from e
@@ -385,6 +394,8 @@ class _Writer:
                         handle = None
                     handle = self._fds.acquire(d)
                     current = d
+                if blake3.blake3(data).digest() != node.digest:
+                    raise IntegrityError(f"{self._plan.file_path(d, name)}: blob {node.digest} does not match its digest")
                 try:
                     _write_file(handle.fd, name, data, node.executable, self._merge)
                 except FileExistsError as e:
@@ -406,23 +417,23 @@ class _Writer:
                 raise _storage_error(e, shown) from e
             ok = False
             written = 0
+            hasher = blake3.blake3()
             try:
                 async with await self._open(i) as reader:
                     pending: list[bytes] = []
                     size = 0
-                    # The last block arrives only after the reader checked the whole blob.
                     async for block in reader.iter_blocks():
                         pending.append(block)
                         size += len(block)
                         if size >= _BATCH_BYTES:
-                            await self._thread(_write_all, fd, pending)
+                            await self._thread(_hash_and_write, hasher, fd, pending)
                             written += size
                             self._advance(size, 0)
                             pending, size = [], 0
-                    await self._thread(_write_all, fd, pending)
+                    await self._thread(_hash_and_write, hasher, fd, pending)
                     written += size
-                if written != node.size:  # pragma: no cover - a reader bug
-                    raise IntegrityError(f"{shown}: blob {node.digest} is short")
+                if written != node.size or hasher.digest() != node.digest:
+                    raise IntegrityError(f"{shown}: blob {node.digest} does not match its digest or size")
                 ok = True
             except Exception as e:
                 raise _storage_error(e, shown) from e
@@ -520,11 +531,12 @@ async def export_file(blob: BlobService, node: FileNode, dest: str | os.PathLike
                 if reader.size != node.size:
                     raise IntegrityError(f"{dest}: blob {node.digest} has {reader.size} bytes, the node says {node.size}")
                 written = 0
-                async for block in reader.iter_blocks():  # verified by the reader
-                    await asyncio.to_thread(_write_all, fd, [block])
+                hasher = blake3.blake3()
+                async for block in reader.iter_blocks():
+                    await asyncio.to_thread(_hash_and_write, hasher, fd, [block])
                     written += len(block)
-            if written != node.size:  # pragma: no cover - a reader bug
-                raise IntegrityError(f"{dest}: blob {node.digest} is short")
+            if written != node.size or hasher.digest() != node.digest:
+                raise IntegrityError(f"{dest}: blob {node.digest} does not match its digest or size")
             ok = True
         finally:
             await asyncio.to_thread(_finish, dir_fd, fd, name, tmp, node.executable, ok)

@@ -416,10 +416,12 @@ class BlobService(abc.ABC):
             out += await asyncio.gather(*(self.put(b) for b in blobs[i : i + _MANY_AT_ONCE]))
         return out
 
-    async def read_many(self, digests: Sequence[B3Digest]) -> list[bytes | None]:
-        """Several (small) whole blobs, each verified; ``None`` for an absent one.
+    async def read_many(self, digests: Sequence[B3Digest], *, verify: bool = True) -> list[bytes | None]:
+        """Several (small) whole blobs; ``None`` for an absent one.
 
-        Backends may read them in one go; the default reads them one by one.
+        Backends may read them in one go; the default reads them one by one. With
+        ``verify=False`` the caller checks each blob against its digest itself, and a
+        backend may skip its own check (so each byte is hashed once).
         """
         return [await self.read_bytes(d) for d in digests]
 

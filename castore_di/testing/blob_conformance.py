@@ -175,6 +175,7 @@ class BlobServiceConformance:
         absent = blake3_digest(b"never stored in the batch test")
         assert await blob_service.has_many([absent, *digests]) == [False] + [True] * len(blobs)
         assert await blob_service.read_many([*digests, absent]) == [*blobs, None]
+        assert await blob_service.read_many([*digests, absent], verify=False) == [*blobs, None]
         assert await blob_service.put_many(blobs) == digests
 
     async def test_corruption_is_detected(self, blob_service: BlobService, backdoor: BlobBackdoor | None) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "StorageError",
     "ClosedError",
     "LockedError",
+    "AccessDeniedError",
     "UnsupportedOperationError",
     "UnsupportedFileTypeError",
 ]
@@ -185,6 +186,10 @@ class ClosedError(CastoreError, ValueError):
 
 class LockedError(StorageError):
     """Another process holds the store's write lock."""
+
+
+class AccessDeniedError(StorageError, PermissionError):
+    """A server refused the call: no or an unknown credential, or not allowed (a read-only server)."""
 
 
 class UnsupportedOperationError(CastoreError, ValueError):

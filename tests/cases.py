@@ -5,7 +5,7 @@ The core types' cases are here; each backend module contributes its own (tests/c
 
 from __future__ import annotations
 
-from tests import cases_bigtable, cases_embedded, cases_grpc, cases_objectstore
+from tests import cases_bigtable, cases_composition, cases_embedded, cases_grpc, cases_objectstore
 from tests.cases_base import Case, MemoryBlobBackdoor, MemoryDirectoryBackdoor
 
 __all__ = ["BLOB_CASES", "DIRECTORY_CASES", "Case"]
@@ -34,6 +34,6 @@ _CORE_DIRECTORY_CASES: list[Case] = [
     ),
 ]
 
-_MODULES = (cases_objectstore, cases_embedded, cases_grpc, cases_bigtable)
+_MODULES = (cases_composition, cases_objectstore, cases_embedded, cases_grpc, cases_bigtable)
 BLOB_CASES: list[Case] = _CORE_BLOB_CASES + [c for m in _MODULES for c in m.BLOB_CASES]
 DIRECTORY_CASES: list[Case] = _CORE_DIRECTORY_CASES + [c for m in _MODULES for c in m.DIRECTORY_CASES]

@@ -14,6 +14,12 @@ from castore_di.directoryservice.base import DirectoryService
 from castore_di.testing.blob_conformance import BlobServiceConformance
 from castore_di.testing.directory_conformance import DirectoryServiceConformance
 from tests.cases import BLOB_CASES, DIRECTORY_CASES, Case
+from tests.cases_base import ReadsThroughBlobs, ReadsThroughDirectories
+
+
+def under_test(service: Any) -> Any:
+    """The service under test (not the test's read-through wrapper) for the backdoor."""
+    return service.reads if isinstance(service, (ReadsThroughBlobs, ReadsThroughDirectories)) else service
 
 
 def test_every_registered_type_has_a_case() -> None:
@@ -39,13 +45,16 @@ async def blob_container(blob_case: Case, request: pytest.FixtureRequest) -> Asy
 
 class TestBlobServices(BlobServiceConformance):
     @pytest.fixture
-    def blob_service(self, blob_container: Any) -> BlobService:
+    def blob_service(self, blob_container: Any, blob_case: Case) -> BlobService:
         service: BlobService = blob_container.blob_service("default")
+        if blob_case.writer is not None:
+            return ReadsThroughBlobs(service, blob_container.blob_service(blob_case.writer))
         return service
 
     @pytest.fixture
     def backdoor(self, blob_service: BlobService, blob_case: Case, request: pytest.FixtureRequest) -> Any:
-        return blob_case.backdoor(blob_service, request) if blob_case.backdoor else None
+        service = under_test(blob_service)
+        return blob_case.backdoor(service, request) if blob_case.backdoor else None
 
 
 @pytest.fixture(params=DIRECTORY_CASES, ids=lambda c: c.id)
@@ -63,10 +72,13 @@ async def directory_container(directory_case: Case, request: pytest.FixtureReque
 
 class TestDirectoryServices(DirectoryServiceConformance):
     @pytest.fixture
-    def directory_service(self, directory_container: Any) -> DirectoryService:
+    def directory_service(self, directory_container: Any, directory_case: Case) -> DirectoryService:
         service: DirectoryService = directory_container.directory_service("default")
+        if directory_case.writer is not None:
+            return ReadsThroughDirectories(service, directory_container.directory_service(directory_case.writer))
         return service
 
     @pytest.fixture
     def backdoor(self, directory_service: DirectoryService, directory_case: Case, request: pytest.FixtureRequest) -> Any:
-        return directory_case.backdoor(directory_service, request) if directory_case.backdoor else None
+        service = under_test(directory_service)
+        return directory_case.backdoor(service, request) if directory_case.backdoor else None

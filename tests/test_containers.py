@@ -17,7 +17,11 @@ from typing import Any
 import pytest
 
 from castore_di import CastoreContainer, ConfigError, container_from_addrs, load_container, load_graph
+from castore_di.exporter import export_node
+from castore_di.importer import ingest_path
+from castore_di.nodes import DirectoryNode
 from castore_di.testing.fixtures import BLOB_A, BLOB_A_DIGEST, CLOSURE_D, DIRECTORY_A, DIRECTORY_D
+from tests.treecmp import assert_same_tree
 
 from tests.servers_azure import AzureContainer
 from tests.servers_bigtable import BigtableEmulator
@@ -134,11 +138,42 @@ async def test_cached_remote(castore_server: str, monkeypatch: pytest.MonkeyPatc
         assert await container.blob_service("local").read_bytes(BLOB_A_DIGEST) == BLOB_A
         assert await container.directory_service("near").get(DIRECTORY_A.digest) == DIRECTORY_A
         written = await container.blob_service().put(b"written through the cache")
-        assert not await container.blob_service("remote").has(written)  # blob writes stay local
+        assert await container.blob_service("remote").has(written)  # write_to: both
+        assert await container.blob_service("local").has(written)
     # The cache persists on disk: with the remote unreachable, reads are still served.
     monkeypatch.setenv("CASTORE_REMOTE", "grpc+http://127.0.0.1:9")
     async with load_container(CONTAINERS / "cached-remote.yaml") as container:
         await reads_back(container)
+
+
+async def test_cached_remote_import_is_readable_from_the_server(
+    castore_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Import a tree through cached-remote.yaml; the server alone then holds every blob and directory."""
+    monkeypatch.setenv("CASTORE_REMOTE", castore_server)
+    monkeypatch.setenv("CASTORE_CACHE_DIR", str(tmp_path / "cache"))
+    tree = tmp_path / "tree"
+    (tree / "sub" / "deeper").mkdir(parents=True)
+    (tree / "a.txt").write_bytes(b"alpha " + os.urandom(16))
+    (tree / "sub" / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    (tree / "sub" / "deeper" / "c").write_bytes(os.urandom(100))
+    (tree / "empty").write_bytes(b"")
+    os.symlink("a.txt", tree / "link")
+    async with load_container(CONTAINERS / "cached-remote.yaml") as container:
+        _, root = await ingest_path(container.blob_service(), container.directory_service(), tree)
+    assert isinstance(root, DirectoryNode)
+    async with container_from_addrs(blob=castore_server, directory=castore_server) as server:
+        closure = [d async for d in server.directory_service().get_recursive(root.digest)]
+        assert len(closure) == 3 and closure[0].digest == root.digest
+        files = [node for d in closure for _, node in d.files()]
+        assert len(files) == 4
+        for node in files:
+            data = await server.blob_service().read_bytes(node.digest)
+            assert data is not None and len(data) == node.size
+    exported = tmp_path / "out"
+    async with container_from_addrs(blob=castore_server, directory=castore_server) as server:
+        await export_node(server.blob_service(), server.directory_service(), root, str(exported))
+    assert_same_tree(str(tree), str(exported))
 
 
 @pytest.fixture

@@ -126,6 +126,7 @@ _QUERY_TYPES: dict[str, type] = {
     "max_readers": int,
     "compression": str,
     "avg_chunk_size": int,
+    "max_bytes": int,
 }
 
 

@@ -8,8 +8,9 @@ URL forms (the reference's ``channel_from_url`` rules):
   (TLS, port 443 by default): no path allowed ("path may not be set");
 * the ``grpc+`` prefix is required ("grpc+ prefix is missing from URL");
 * query ``wait-connect=1`` connects eagerly (the first use waits for the connection and
-  fails when the target is unreachable); the default ``wait-connect=0`` is lazy. No other
-  query parameter is accepted.
+  fails when the target is unreachable); the default ``wait-connect=0`` is lazy;
+* query ``token_file=PATH`` names the file of the bearer token sent with every call (see
+  :class:`GrpcClientConfig`). No other query parameter is accepted.
 
 Nothing here imports grpc at module import time; :class:`LazyChannel` does on first use.
 """
@@ -17,6 +18,9 @@ Nothing here imports grpc at module import time; :class:`LazyChannel` does on fi
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
+import os
 import random
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -45,6 +49,9 @@ __all__ = [
 
 T = TypeVar("T")
 
+log = logging.getLogger("castore_di.grpc")
+
+TOKEN_ENV = "CASTORE_TOKEN"  # the bearer token when no token_file is configured
 
 
 @attrs.frozen
@@ -55,6 +62,7 @@ class ChannelTarget:
     target: str
     secure: bool
     wait_connect: bool
+    token_file: str | None = None
 
     @property
     def display(self) -> str:
@@ -67,17 +75,23 @@ def parse_grpc_url(url: str) -> ChannelTarget:
     scheme = parts.scheme
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
     wait = query.pop("wait-connect", ["0"])
+    token_files = query.pop("token_file", None)
     if query:
         raise ConfigError(f"invalid url {url!r}: unknown query parameter(s) {', '.join(sorted(query))}")
     if len(wait) != 1 or wait[0] not in ("0", "1"):
         raise ConfigError(f"invalid url {url!r}: wait-connect must be 0 or 1")
     wait_connect = wait[0] == "1"
+    token_file: str | None = None
+    if token_files is not None:
+        if len(token_files) != 1 or not token_files[0]:
+            raise ConfigError(f"invalid url {url!r}: token_file takes one path")
+        token_file = token_files[0]
     if scheme == "grpc+unix":
         if parts.netloc:
             raise ConfigError(f"invalid url {url!r}: host may not be set for unix domain sockets")
         if not parts.path:
             raise ConfigError(f"invalid url {url!r}: a socket path is required")
-        return ChannelTarget(url, "unix:" + parts.path, False, wait_connect)
+        return ChannelTarget(url, "unix:" + parts.path, False, wait_connect, token_file)
     if parts.path:
         raise ConfigError(f"invalid url {url!r}: path may not be set")
     if not scheme.startswith("grpc+"):
@@ -95,7 +109,7 @@ def parse_grpc_url(url: str) -> ChannelTarget:
     if port is None:
         port = 443 if inner == "https" else 80
     shown_host = f"[{host}]" if ":" in host else host
-    return ChannelTarget(url, f"{shown_host}:{port}", inner == "https", wait_connect)
+    return ChannelTarget(url, f"{shown_host}:{port}", inner == "https", wait_connect, token_file)
 
 
 def _positive_or_none(_inst: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
@@ -118,8 +132,14 @@ class GrpcClientConfig:
 
     Attributes:
         url: ``grpc+http://host:port``, ``grpc+https://host[:port]`` or ``grpc+unix:///path``,
-            optionally with ``?wait-connect=1``.
+            optionally with ``?wait-connect=1`` and ``?token_file=PATH``.
         ca_file: PEM file of root certificates for ``grpc+https`` (system roots otherwise).
+        cert_file: PEM client certificate for ``grpc+https`` servers that require one (mutual
+            TLS); needs ``key_file``.
+        key_file: PEM private key of ``cert_file``.
+        token_file: file holding the bearer token sent with every call (``authorization:
+            Bearer TOKEN``); also the URL query ``token_file``. Without either, the
+            ``CASTORE_TOKEN`` environment variable, if set. The token is never shown.
         timeout: deadline in seconds of unary calls (Stat, non-recursive Get); null for none.
         stream_timeout: deadline of streaming calls (Read, Put, recursive Get); null for none.
         connect_timeout: how long ``wait-connect=1`` waits for the connection.
@@ -132,6 +152,9 @@ class GrpcClientConfig:
 
     url: str = attrs.field(validator=[attrs.validators.instance_of(str), _check_url])
     ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    token_file: str | None = None
     timeout: float | None = attrs.field(default=30.0, validator=_positive_or_none)
     stream_timeout: float | None = attrs.field(default=None, validator=_positive_or_none)
     connect_timeout: float = attrs.field(default=10.0, validator=_non_negative)
@@ -140,13 +163,22 @@ class GrpcClientConfig:
     retry_backoff_max: float = attrs.field(default=2.0, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
-        if self.ca_file is not None and not parse_grpc_url(self.url).secure:
-            raise ConfigError("ca_file is only meaningful with a grpc+https url")
+        target = parse_grpc_url(self.url)
+        for name in ("ca_file", "cert_file", "key_file"):
+            if getattr(self, name) is not None and not target.secure:
+                raise ConfigError(f"{name} is only meaningful with a grpc+https url")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("cert_file and key_file go together")
+        if None not in (self.token_file, target.token_file) and self.token_file != target.token_file:
+            raise ConfigError("token_file is given twice (field and URL query) with different paths")
 
     def client_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :class:`LazyChannel` (besides the URL)."""
         return {
             "ca_file": self.ca_file,
+            "cert_file": self.cert_file,
+            "key_file": self.key_file,
+            "token_file": self.token_file,
             "timeout": self.timeout,
             "stream_timeout": self.stream_timeout,
             "connect_timeout": self.connect_timeout,
@@ -172,6 +204,8 @@ class LazyChannel:
     first :meth:`get`; with ``wait-connect=1`` that call also waits (``connect_timeout``)
     for the connection and raises :class:`StorageError` when the target is unreachable.
     A channel belongs to one event loop: used from another loop, a new one is made.
+    The bearer token (``token_file``, the URL's ``token_file`` query, else ``CASTORE_TOKEN``)
+    is read when the channel is made and sent as ``authorization`` metadata on every call.
     Reconnect backoff is kept short (0.1 s to 1 s) and the default retries of idempotent
     calls span more than that (about 2.3 to 3.1 s), so a restarted server is found again
     by the same client.
@@ -182,6 +216,9 @@ class LazyChannel:
         url: str,
         *,
         ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        token_file: str | None = None,
         timeout: float | None = 30.0,
         stream_timeout: float | None = None,
         connect_timeout: float = 10.0,
@@ -191,6 +228,10 @@ class LazyChannel:
     ) -> None:
         self.target = parse_grpc_url(url)
         self.ca_file = ca_file
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.token_file = token_file if token_file is not None else self.target.token_file
+        self.metadata: tuple[tuple[str, str], ...] = ()  # (authorization, Bearer …) once the channel is made
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self.connect_timeout = connect_timeout
@@ -213,14 +254,39 @@ class LazyChannel:
         ]
 
     def _credentials(self, grpc: Any) -> Any:
-        roots: bytes | None = None
-        if self.ca_file is not None:
+        files: dict[str, bytes | None] = {}
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            files[name] = None
+            if path is not None:
+                try:
+                    with open(path, "rb") as f:
+                        files[name] = f.read()
+                except OSError as e:
+                    raise StorageError(f"cannot read {name} {path!r}: {e.strerror or e}") from None
+        return grpc.ssl_channel_credentials(
+            root_certificates=files["ca_file"], private_key=files["key_file"], certificate_chain=files["cert_file"]
+        )
+
+    def _token_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The ``authorization`` metadata (blocking: reads the token file)."""
+        if self.token_file is not None:
             try:
-                with open(self.ca_file, "rb") as f:
-                    roots = f.read()
+                with open(self.token_file, encoding="utf-8", errors="replace") as f:
+                    token = f.read().strip()
             except OSError as e:
-                raise StorageError(f"cannot read ca_file {self.ca_file!r}: {e}") from e
-        return grpc.ssl_channel_credentials(root_certificates=roots)
+                raise ConfigError(f"cannot read token_file {self.token_file!r}: {e.strerror or e}") from None
+            source = f"token_file {self.token_file!r}"
+        else:
+            token = os.environ.get(TOKEN_ENV, "").strip()
+            source = TOKEN_ENV
+            if not token:
+                return ()
+        if not token or not all("!" <= c <= "~" for c in token):
+            raise ConfigError(f"{source}: expected one token of visible ASCII characters (no spaces)")
+        if not self.target.secure and not _is_local(self.target.target):
+            log.warning("sending a bearer token in the clear to %s: use grpc+https", self.target.display)
+        return (("authorization", f"Bearer {token}"),)
 
     async def get(self) -> "grpc.aio.Channel":
         """The channel of the running loop (created, and with wait-connect connected, on demand)."""
@@ -236,10 +302,11 @@ class LazyChannel:
         async with self._lock:
             if self._channel is None:
                 grpc = _import_grpc()
+                # token and certificate files are read off the event loop
+                self.metadata = await asyncio.to_thread(self._token_metadata)
                 if self.target.secure:
-                    channel = grpc.aio.secure_channel(
-                        self.target.target, self._credentials(grpc), options=self._options()
-                    )
+                    credentials = await asyncio.to_thread(self._credentials, grpc)
+                    channel = grpc.aio.secure_channel(self.target.target, credentials, options=self._options())
                 else:
                     channel = grpc.aio.insecure_channel(self.target.target, options=self._options())
                 if self.target.wait_connect:
@@ -310,6 +377,17 @@ class LazyChannel:
                 raise translate_rpc_error(e, what, self.target.display) from e
 
 
+def _is_local(target: str) -> bool:
+    """Whether a channel target (``unix:…``, ``host:port``) stays on this machine."""
+    if target.startswith("unix:"):
+        return True
+    host = target.rpartition(":")[0].strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def identity(data: bytes) -> bytes:
     """The (de)serializer of raw calls: messages are encoded and decoded by the callers."""
     return data
@@ -371,13 +449,15 @@ class GrpcClient:
         """Start a server-streaming call (the returned call is also an async iterator)."""
         channel = await self._chan.get()
         multicallable = channel.unary_stream(method, request_serializer=identity, response_deserializer=identity)
-        return multicallable(request, timeout=timeout)
+        return multicallable(request, timeout=timeout, metadata=self._chan.metadata)
 
     async def _stream_sender(self, method: str, depth: int) -> "StreamSender":
         """Start a client-streaming call (not retried: waits for a ready channel first)."""
         channel = await self._chan.get_ready()
         multicallable = channel.stream_unary(method, request_serializer=identity, response_deserializer=identity)
-        return StreamSender(multicallable, method.rsplit("/", 1)[-1], self.url, self._chan.stream_timeout, depth)
+        return StreamSender(
+            multicallable, method.rsplit("/", 1)[-1], self.url, self._chan.stream_timeout, depth, self._chan.metadata
+        )
 
 
 def translate_rpc_error(e: "grpc.aio.AioRpcError", what: str, target: str) -> CastoreError:
@@ -394,12 +474,20 @@ class StreamSender:
     :meth:`send` or :meth:`finish` raises the translated error.
     """
 
-    def __init__(self, multicallable: Any, what: str, target: str, timeout: float | None, depth: int = 4) -> None:
+    def __init__(
+        self,
+        multicallable: Any,
+        what: str,
+        target: str,
+        timeout: float | None,
+        depth: int = 4,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=depth)
         self._what = what
         self._target = target
         self._done = False
-        self.call = multicallable(self._requests(), timeout=timeout)
+        self.call = multicallable(self._requests(), timeout=timeout, metadata=metadata)
         self.call.add_done_callback(self._on_done)
 
     async def _requests(self) -> Any:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from castore_di.errors import (
+    AccessDeniedError,
     CastoreError,
     ClosedError,
     ClosureError,
@@ -139,6 +140,8 @@ def error_from_status(
         err = ValidationError(message)
         err.code = meta.get(ERROR_CODE_KEY, "invalid")
         return err
+    if status in ("UNAUTHENTICATED", "PERMISSION_DENIED"):  # see castore_di.server.auth
+        return AccessDeniedError(f"{what}: gRPC server {target} refused the call ({status}): {details}")
     if status == "UNAVAILABLE":
         return StorageError(f"{what}: gRPC server {target} unavailable: {details}")
     if status == "DEADLINE_EXCEEDED":

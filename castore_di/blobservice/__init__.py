@@ -9,5 +9,8 @@ BUILTIN_TYPES: dict[str, str] = {
     "embedded": "castore_di.blobservice.embedded:EmbeddedBlobServiceConfig",
     "grpc": "castore_di.blobservice.grpc:GRPCBlobServiceConfig",
     "memory": "castore_di.blobservice.memory:MemoryBlobServiceConfig",
+    "mirrored": "castore_di.blobservice.mirrored:MirroredBlobServiceConfig",
     "objectstore": "castore_di.blobservice.objectstore:ObjectStoreBlobServiceConfig",
+    "readonly": "castore_di.blobservice.readonly:ReadOnlyBlobServiceConfig",
+    "sharded": "castore_di.blobservice.sharded:ShardedBlobServiceConfig",
 }

@@ -3,28 +3,34 @@
 Reads try ``local`` first, then ``remote``. Unlike the reference, a blob read from
 ``remote`` is copied into ``local`` (``populate_local``, on by default) and verified
 against its digest on the way, so the next read is local; set it to ``false`` for the
-reference's read-only behaviour. Writes go to ``local`` only; ``remote`` is never written.
+reference's read-only behaviour. ``write_to`` picks where writes go: ``local`` (the
+default, as the reference), ``remote``, or ``both``: remote first, then local, and the
+digest is reported only once both hold the blob (a failure names the side).
 
 An existence check (``has``) that ``remote`` cannot answer (unreachable, failing) counts
-as "absent": the caller uploads, which only writes ``local``. So a combined service
-imports with its remote down; the first such failure is logged as one warning, and the
-remote is not asked again for :data:`REMOTE_RETRY_AFTER` seconds.
+as "absent": the caller uploads, which with ``write_to: local`` only writes ``local``. So
+such a combined service imports with its remote down (with ``remote`` or ``both`` the
+upload then fails naming the remote side); the first such failure is logged as one
+warning, and the remote is not asked again for :data:`REMOTE_RETRY_AFTER` seconds.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import attrs
 
 from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from castore_di.blobservice.mirrored import FanOutWriter
 from castore_di.composition.config import BlobServiceConfig, reference
 from castore_di.digests import B3Digest
 from castore_di.errors import IntegrityError, StorageError
 
-__all__ = ["CombinedBlobService", "CombinedBlobServiceConfig"]
+__all__ = ["CombinedBlobService", "CombinedBlobServiceConfig", "WriteTo"]
+
+WriteTo = Literal["local", "remote", "both"]
 
 log = logging.getLogger("castore_di.blobservice.combined")
 
@@ -32,10 +38,12 @@ REMOTE_RETRY_AFTER = 30.0  # seconds existence checks skip a remote that just fa
 
 
 class CombinedBlobService(BlobService):
-    def __init__(self, local: BlobService, remote: BlobService, *, populate_local: bool = True) -> None:
+    def __init__(self, local: BlobService, remote: BlobService, *, populate_local: bool = True,
+                 write_to: WriteTo = "local") -> None:
         self.local = local
         self.remote = remote
         self.populate_local = populate_local
+        self.write_to = write_to
         self._warned = False
         self._remote_down_until = 0.0
 
@@ -75,7 +83,13 @@ class CombinedBlobService(BlobService):
         return await self.local.open_read(digest)
 
     def open_write(self) -> BlobWriter:
-        return self.local.open_write()
+        if self.write_to == "local":
+            return self.local.open_write()
+        if self.write_to == "remote":
+            return self.remote.open_write()
+        # both: every block to both; the remote commits first, then the local side
+        writers = [self.remote.open_write(), self.local.open_write()]
+        return FanOutWriter(writers, ["remote", "local"], "side", stages=[[0], [1]])
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         local = await self.local.chunks(digest)
@@ -87,10 +101,12 @@ class CombinedBlobServiceConfig(BlobServiceConfig):
     """``local`` (written and read first) in front of ``remote`` (read on a local miss)."""
 
     type_tag: ClassVar[str] = "combined"
-    local: str = reference("blobservices", doc="read first; all writes go here")
-    remote: str = reference("blobservices", doc="read when local misses; never written")
+    local: str = reference("blobservices", doc="read first; written unless `write_to` is `remote`")
+    remote: str = reference("blobservices", doc="read when local misses; written when `write_to` is `remote` or `both`")
     populate_local: bool = True
     """copy a blob read from ``remote`` into ``local``, verified against its digest"""
+    write_to: WriteTo = "local"
+    """where writes go: ``local`` (as the reference), ``remote``, or ``both`` (remote first, then local)"""
 
     def build(self, local: BlobService, remote: BlobService) -> CombinedBlobService:
-        return CombinedBlobService(local, remote, populate_local=self.populate_local)
+        return CombinedBlobService(local, remote, populate_local=self.populate_local, write_to=self.write_to)

@@ -32,6 +32,18 @@ We chose liveness by lock over a grace period because a slow writer (a large blo
 over the network) may take any time between its first chunks and its index. Chunks left by
 versions without ``loose`` marks are never collected.
 
+Bounded stores (``max_bytes``): an approximate LRU cache, as bazel-remote's and bb's
+``local``. Two more databases: ``lru`` (``d`` + blob digest -> access time + blob size;
+``t`` + access time + blob digest, the same records ordered by time; ``m:total``, the sum of
+the sizes) and ``refs`` (chunk digest -> how many tracked blobs use it). The transaction
+that commits a blob records it and then evicts the least recently accessed blobs until the
+total fits; an evicted blob loses its index and every chunk no other tracked blob uses.
+Reads refresh a blob's time in memory, written with the next commit (so "recent" is
+approximate, and a read costs no write transaction). Sizes are blob sizes (before
+compression and deduplication). Only blobs written or read while the store is bounded
+are tracked: blobs stored by an unbounded use of the same directory are never evicted.
+A bounded store is a cache, not a primary copy.
+
 Chunks of a large blob are committed in batches of at most ``BATCH_BYTES`` so no write
 transaction is long. Cutting, hashing and compressing run in worker threads (blake3,
 pyfastcdc and zstd release the GIL), batched so a thread hop carries at least a few
@@ -46,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -89,6 +102,9 @@ DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
 BATCH_BYTES = 8 << 20  # chunks of a large blob are committed in transactions of about this size
 _INDEX_ENTRY = struct.Struct("<Q32s")
 _GC_BATCH = 4096  # loose chunks examined per gc write transaction (keeps each one short)
+_LRU_RECORD = struct.Struct(">QQ")  # access time (ns), blob size
+_COUNT = struct.Struct("<Q")
+_LRU_TOTAL = b"m:total"
 
 
 def encode_index(chunks: list[tuple[B3Digest, int]]) -> bytes:
@@ -116,6 +132,83 @@ class _BlobRecords:
         self.blobs_db = env.db(b"blobs")
         self.loose_db = env.db(b"loose")
         self.inflight_db = env.db(b"inflight")
+        self._lru_db: Any = None
+        self._refs_db: Any = None
+
+    # -- the LRU bound (only used by bounded stores) ---------------------------------
+
+    def open_lru(self) -> None:
+        """Open the LRU databases (outside any transaction)."""
+        self._lru_db, self._refs_db = self.env.db(b"lru"), self.env.db(b"refs")
+
+    def _lru(self) -> tuple[Any, Any]:
+        if self._lru_db is None:
+            raise StorageError("the LRU databases of a bounded store were not opened")
+        return self._lru_db, self._refs_db
+
+    def _total(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(_LRU_TOTAL, db=self._lru()[0])
+        return 0 if raw is None else int(_COUNT.unpack(raw)[0])
+
+    def touch(self, txn: lmdb.Transaction, blob: B3Digest, when: int) -> bool:
+        """Move a tracked blob's access time to ``when``; ``False`` if it is not tracked."""
+        lru, _ = self._lru()
+        raw = txn.get(b"d" + blob, db=lru)
+        if raw is None:
+            return False
+        old, size = _LRU_RECORD.unpack(raw)
+        if when > old:
+            txn.delete(b"t" + struct.pack(">Q", old) + blob, db=lru)
+            txn.put(b"t" + struct.pack(">Q", when) + blob, b"", db=lru)
+            txn.put(b"d" + blob, _LRU_RECORD.pack(when, size), db=lru)
+        return True
+
+    def track(self, txn: lmdb.Transaction, blob: B3Digest, chunks: list[B3Digest], size: int, when: int) -> None:
+        """Record a blob committed (or found) by a bounded store, with its chunks' reference counts."""
+        if self.touch(txn, blob, when):
+            return
+        lru, refs = self._lru()
+        txn.put(b"d" + blob, _LRU_RECORD.pack(when, size), db=lru)
+        txn.put(b"t" + struct.pack(">Q", when) + blob, b"", db=lru)
+        txn.put(_LRU_TOTAL, _COUNT.pack(self._total(txn) + size), db=lru)
+        for chunk in set(chunks):
+            raw = txn.get(chunk, db=refs)
+            txn.put(chunk, _COUNT.pack((0 if raw is None else _COUNT.unpack(raw)[0]) + 1), db=refs)
+
+    def evict(self, txn: lmdb.Transaction, max_bytes: int, keep: B3Digest | None = None) -> int:
+        """Evict least recently used tracked blobs until their total fits; how many went."""
+        lru, refs = self._lru()
+        total = self._total(txn)
+        evicted = 0
+        while total > max_bytes:
+            cursor = txn.cursor(db=lru)
+            if not cursor.set_range(b"t") or not bytes(cursor.key()).startswith(b"t"):
+                break
+            key = bytes(cursor.key())
+            blob = B3Digest(key[9:])
+            if blob == keep:  # the blob being committed stays, even alone past the bound
+                break
+            record = txn.get(b"d" + blob, db=lru)
+            size = 0 if record is None else _LRU_RECORD.unpack(record)[1]
+            txn.delete(key, db=lru)
+            txn.delete(b"d" + blob, db=lru)
+            total -= size
+            index = txn.get(blob, db=self.blobs_db)
+            chunks = [blob] if index is None else [d for d, _ in decode_index(index, blob)]
+            if index is not None:
+                txn.delete(blob, db=self.blobs_db)
+            for chunk in set(chunks):
+                raw = txn.get(chunk, db=refs)
+                left = 0 if raw is None else _COUNT.unpack(raw)[0] - 1
+                if left > 0:
+                    txn.put(chunk, _COUNT.pack(left), db=refs)
+                    continue
+                txn.delete(chunk, db=refs)
+                if raw is not None and txn.get(chunk, db=self.loose_db) is None:
+                    txn.delete(chunk, db=self.chunks_db)
+            evicted += 1
+        txn.put(_LRU_TOTAL, _COUNT.pack(max(total, 0)), db=lru)
+        return evicted
 
     # -- writing (inside a write transaction) ----------------------------------------
 
@@ -406,8 +499,11 @@ class EmbeddedBlobService(BlobService):
         *,
         avg_chunk_size: int = DEFAULT_AVG_CHUNK_SIZE,
         compression: Compression = "auto",
+        max_bytes: int | None = None,
     ) -> None:
         self.path = path
+        self.max_bytes = max_bytes
+        self._touched: dict[B3Digest, int] = {}  # reads not yet written to the LRU records
         self.options = options or StoreOptions()
         self.avg_chunk_size = avg_chunk_size
         self.min_chunk_size = avg_chunk_size // 2
@@ -424,6 +520,8 @@ class EmbeddedBlobService(BlobService):
             env = acquire(self.path, self.options)
             try:
                 self._engine = _BlobRecords(env)
+                if self.max_bytes is not None:
+                    self._engine.open_lru()  # opening a database needs its own transaction
             except BaseException:
                 release(env)
                 raise
@@ -453,6 +551,25 @@ class EmbeddedBlobService(BlobService):
             )
         return cdc
 
+    def _bounded_commit(self, txn: lmdb.Transaction, store: _BlobRecords, blob: B3Digest,
+                        chunks: list[B3Digest], size: int) -> None:
+        """In a blob's commit: track it, apply pending read touches, evict past ``max_bytes``."""
+        if self.max_bytes is None:
+            return
+        if size > self.max_bytes:
+            raise StorageError(f"blob {blob} of {size} bytes exceeds this store's max_bytes {self.max_bytes}")
+        touched, self._touched = self._touched, {}
+        for digest, when in touched.items():
+            store.touch(txn, digest, when)
+        store.track(txn, blob, chunks, size, time.time_ns())
+        store.evict(txn, self.max_bytes, keep=blob)
+
+    def _touch(self, digest: B3Digest) -> None:
+        if self.max_bytes is not None:
+            self._touched[digest] = time.time_ns()
+            if len(self._touched) >= 4096:  # bound the memory; the oldest touch is dropped
+                self._touched.pop(next(iter(self._touched)))
+
     async def has(self, digest: B3Digest) -> bool:
         return self._store().has_blob(digest)
 
@@ -462,7 +579,9 @@ class EmbeddedBlobService(BlobService):
 
     async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
         """Blobs of one chunk are hashed and compressed in a thread and committed in one
-        transaction; longer ones go through writers."""
+        transaction; longer ones (and every blob of a bounded store) go through writers."""
+        if self.max_bytes is not None:  # each blob's commit tracks and evicts on its own
+            return await super().put_many(blobs)
         small = [i for i, b in enumerate(blobs) if len(b) <= self.min_chunk_size]
         out: list[B3Digest | None] = [None] * len(blobs)
         if small:
@@ -491,6 +610,8 @@ class EmbeddedBlobService(BlobService):
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         store = self._store()
         data, index = store.read_blob(digest)
+        if data is not None or index is not None:
+            self._touch(digest)
         if data is not None:
             return BytesReader(data)
         if index is None:
@@ -509,6 +630,8 @@ class EmbeddedBlobService(BlobService):
         for digest, (data, index) in zip(digests, found):
             if data is None and index is not None:
                 data = await self.read_bytes(digest)
+            elif data is not None:
+                self._touch(digest)
             out.append(data)
         return out
 
@@ -649,6 +772,7 @@ class _EmbeddedWriter(HashingWriter):
             with store.env.write() as txn:
                 store.put_chunks(txn, [(digest, data)], self._svc.compression)
                 store.claim_chunks(txn, [digest])
+                self._svc._bounded_commit(txn, store, digest, [digest], len(data))
             return digest
         self._cut(final=True)
         if len(self._chunks) == 1:
@@ -657,6 +781,7 @@ class _EmbeddedWriter(HashingWriter):
             with store.env.write() as txn:
                 store.put_chunks(txn, self._pending, self._svc.compression)
                 store.claim_chunks(txn, [digest])
+                self._svc._bounded_commit(txn, store, digest, [digest], self._length)
         else:
             with store.env.write() as txn:
                 earlier = [d for d, _ in self._chunks[: self._flushed]]
@@ -666,6 +791,7 @@ class _EmbeddedWriter(HashingWriter):
                 store.put_index(txn, digest, self._chunks)
                 if self._lease is not None:
                     store.drop_claims(txn, self._lease.token)
+                self._svc._bounded_commit(txn, store, digest, [d for d, _ in self._chunks], self._length)
         self._end_lease(store, drop_claims=False)
         self._pending = []
         self._pending_bytes = 0
@@ -701,6 +827,8 @@ class EmbeddedBlobServiceConfig(EmbeddedStoreFields, BlobServiceConfig):
 
     avg_chunk_size: int = attrs.field(default=DEFAULT_AVG_CHUNK_SIZE, validator=_avg_chunk_size)
     """FastCDC average chunk size (min = avg/2, max = 2*avg)."""
+    max_bytes: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(1)))
+    """Bound on the blob bytes kept: least recently used blobs are evicted past it (approximate LRU; a cache, not a primary copy). null: unbounded."""
 
     def build(self) -> EmbeddedBlobService:
         return EmbeddedBlobService(
@@ -708,17 +836,19 @@ class EmbeddedBlobServiceConfig(EmbeddedStoreFields, BlobServiceConfig):
             self.store_options(),
             avg_chunk_size=self.avg_chunk_size,
             compression=self.compression,
+            max_bytes=self.max_bytes,
         )
 
     @classmethod
     def from_url(cls, url: str) -> "EmbeddedBlobServiceConfig":
         """``embedded://`` (the default path) or ``embedded:///abs/path``, with optional query
         parameters ``map_size``, ``durability``, ``sync_interval``, ``max_readers``,
-        ``compression`` and ``avg_chunk_size``.
+        ``compression``, ``avg_chunk_size`` and ``max_bytes``.
         """
         return cls(
             **url_fields(
                 url,
-                ("map_size", "durability", "sync_interval", "max_readers", "compression", "avg_chunk_size"),
+                ("map_size", "durability", "sync_interval", "max_readers", "compression", "avg_chunk_size",
+                 "max_bytes"),
             )
         )

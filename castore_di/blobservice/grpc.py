@@ -93,7 +93,7 @@ class GRPCBlobService(GrpcClient, BlobService):
             channel = await self._chan.get()
             stat = channel.unary_unary(_STAT, request_serializer=identity, response_deserializer=identity)
             try:
-                response: bytes = await stat(request, timeout=self._chan.timeout)
+                response: bytes = await stat(request, timeout=self._chan.timeout, metadata=self._chan.metadata)
                 return response
             except Exception as e:
                 if is_not_found(e):

@@ -35,6 +35,14 @@ _LIMITS = ServerLimits()
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True),
               help="PEM certificate chain: serve TLS (clients use grpc+https://). Needs --tls-key.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="PEM private key for --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False, exists=True),
+              help="PEM CA certificate(s): require client certificates signed by it (mutual TLS). Needs --tls-cert.")
+@click.option("--auth-tokens", type=click.Path(dir_okay=False, exists=True),
+              help="File of 'read TOKEN' / 'write TOKEN' lines: require 'authorization: Bearer TOKEN'. "
+                   "Re-read on SIGHUP.")
+@click.option("--read-only", is_flag=True, help="Refuse every Put (PERMISSION_DENIED).")
+@click.option("--allow-unauthenticated", is_flag=True,
+              help="Allow a non-loopback address without --tls-client-ca, --auth-tokens or --read-only.")
 @click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=_LIMITS.idle_timeout,
               show_default=True, help="Seconds a Put stream may go without a message (or a Read's client without taking one) "
                    "before the call is aborted.")
@@ -54,7 +62,8 @@ _LIMITS = ServerLimits()
               help="Serve Prometheus metrics of every service operation at http://HOST:PORT/metrics.")
 @pass_ctx
 def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_cert: str | None,
-                  tls_key: str | None, idle_timeout: float, max_streams: int, max_message_size: int,
+                  tls_key: str | None, tls_client_ca: str | None, auth_tokens: str | None, read_only: bool,
+                  allow_unauthenticated: bool, idle_timeout: float, max_streams: int, max_message_size: int,
                   max_blob_size: int, max_put_directories: int, max_put_directory_bytes: int,
                   max_depth: int, metrics_listen: str | None) -> None:
     """Serve tvix.castore.v1 BlobService and DirectoryService (with health and reflection).
@@ -63,12 +72,17 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
     SIGTERM/SIGINT after a grace period and closes every service. The --idle-timeout and
     --max-* options bound what one client can make the server hold; a call past a limit
     fails alone (RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, naming the option). An address
-    that cannot be bound is one error line and exit code 2.
+    that cannot be bound is one error line and exit code 2. Refused calls leave one JSON
+    audit line each on stderr. An address other than loopback or a unix socket needs
+    --tls-client-ca, --auth-tokens or --read-only (or --allow-unauthenticated).
     """
-    from castore_di.server import normalize_listen, serve
+    from castore_di.errors import ConfigError
+    from castore_di.server import AuthPolicy, TokenTable, check_exposure, normalize_listen, serve
 
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_client_ca is not None and tls_cert is None:
+        raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
     for address in listen:
         normalize_listen(address)  # refuse bad addresses before building anything
     limits = ServerLimits(
@@ -80,8 +94,14 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
         max_put_directory_bytes=max_put_directory_bytes,
         max_depth=max_depth,
     )
-    metrics_server = _start_metrics(ctx, metrics_listen) if metrics_listen else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tokens = TokenTable(auth_tokens) if auth_tokens is not None else None
+    auth = AuthPolicy(read_only=read_only, tokens=tokens, client_ca=tls_client_ca)
+    try:
+        check_exposure(listen, auth, allow_unauthenticated=allow_unauthenticated)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    metrics_server = _start_metrics(ctx, metrics_listen) if metrics_listen else None
     blob_name = ctx.blob_addr or ctx.blob_name
     directory_name = ctx.directory_addr or ctx.directory_name
 
@@ -94,6 +114,7 @@ def serve_command(ctx: CliContext, listen: tuple[str, ...], grace: float, tls_ce
             describe=f"blob service {blob_name}, directory service {directory_name}",
             on_stopped=ctx.aclose,
             tls=(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None,
+            auth=auth,
             limits=limits,
         )
 

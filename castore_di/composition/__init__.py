@@ -15,9 +15,12 @@ if TYPE_CHECKING:
     from castore_di.composition.config import (
         BlobServiceConfig,
         DirectoryServiceConfig,
+        ReferenceListOrMap,
         ServiceConfig,
         reference,
         reference_fields,
+        reference_list,
+        reference_map,
     )
     from castore_di.composition.container import CastoreContainer, build_container
     from castore_di.composition.graph import CompositionGraph, Instance, build_graph
@@ -49,6 +52,9 @@ __all__ = [
     "read_config",
     "reference",
     "reference_fields",
+    "reference_list",
+    "reference_map",
+    "ReferenceListOrMap",
 ]
 
 _LAZY: dict[str, str] = {
@@ -57,6 +63,9 @@ _LAZY: dict[str, str] = {
     "ServiceConfig": "config",
     "reference": "config",
     "reference_fields": "config",
+    "reference_list": "config",
+    "reference_map": "config",
+    "ReferenceListOrMap": "config",
     "CastoreContainer": "container",
     "build_container": "container",
     "CompositionGraph": "graph",

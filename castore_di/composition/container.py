@@ -1,8 +1,11 @@
 """The dependency-injector container generated from a composition graph.
 
 Shape: a :class:`CastoreContainer` (a ``DynamicContainer``) with one sub-container per
-kind (``blobservices``, ``directoryservices``) holding one provider per named instance,
-created in dependency order, and a ``lifecycle`` ``Resource``. Anonymous instances (URLs in
+kind (``blobservices``, ``directoryservices``, and any kind the registry adds) holding one
+provider per named instance, created in dependency order, and a ``lifecycle`` ``Resource``.
+Reference fields are wired as provider arguments in dependency-injector's terms: the
+referenced provider, ``providers.Object(None)`` for an absent optional reference, a
+``providers.List`` of providers for a list, a ``providers.Dict`` for a map. Anonymous instances (URLs in
 reference fields) get providers that are not attributes. Applications inject
 ``Provide["blobservices.default"]``.
 
@@ -46,8 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from dependency_injector import containers, providers
 
-from castore_di.composition.config import KINDS
-from castore_di.composition.graph import CompositionGraph, Instance, InstanceId
+from castore_di.composition.graph import CompositionGraph, Instance, InstanceId, Wiring
 from castore_di.errors import ConfigError, InstantiationError, UnknownInstanceError
 
 if TYPE_CHECKING:
@@ -91,6 +93,18 @@ def _chain(instance_id: InstanceId, error: BaseException) -> ConfigError:
         except TypeError:  # a subclass with its own constructor
             return InstantiationError(error.detail, path=f"{instance_id} -> {error.path}")
     return InstantiationError(f"{type(error).__name__}: {error}", path=instance_id)
+
+
+def _wire(wiring: Wiring, all_providers: dict[InstanceId, providers.Provider[Any]]) -> providers.Provider[Any]:
+    """The provider argument of one reference field (see :data:`~castore_di.composition.graph.Wiring`)."""
+    if wiring is None:
+        return providers.Object(None)
+    if isinstance(wiring, str):
+        return all_providers[wiring]
+    if isinstance(wiring, tuple):
+        # an empty providers.List gives a tuple; build() is promised a list
+        return providers.List(*(all_providers[i] for i in wiring)) if wiring else providers.Factory(list)
+    return providers.Dict({key: all_providers[i] for key, i in wiring.items()})
 
 
 class _Slot:
@@ -299,11 +313,12 @@ class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
         object.__setattr__(self, "_blobs", {})
         object.__setattr__(self, "_directories", {})
         by_kind: dict[str, dict[str, Callable[[], Any]]] = {"blobservices": self._blobs, "directoryservices": self._directories}
-        for kind in KINDS:
+        for kind in graph.kinds:
             setattr(self, kind, providers.Container(containers.DynamicContainer))
+            by_kind.setdefault(kind, {})
         self.lifecycle = providers.Resource(_lifecycle, self)
         for instance in graph:
-            deps = {field: self._all[ref] for field, ref in instance.refs.items()}
+            deps = {field: _wire(wiring, self._all) for field, wiring in instance.wiring.items()}
             is_async = inspect.iscoroutinefunction(type(instance.config).build) or any(
                 self._slots[ref].is_async for ref in instance.refs.values()
             )
@@ -323,7 +338,7 @@ class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
         fresh = type(self)()
         fresh._setup(self.graph, self._state.metrics)
         memo[id(self)] = fresh
-        for kind in KINDS:
+        for kind in self.graph.kinds:
             old_sub, new_sub = getattr(self, kind), getattr(fresh, kind)
             memo[id(old_sub)] = new_sub
             memo[id(old_sub.container)] = new_sub.container

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import difflib
 import pathlib
+import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 import attrs
 import cattrs
@@ -44,7 +45,57 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(bool, _strict(bool))
     conv.register_structure_hook(float, _strict(float, float, int))
     conv.register_structure_hook(pathlib.Path, lambda v, _t: pathlib.Path(_strict(str)(v, str)))
+    # Reference lists and maps (and string maps such as options): a string is not a list of
+    # its characters, a list of pairs is not a mapping.
+    conv.register_structure_hook_func(_is_literal, _literal)
+    hooks: list[tuple[Any, Any]] = [(tuple[str, ...], _string_list), (dict[str, str], _string_map),
+                                    (Union[tuple[str, ...], dict[str, str]], _string_list_or_map)]
+    for tp, hook in hooks:
+        conv.register_structure_hook_func(_equals(tp), hook)
     return conv
+
+
+def _is_literal(tp: Any) -> bool:
+    return typing.get_origin(tp) is typing.Literal
+
+
+def _equals(tp: Any) -> Any:
+    return lambda t: bool(t == tp)
+
+
+def _literal(value: Any, tp: Any) -> Any:
+    allowed = typing.get_args(tp)
+    if not any(type(value) is type(a) and value == a for a in allowed):
+        raise ConfigError(f"expected one of {', '.join(repr(a) for a in allowed)}, got {_describe(value)}")
+    return value
+
+
+def _string_list(value: Any, _type: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"expected a list, got {_describe(value)}")
+    for i, item in enumerate(value):
+        if type(item) is not str:
+            raise ConfigError(f"expected str, got {_describe(item)}", path=f"[{i}]")
+    return tuple(value)
+
+
+def _string_map(value: Any, _type: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a mapping, got {_describe(value)}")
+    for key, item in value.items():
+        if type(key) is not str or not key:
+            raise ConfigError(f"keys must be non-empty strings, got {_describe(key)}")
+        if type(item) is not str:
+            raise ConfigError(f"expected str, got {_describe(item)}", path=f"[{key}]")
+    return dict(value)
+
+
+def _string_list_or_map(value: Any, _type: Any) -> tuple[str, ...] | dict[str, str]:
+    if isinstance(value, Mapping):
+        return _string_map(value, _type)
+    if isinstance(value, (list, tuple)):
+        return _string_list(value, _type)
+    raise ConfigError(f"expected a list or a mapping, got {_describe(value)}")
 
 
 converter = _make_converter()
@@ -79,9 +130,15 @@ def _flatten(exc: BaseException, path: str, cls: type | None, out: list[ConfigEr
     elif isinstance(exc, KeyError):
         out.append(ConfigError("required field missing", path=path))
     elif isinstance(exc, ConfigError):
-        out.append(ConfigError(exc.detail, path=f"{path}.{exc.path}" if exc.path else path))
+        out.append(ConfigError(exc.detail, path=_join(path, exc.path)))
     else:
         out.append(ConfigError(str(exc) or type(exc).__name__, path=path))
+
+
+def _join(path: str, sub: str | None) -> str:
+    if not sub:
+        return path
+    return f"{path}{sub}" if sub.startswith("[") else f"{path}.{sub}"
 
 
 def structure_config(data: Mapping[str, Any], cls: type[T], path: str) -> T:
@@ -101,5 +158,5 @@ def structure_config(data: Mapping[str, Any], cls: type[T], path: str) -> T:
         raise err from e
     except (ValueError, TypeError) as e:  # attrs validators run in __init__
         if isinstance(e, ConfigError):
-            raise ConfigError(e.detail, path=f"{path}.{e.path}" if e.path else path) from e
+            raise ConfigError(e.detail, path=_join(path, e.path)) from e
         raise ConfigError(str(e), path=path) from e

@@ -22,10 +22,10 @@ from typing import Any
 
 import attrs
 
-from castore_di.composition.config import KINDS, REFERENCE_KEY, ServiceConfig
+from castore_di.composition.config import REFERENCE_KEY, Reference, ServiceConfig, reference_specs
 from castore_di.composition.registry import Registry
 
-__all__ = ["BEGIN", "END", "builtin_registry", "field_docs", "render_types", "replace_section"]
+__all__ = ["BEGIN", "END", "builtin_registry", "field_docs", "reference_type_text", "render_types", "replace_section"]
 
 BEGIN = "<!-- config-types -->"
 END = "<!-- /config-types -->"
@@ -158,6 +158,19 @@ def _url_form(cls: type[ServiceConfig]) -> str:
     return _summary(cls.from_url.__doc__) or f"scheme `{cls.type_tag}` (`{cls.type_tag}://…` or `{cls.type_tag}+…://…`)"
 
 
+def reference_type_text(spec: Reference) -> str:
+    """How the types reference describes a reference field of each form."""
+    at_least = f", at least {spec.min_items}" if spec.min_items else ""
+    if spec.form == "optional":
+        return f"optional reference to {spec.kind} (name, URL or null)"
+    if spec.form == "list":
+        return f"list of references to {spec.kind} (names or URLs{at_least})"
+    if spec.form == "map":
+        also = "; or a list, keyed by each element" if spec.allow_list else ""
+        return f"map of name -> reference to {spec.kind} (name or URL{at_least}{also})"
+    return f"reference to {spec.kind} (name or URL)"
+
+
 def _render_type(cls: type[ServiceConfig]) -> list[str]:
     lines = [f"#### `{cls.type_tag}` ({cls.kind})", ""]
     summary = _summary(cls.__doc__)
@@ -173,9 +186,10 @@ def _render_type(cls: type[ServiceConfig]) -> list[str]:
     if not fields:
         return lines + ["No fields.", ""]
     lines += ["| field | type | default | description |", "|---|---|---|---|"]
+    specs = reference_specs(cls)
     for field in fields:
         if REFERENCE_KEY in field.metadata:
-            type_text = f"reference to {field.metadata[REFERENCE_KEY]} (name or URL)"
+            type_text = reference_type_text(specs[field.name])
         else:
             type_text = f"`{_type_name(hints.get(field.name, field.type))}`"
         lines.append(f"| `{field.name}` | {_cell(type_text)} | {_cell(_default(field))} | {_cell(docs[field.name])} |")
@@ -186,10 +200,10 @@ def render_types(registry: Registry | None = None) -> str:
     """Markdown for every type of ``registry`` (the built-in types by default)."""
     registry = registry or builtin_registry()
     lines: list[str] = []
-    for kind in KINDS:
+    for kind in registry.kinds():
         tags = registry.tags(kind)
         lines += [f"Types of `{kind}`: " + ", ".join(f"`{t}`" for t in tags) + ".", ""]
-    for kind in KINDS:
+    for kind in registry.kinds():
         for tag in registry.tags(kind):
             lines += _render_type(registry.resolve(kind, tag))
     return "\n".join(lines).rstrip("\n") + "\n"

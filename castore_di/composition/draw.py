@@ -2,20 +2,19 @@
 
 Nodes are instances (named ones solid, anonymous URL instances dashed), grouped by kind;
 edges go from an instance to the instances its reference fields name, labelled with the
-field. No config value other than type tags and URLs of anonymous instances is shown,
+field (``members[1]``, ``shards[eu]`` for elements of lists and maps). No config value other than type tags and URLs of anonymous instances is shown,
 so secrets in options never end up in documentation.
 """
 
 from __future__ import annotations
 
-from castore_di.composition.config import KINDS
 from castore_di.composition.graph import CompositionGraph, Instance
 
 __all__ = ["to_dot", "to_mermaid", "to_tree", "FORMATS"]
 
 
 def _by_kind(graph: CompositionGraph) -> dict[str, list[Instance]]:
-    out: dict[str, list[Instance]] = {k: [] for k in KINDS}
+    out: dict[str, list[Instance]] = {k: [] for k in graph.kinds}
     for iid in sorted(graph.instances):
         inst = graph.instances[iid]
         out.setdefault(inst.kind, []).append(inst)

@@ -4,7 +4,10 @@ Building the graph validates the whole config before any provider or service exi
 unknown sections, types and fields, bad values, missing references and cycles (across
 kinds too, and among instances nothing references) are refused with the path of the
 problem. A reference holding a URL (``memory://``) becomes an anonymous instance of its
-own, named after the field that holds it (``blobservices.default.remote``).
+own, named after the field that holds it (``blobservices.default.remote``, or
+``blobservices.default.members[1]`` for an element of a list). Every reference form
+(one, optional, list, map) is found from the config class's field metadata, so a
+third-party type needs no code here; the sections are the registry's kinds.
 """
 
 from __future__ import annotations
@@ -12,17 +15,18 @@ from __future__ import annotations
 import graphlib
 import keyword
 import re
+from collections import deque
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Union
 
 import attrs
 
-from castore_di.composition.config import KINDS, ServiceConfig, reference_fields
+from castore_di.composition.config import Reference, ServiceConfig, reference_specs
 from castore_di.composition.converter import structure_config, suggest
 from castore_di.composition.registry import Registry, default_registry
 from castore_di.errors import ConfigError, CycleError, UnknownInstanceError
 
-__all__ = ["Instance", "CompositionGraph", "build_graph", "InstanceId"]
+__all__ = ["Instance", "CompositionGraph", "build_graph", "InstanceId", "Wiring"]
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 # Names dependency-injector containers use themselves; a provider by that name would shadow them.
@@ -36,19 +40,28 @@ _RESERVED = {
 }
 
 InstanceId = str  # "<kind>.<name>", e.g. "blobservices.default"
+# What one reference field resolves to, by form: one -> an id; optional -> an id or None;
+# list -> a tuple of ids; map -> {name: id}.
+Wiring = Union[InstanceId, None, tuple[InstanceId, ...], Mapping[str, InstanceId]]
 
 
 @attrs.frozen
 class Instance:
-    """One service instance: its config and the instances its reference fields resolve to."""
+    """One service instance: its config and the instances its reference fields resolve to.
+
+    ``refs`` has one entry per edge, labelled ``field`` (one, optional), ``field[i]``
+    (list) or ``field[name]`` (map); ``wiring`` has one entry per reference field, in the
+    shape ``build`` receives (see :data:`Wiring`).
+    """
 
     id: InstanceId
     kind: str
     name: str
     config: ServiceConfig
-    refs: Mapping[str, InstanceId]  # field name -> instance id
+    refs: Mapping[str, InstanceId]  # edge label -> instance id
     anonymous: bool = False
     url: str | None = None
+    wiring: Mapping[str, Wiring] = attrs.Factory(dict)
 
     @property
     def type_tag(self) -> str:
@@ -61,6 +74,7 @@ class CompositionGraph:
 
     instances: Mapping[InstanceId, Instance]
     order: tuple[InstanceId, ...]
+    kinds: tuple[str, ...] = ("blobservices", "directoryservices")
 
     def __iter__(self) -> Iterator[Instance]:
         return (self.instances[i] for i in self.order)
@@ -103,15 +117,16 @@ def _structure(registry: Registry, kind: str, path: str, raw: Any) -> tuple[Serv
 def build_graph(config: Mapping[str, Any], registry: Registry | None = None) -> CompositionGraph:
     """Validate a parsed config and return its instance graph. Builds no service."""
     registry = registry or default_registry()
+    kinds = registry.kinds()
     if not isinstance(config, Mapping):
         raise ConfigError(f"a config must be a mapping of sections, got {type(config).__name__}")
     for key in config:
-        if key not in KINDS:
-            raise ConfigError(f"unknown section {key!r}{suggest(str(key), KINDS)}", path=str(key))
+        if key not in kinds:
+            raise ConfigError(f"unknown section {key!r}{suggest(str(key), kinds)}", path=str(key))
 
     instances: dict[InstanceId, Instance] = {}
-    pending: list[tuple[str, str, ServiceConfig, str | None, bool]] = []
-    for kind in KINDS:
+    pending: deque[tuple[str, str, ServiceConfig, str | None, bool]] = deque()
+    for kind in kinds:
         section: Any = config.get(kind) or {}
         if not isinstance(section, Mapping):
             raise ConfigError(f"expected a mapping of instance names, got {type(section).__name__}", path=kind)
@@ -122,24 +137,43 @@ def build_graph(config: Mapping[str, Any], registry: Registry | None = None) -> 
     names = {(kind, name) for kind, name, *_ in pending}
 
     while pending:
-        kind, name, cfg, url, anonymous = pending.pop(0)
+        kind, name, cfg, url, anonymous = pending.popleft()
         iid = f"{kind}.{name}"
         refs: dict[str, InstanceId] = {}
-        for field, ref_kind in reference_fields(type(cfg)).items():
-            value: str = getattr(cfg, field)
-            path = f"{iid}.{field}"
+        wiring: dict[str, Wiring] = {}
+
+        def resolve(spec: Reference, label: str, value: str) -> InstanceId:
+            path = f"{iid}.{label}"
             if "://" in value:
-                sub_cfg = registry.resolve_url(ref_kind, value, path)
-                pending.append((ref_kind, f"{name}.{field}", sub_cfg, value, True))
-                refs[field] = f"{ref_kind}.{name}.{field}"
-            elif (ref_kind, value) in names:
-                refs[field] = f"{ref_kind}.{value}"
+                sub_cfg = registry.resolve_url(spec.kind, value, path)
+                pending.append((spec.kind, f"{name}.{label}", sub_cfg, value, True))
+                target = f"{spec.kind}.{name}.{label}"
+            elif (spec.kind, value) in names:
+                target = f"{spec.kind}.{value}"
             else:
-                known = sorted(n for k, n in names if k == ref_kind)
+                known = sorted(n for k, n in names if k == spec.kind)
                 raise UnknownInstanceError(
                     f"unknown instance {value!r} (known: {', '.join(known) or 'none'})", path=path
                 )
-        instances[iid] = Instance(iid, kind, name, cfg, refs, anonymous, url)
+            refs[label] = target
+            return target
+
+        for field, spec in reference_specs(type(cfg)).items():
+            if spec.kind not in kinds:
+                raise ConfigError(f"reference to unknown service kind {spec.kind!r}{suggest(spec.kind, kinds)}",
+                                  path=f"{iid}.{field}")
+            value: Any = getattr(cfg, field)
+            if spec.form == "one" or (spec.form == "optional" and value is not None):
+                wiring[field] = resolve(spec, field, value)
+            elif spec.form == "optional":
+                wiring[field] = None
+            elif spec.form == "list":
+                wiring[field] = tuple(resolve(spec, f"{field}[{i}]", v) for i, v in enumerate(value))
+            elif isinstance(value, Mapping):
+                wiring[field] = {key: resolve(spec, f"{field}[{key}]", v) for key, v in value.items()}
+            else:  # a map field given as a list: each element is keyed by its own text
+                wiring[field] = {v: resolve(spec, f"{field}[{i}]", v) for i, v in enumerate(value)}
+        instances[iid] = Instance(iid, kind, name, cfg, refs, anonymous, url, wiring)
 
     sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
     for iid, inst in instances.items():
@@ -147,15 +181,21 @@ def build_graph(config: Mapping[str, Any], registry: Registry | None = None) -> 
     try:
         order = tuple(sorter.static_order())
     except graphlib.CycleError as e:
-        raise _cycle_error(list(e.args[1]), list(instances)) from None
-    return CompositionGraph(instances, order)
+        raise _cycle_error(list(e.args[1]), list(instances), instances) from None
+    return CompositionGraph(instances, order, kinds)
 
 
-def _cycle_error(loop: list[str], config_order: list[str]) -> CycleError:
+def _cycle_error(loop: list[str], config_order: list[str], instances: Mapping[InstanceId, Instance]) -> CycleError:
     # graphlib lists the loop dependency-first; we print it as "references" arrows,
     # starting at the member that comes first in the config, so the message is stable.
+    # An arrow taken through an element of a list or map names it: "b (members[1])".
     path = list(reversed(loop))[:-1]
     start = min(range(len(path)), key=lambda i: config_order.index(path[i]))
     path = path[start:] + path[:start]
     path.append(path[0])
-    return CycleError(f"reference cycle: {' -> '.join(path)}", cycle=path)
+    shown = [path[0]]
+    for source, target in zip(path, path[1:]):
+        labels = [label for label, t in instances[source].refs.items() if t == target]
+        plain = any("[" not in label for label in labels)
+        shown.append(target if plain or not labels else f"{target} ({labels[0]})")
+    return CycleError(f"reference cycle: {' -> '.join(shown)}", cycle=path)

@@ -3,7 +3,10 @@
 Built-in types are listed (as dotted paths) in ``castore_di.blobservice.BUILTIN_TYPES`` and
 ``castore_di.directoryservice.BUILTIN_TYPES``; third-party types come from the entry-point
 group ``castore_di.services`` (name ``<kind>.<tag>``, value ``module:ConfigClass``) or from
-:meth:`Registry.register`.
+:meth:`Registry.register`. Kinds are registered too: ``blobservices`` and
+``directoryservices`` are built in; a third party adds one (``pathinfoservices``) with
+:meth:`Registry.register_kind` or the entry-point group ``castore_di.kinds`` (name = kind,
+value = ``module:ConfigBaseClass``), and configs then get a section of that name.
 """
 
 from __future__ import annotations
@@ -14,15 +17,28 @@ import threading
 from collections.abc import Mapping
 from typing import Union
 
-from castore_di.composition.config import KINDS, ServiceConfig, url_tag
+from castore_di.composition.config import (
+    KINDS,
+    BlobServiceConfig,
+    DirectoryServiceConfig,
+    ServiceConfig,
+    check_kind_name,
+    url_tag,
+)
 from castore_di.composition.converter import suggest
 from castore_di.errors import ConfigError, MissingDependencyError, UnknownTypeError
 
-__all__ = ["Registry", "default_registry", "ENTRY_POINT_GROUP"]
+__all__ = ["Registry", "default_registry", "ENTRY_POINT_GROUP", "KINDS_ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "castore_di.services"
+KINDS_ENTRY_POINT_GROUP = "castore_di.kinds"
 
 _Target = Union[str, type[ServiceConfig]]
+# Attributes of the container a kind's sub-container would shadow.
+_RESERVED_KINDS = {"graph", "provider", "providers", "reset", "close", "aclose", "parent", "container",
+                   "wire", "unwire", "override", "overridden", "dependencies", "wiring_config",
+                   "blob_service", "directory_service", "override_instance", "traverse", "reset_singletons",
+                   "init_resources", "shutdown_resources", "set_provider", "set_providers"}
 
 
 class Registry:
@@ -30,12 +46,40 @@ class Registry:
 
     def __init__(self) -> None:
         self._targets: dict[str, dict[str, _Target]] = {k: {} for k in KINDS}
+        self._bases: dict[str, type[ServiceConfig]] = {
+            "blobservices": BlobServiceConfig, "directoryservices": DirectoryServiceConfig,
+        }
         self._lock = threading.Lock()
+
+    def register_kind(self, base: type[ServiceConfig], *, replace: bool = False) -> None:
+        """Add the service kind ``base.kind``: a config section whose types derive from ``base``.
+
+        ``base`` is a :class:`ServiceConfig` subclass with its own ``kind`` (for example
+        ``"pathinfoservices"``); the kind's types are registered with :meth:`register`.
+        """
+        if not (isinstance(base, type) and issubclass(base, ServiceConfig)) or "kind" not in vars(base):
+            raise ConfigError(f"{base!r} is not a ServiceConfig subclass declaring its own 'kind'")
+        kind = check_kind_name(base.kind)
+        if kind in _RESERVED_KINDS:
+            raise ConfigError(f"invalid service kind {kind!r}: the name is taken by the container")
+        with self._lock:
+            if kind in self._bases and not replace:
+                raise ConfigError(f"service kind {kind!r} is already registered")
+            self._bases[kind] = base
+            self._targets.setdefault(kind, {})
+
+    def kinds(self) -> tuple[str, ...]:
+        """The registered kinds: the built-in ones first, then in registration order."""
+        return tuple(self._targets)
+
+    def kind_base(self, kind: str) -> type[ServiceConfig]:
+        """The config base class of ``kind``."""
+        return self._bases[kind]
 
     def register(self, kind: str, tag: str, target: _Target, *, replace: bool = False) -> None:
         """Register a config class (or its ``module:Class`` path) under ``kind``/``tag``."""
         if kind not in self._targets:
-            raise ConfigError(f"unknown service kind {kind!r}{suggest(kind, KINDS)}")
+            raise ConfigError(f"unknown service kind {kind!r}{suggest(kind, self.kinds())}")
         if not tag or "+" in tag or ":" in tag:
             raise ConfigError(f"invalid type tag {tag!r}")
         with self._lock:
@@ -59,7 +103,7 @@ class Registry:
         target = known[tag]
         if isinstance(target, str):
             cls = _import(target, path)
-            if not (isinstance(cls, type) and issubclass(cls, ServiceConfig)) or cls.kind != kind:
+            if not (isinstance(cls, type) and issubclass(cls, self._bases[kind])) or cls.kind != kind:
                 raise ConfigError(f"{target} is not a {kind} config class", path=path)
             with self._lock:
                 self._targets[kind][tag] = cls
@@ -81,20 +125,25 @@ class Registry:
             raise ConfigError(f"invalid URL {url!r}: {e}", path=path) from e
 
     def load_entry_points(self) -> None:
-        """Register third-party types from the ``castore_di.services`` entry-point group."""
+        """Register third-party kinds (``castore_di.kinds``), then types (``castore_di.services``)."""
+        for ep in importlib.metadata.entry_points(group=KINDS_ENTRY_POINT_GROUP):
+            base = _import(ep.value, f"{KINDS_ENTRY_POINT_GROUP}:{ep.name}")
+            if getattr(base, "kind", None) != ep.name:
+                raise ConfigError(f"entry point {ep.name!r} in {KINDS_ENTRY_POINT_GROUP}: {ep.value} has another kind")
+            self.register_kind(base, replace=True)  # type: ignore[arg-type]
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             kind, sep, tag = ep.name.partition(".")
             if not sep or kind not in self._targets:
                 raise ConfigError(
                     f"entry point {ep.name!r} in {ENTRY_POINT_GROUP}: name must be '<kind>.<tag>' "
-                    f"with kind one of {', '.join(KINDS)}"
+                    f"with kind one of {', '.join(self.kinds())}"
                 )
             self.register(kind, tag, ep.value, replace=True)
 
     def copy(self) -> "Registry":
         new = Registry()
-        for kind, types in self._targets.items():
-            new._targets[kind] = dict(types)
+        new._bases = dict(self._bases)
+        new._targets = {kind: dict(types) for kind, types in self._targets.items()}
         return new
 
 

@@ -4,8 +4,10 @@ Every registered config class (built-in and third-party) becomes a ``$defs`` ent
 object with ``type`` fixed to its tag, one property per attrs field (type, default, and
 the description :func:`~castore_di.composition.docs.field_docs` reads, as the README
 does), ``required`` for fields without a default and ``additionalProperties: false``,
-matching the strict converter. Reference fields are strings: an instance name
-or a URL. An instance is one of its kind's definitions or a URL string.
+matching the strict converter. A reference is a string, an instance name or a URL;
+an optional one may be ``null``, a list reference is an array of them, a map reference an
+object of them. An instance is one of its kind's definitions or a URL string; every kind
+of the registry (third-party ones too) is a section.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Literal, Union
 
 import attrs
 
-from castore_di.composition.config import KINDS, REFERENCE_KEY, ServiceConfig
+from castore_di.composition.config import REFERENCE_FORM_KEY, REFERENCE_KEY, ServiceConfig
 from castore_di.composition.docs import field_docs
 from castore_di.composition.registry import Registry, default_registry
 from castore_di.errors import ConfigError
@@ -96,12 +98,7 @@ def field_schema(
     if doc is None:
         doc = field.metadata.get("doc", "")
     if REFERENCE_KEY in field.metadata:
-        kind = field.metadata[REFERENCE_KEY]
-        schema: dict[str, Any] = {
-            "type": "string",
-            "description": (f"{doc.rstrip('.')}. " if doc else "")
-            + f"The name of a {kind} instance, or a URL (scheme://...) for an anonymous one.",
-        }
+        schema = _reference_schema(field, doc)
     else:
         schema = dict(_type_schema(hints.get(field.name, field.type)))
         if doc:
@@ -117,6 +114,27 @@ def field_schema(
         if ok:
             schema["default"] = value
     return schema, required
+
+
+def _reference_schema(field: attrs.Attribute[Any], doc: str) -> dict[str, Any]:
+    kind = field.metadata[REFERENCE_KEY]
+    form = field.metadata.get(REFERENCE_FORM_KEY, "one")
+    min_items = field.metadata.get("min_items", 0)
+    one = {"type": "string", "minLength": 1}
+    prefix = f"{doc.rstrip('.')}. " if doc else ""
+    what = f"The name of a {kind} instance, or a URL (scheme://...) for an anonymous one."
+    if form == "optional":
+        return {"anyOf": [one, {"type": "null"}], "description": prefix + what + " null: none."}
+    array = {"type": "array", "items": one, "uniqueItems": True, **({"minItems": min_items} if min_items else {})}
+    if form == "list":
+        return {**array, "description": prefix + f"A list of references. Each: {what}"}
+    obj = {"type": "object", "additionalProperties": one, **({"minProperties": min_items} if min_items else {})}
+    if form == "map":
+        if field.metadata.get("allow_list"):
+            return {"anyOf": [obj, array], "description": prefix + "A map of name -> reference, or a list of "
+                    f"references keyed by their own text. Each: {what}"}
+        return {**obj, "description": prefix + f"A map of name -> reference. Each: {what}"}
+    return {**one, "description": prefix + what}
 
 
 def _attrs_object(cls: type) -> dict[str, Any]:
@@ -164,7 +182,7 @@ def config_schema(registry: Registry | None = None) -> dict[str, Any]:
     registry = registry or default_registry()
     defs: dict[str, Any] = {}
     properties: dict[str, Any] = {}
-    for kind in KINDS:
+    for kind in registry.kinds():
         refs: list[dict[str, Any]] = []
         for tag in registry.tags(kind):
             key = f"{kind}.{tag}"

@@ -10,5 +10,8 @@ BUILTIN_TYPES: dict[str, str] = {
     "embedded": "castore_di.directoryservice.embedded:EmbeddedDirectoryServiceConfig",
     "grpc": "castore_di.directoryservice.grpc:GRPCDirectoryServiceConfig",
     "memory": "castore_di.directoryservice.memory:MemoryDirectoryServiceConfig",
+    "mirrored": "castore_di.directoryservice.mirrored:MirroredDirectoryServiceConfig",
     "objectstore": "castore_di.directoryservice.objectstore:ObjectStoreDirectoryServiceConfig",
+    "readonly": "castore_di.directoryservice.readonly:ReadOnlyDirectoryServiceConfig",
+    "sharded": "castore_di.directoryservice.sharded:ShardedDirectoryServiceConfig",
 }

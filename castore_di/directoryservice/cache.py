@@ -3,7 +3,8 @@
 ``get`` and ``get_recursive`` try ``near`` first. On a miss the closure is fetched from
 ``far``, validated, and copied into ``near`` (the whole closure, since ``far`` may serve
 only roots); a miss in both is "absent" (``None`` / an empty stream), not an error, unlike
-the reference. Writes go to ``far`` first, then ``near``, so ``far`` stays authoritative.
+the reference. A closure that is incomplete in ``near`` (a bounded near store evicted part
+of it) is fetched from ``far`` again. Writes go to ``far`` first, then ``near``, so ``far`` stays authoritative.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from castore_di.composition.config import DirectoryServiceConfig, reference
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.directoryservice.closure import RootToLeaves, leaves_first
-from castore_di.errors import ConfigError
+from castore_di.errors import ConfigError, StorageError
 from castore_di.nodes import Directory
 
 __all__ = ["CacheDirectoryService", "CacheDirectoryServiceConfig"]
@@ -49,14 +50,15 @@ class CacheDirectoryService(DirectoryService):
         return fetched[0] if fetched else None
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:  # type: ignore[override]
-        near_stream = self.near.get_recursive(root)
-        any_near = False
-        async for d in near_stream:
-            any_near = True
-            yield d
-        if any_near:
-            return
-        for d in await self._fill_from_far(root):
+        # The near closure is collected before anything is yielded: a bounded near store may
+        # have evicted an inner directory (a StorageError mid-walk), and then far serves it all.
+        try:
+            closure = [d async for d in self.near.get_recursive(root)]
+        except StorageError:
+            closure = []
+        if not closure:
+            closure = await self._fill_from_far(root)
+        for d in closure:
             yield d
 
     async def put(self, directory: Directory) -> B3Digest:

@@ -10,7 +10,9 @@ directly::
 
 The server offers ``tvix.castore.v1.BlobService``, ``tvix.castore.v1.DirectoryService``,
 gRPC health checking (``grpc.health.v1.Health``: SERVING while up, NOT_SERVING while
-stopping) and server reflection.
+stopping) and server reflection. Who may call what is decided by an
+:class:`~castore_di.server.auth.AuthPolicy` (read-only, bearer tokens, client certificates;
+see :mod:`castore_di.server.auth`).
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from castore_di.blobservice.base import BlobService
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import ConfigError
 from castore_di._grpc.wire import BLOB_SERVICE, DIRECTORY_SERVICE, MAX_MESSAGE_SIZE, STATUS_TABLE
+from castore_di.server.auth import AuthInterceptor, AuthPolicy, TokenTable, check_exposure
 from castore_di.server.blob import BlobServicer
 from castore_di.server.common import abort_with, status_for
 from castore_di.server.directory import DirectoryServicer
 from castore_di.limits import ServerLimits, StreamGate
 
 __all__ = [
+    "AuthPolicy",
     "BlobServicer",
     "CastoreServer",
     "DirectoryServicer",
@@ -47,6 +51,8 @@ __all__ = [
     "normalize_listen",
     "serve",
     "status_for",
+    "TokenTable",
+    "check_exposure",
 ]
 
 log = logging.getLogger("castore_di.server")
@@ -71,16 +77,21 @@ def normalize_listen(address: str) -> str:
     return address
 
 
-def _server_credentials(tls: tuple[str, str]) -> "grpc.ServerCredentials":
+def _server_credentials(tls: tuple[str, str], client_ca: str | None = None) -> "grpc.ServerCredentials":
     cert_file, key_file = tls
     try:
         with open(cert_file, "rb") as f:
             cert = f.read()
         with open(key_file, "rb") as f:
             key = f.read()
+        ca: bytes | None = None
+        if client_ca is not None:
+            with open(client_ca, "rb") as f:
+                ca = f.read()
     except OSError as e:
-        raise ConfigError(f"cannot read TLS certificate or key: {e}") from e
-    return grpc.ssl_server_credentials([(key, cert)])
+        raise ConfigError(f"cannot read TLS certificate, key or client CA: {e}") from e
+    # with a client CA the handshake itself refuses clients without a certificate it signed
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 class _DroppedPeerNoise(logging.Filter):
@@ -156,17 +167,23 @@ class CastoreServer:
         directory_service: DirectoryService | None,
         *,
         tls: tuple[str, str] | None = None,
+        auth: AuthPolicy | None = None,
         limits: ServerLimits | None = None,
     ) -> None:
         """``tls`` is ``(certificate chain PEM file, private key PEM file)``; plaintext without it.
 
-        ``limits`` bound what one call can make the server hold (:class:`ServerLimits`).
+        ``auth`` says who may call what (everyone everything without it); its ``client_ca``
+        needs ``tls``. ``limits`` bound what one call can make the server hold
+        (:class:`ServerLimits`).
         """
         if blob_service is None and directory_service is None:
             raise ConfigError("nothing to serve: no blob and no directory service")
+        self.auth = auth if auth is not None else AuthPolicy()
+        if self.auth.client_ca is not None and tls is None:
+            raise ConfigError("client certificates (--tls-client-ca) need TLS (--tls-cert and --tls-key)")
         self.blob_service = blob_service
         self.directory_service = directory_service
-        self._credentials = _server_credentials(tls) if tls is not None else None
+        self._credentials = _server_credentials(tls, self.auth.client_ca) if tls is not None else None
         self.limits = limits if limits is not None else ServerLimits()
         self._server: grpc.aio.Server | None = None
         self._health: object | None = None
@@ -178,7 +195,9 @@ class CastoreServer:
         from grpc_reflection.v1alpha import reflection
 
         binds = [normalize_listen(a) for a in listen]
+        interceptors = [AuthInterceptor(self.auth)] if self.auth.read_only or self.auth.tokens is not None else []
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", self.limits.max_message_size),
                 ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
@@ -241,14 +260,16 @@ async def serve(
     describe: str = "",
     on_stopped: Callable[[], Awaitable[None]] | None = None,
     tls: tuple[str, str] | None = None,
+    auth: AuthPolicy | None = None,
     limits: ServerLimits | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully and run ``on_stopped``.
 
     Prints ``castore serve: listening on ADDRESS`` on stdout for every bound address (the
     machine-readable line test fixtures wait for), and logs one line at start and one at stop.
-    An address that cannot be bound raises :class:`BindError` (a :class:`ConfigError`)
-    naming it and the reason; nothing is logged as started or stopped then.
+    With bearer tokens in ``auth``, SIGHUP re-reads the tokens file (a broken file keeps the
+    previous tokens and logs why). An address that cannot be bound raises :class:`BindError`
+    (a :class:`ConfigError`) naming it and the reason; nothing is logged as started or stopped then.
     """
     logging.getLogger("grpc._cython.cygrpc").addFilter(_DroppedPeerNoise())
     stop = asyncio.Event()
@@ -262,23 +283,35 @@ async def serve(
     # handlers first: a signal that arrives right after the listening line must not kill us
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    server = CastoreServer(blob_service, directory_service, tls=tls, limits=limits)
+    tokens = auth.tokens if auth is not None else None
+    reloads: set[asyncio.Task[None]] = set()
+    if tokens is not None:
+        def on_hangup() -> None:
+            task = loop.create_task(_reload_tokens(tokens))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    server = CastoreServer(blob_service, directory_service, tls=tls, auth=auth, limits=limits)
     try:
         addresses = await server.start(listen)
     except BaseException:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await server.stop(0)
         if on_stopped is not None:
             await on_stopped()
         raise
     try:
-        log.info("castore serve: started%s on %s", f" ({describe})" if describe else "", ", ".join(addresses))
+        log.info(
+            "castore serve: started%s on %s; access: %s",
+            f" ({describe})" if describe else "", ", ".join(addresses), server.auth.describe(),
+        )
         for address in addresses:
             print(f"castore serve: listening on {address}", flush=True)
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await server.stop(grace)
         if on_stopped is not None:
@@ -287,3 +320,12 @@ async def serve(
             "castore serve: stopped (%s, grace %gs)", received[0] if received else "cancelled", grace
         )
         sys.stdout.flush()
+
+
+async def _reload_tokens(tokens: TokenTable) -> None:
+    try:
+        count = await asyncio.to_thread(tokens.reload)
+    except ConfigError as e:
+        log.error("castore serve: tokens not reloaded, the previous %d stay in force: %s", len(tokens), e)
+    else:
+        log.info("castore serve: reloaded %d tokens from %s", count, tokens.path)

@@ -704,18 +704,19 @@ class _EmbeddedWriter(HashingWriter):
         self._buffered += len(data)
         if self._buffered >= self._cut_at:
             # A few MiB per thread hop: hashing, cutting and compressing release the GIL.
-            await asyncio.to_thread(self._step)
+            # The store is resolved on the loop: opening it is not thread-safe.
+            await asyncio.to_thread(self._step, self._svc._store())
 
     def _hash_pending(self) -> None:
         for part in self._unhashed:
             self._hash(part)
         self._unhashed = []
 
-    def _step(self) -> None:
+    def _step(self, store: _BlobRecords) -> None:
         self._hash_pending()
         self._cut(final=False)
         if self._pending_bytes >= BATCH_BYTES:
-            self._flush()
+            self._flush(store)
 
     def _cut(self, final: bool) -> None:
         buf = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
@@ -737,8 +738,7 @@ class _EmbeddedWriter(HashingWriter):
         self._parts = [rest] if rest else []
         self._buffered = len(rest)
 
-    def _flush(self) -> None:
-        store = self._svc._store()
+    def _flush(self, store: _BlobRecords) -> None:
         if self._lease is None:
             self._lease = store.env.new_lease()
         with store.env.write() as txn:
@@ -759,12 +759,11 @@ class _EmbeddedWriter(HashingWriter):
             lease.release()
 
     async def _finish(self) -> B3Digest:
-        return await asyncio.to_thread(self._finish_sync)
+        return await asyncio.to_thread(self._finish_sync, self._svc._store())
 
-    def _finish_sync(self) -> B3Digest:
+    def _finish_sync(self, store: _BlobRecords) -> B3Digest:
         self._hash_pending()
         digest = self._hashed_digest()
-        store = self._svc._store()
         if not self._chunks and self._buffered <= self._svc.min_chunk_size:
             # One chunk (or the empty blob): the blob is its own chunk, no index.
             data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)

@@ -8,7 +8,15 @@ lookups of unknown names are :class:`LookupError` as well where that fits.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Union
+
 __all__ = [
+    "ErrorTable",
+    "describe",
+    "first_line",
+    "map_errors",
     "CastoreError",
     "ConfigError",
     "UnknownTypeError",
@@ -203,3 +211,51 @@ class UnsupportedFileTypeError(StorageError):
         self.path = path
         self.file_type = file_type
         super().__init__(f"unsupported file type at {path}: {file_type}")
+
+
+# --- translation at the edges -------------------------------------------------------------
+
+ErrorTable = Mapping[
+    Union[type[BaseException], tuple[type[BaseException], ...]],
+    Union[type["CastoreError"], Callable[[BaseException], BaseException]],
+]
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@contextmanager
+def map_errors(table: ErrorTable, context: str = "") -> Iterator[None]:
+    """Turn library exceptions into ours at an edge: ``map_errors({lmdb.Error: StorageError})``.
+
+    The first matching row wins. A row's value is one of our exception classes (built with
+    ``"<context>: <the library's first line>"``) or a function from the library exception
+    to ours. The library exception is chained as ``__cause__``. Our own exceptions passing
+    through keep their class and rule ``code``; ``context`` is added to them as an exception
+    note (shown by :func:`describe`) instead of re-wrapping them. Anything else propagates.
+    """
+    try:
+        yield
+    except CastoreError as e:
+        if context:
+            e.add_note(context)
+        raise
+    except BaseException as e:
+        for library, ours in table.items():
+            if isinstance(e, library):
+                if isinstance(ours, type):
+                    text = first_line(e)
+                    raise ours(f"{context}: {text}" if context else text) from e
+                raise ours(e) from e
+        raise
+
+
+def describe(e: BaseException) -> str:
+    """``str(e)`` with the context notes :func:`map_errors` added, outermost first."""
+    text = str(e) or type(e).__name__
+    for note in getattr(e, "__notes__", ()):
+        text = f"{note}: {text}"
+    return text

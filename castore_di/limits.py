@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import attrs
 
-from castore_di.errors import CastoreError, ConfigError
+from castore_di.composition.fields import positive
+from castore_di.errors import CastoreError
 
 __all__ = ["LimitExceeded", "ServerLimits", "Slot", "StreamGate", "idle_bounded"]
-
-
-def _positive(_inst: object, attribute: "attrs.Attribute[Any]", value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{attribute.name} must be positive, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -43,13 +39,13 @@ class ServerLimits:
         max_depth: nesting depth of a closure sent in one Directory Put (``--max-depth``).
     """
 
-    idle_timeout: float = attrs.field(default=60.0, validator=_positive)
-    max_streams: int = attrs.field(default=256, validator=_positive)
-    max_message_size: int = attrs.field(default=4 << 20, validator=_positive)
-    max_blob_size: int = attrs.field(default=64 << 30, validator=_positive)
-    max_put_directories: int = attrs.field(default=1_000_000, validator=_positive)
-    max_put_directory_bytes: int = attrs.field(default=256 << 20, validator=_positive)
-    max_depth: int = attrs.field(default=1000, validator=_positive)
+    idle_timeout: float = attrs.field(default=60.0, validator=positive)
+    max_streams: int = attrs.field(default=256, validator=positive)
+    max_message_size: int = attrs.field(default=4 << 20, validator=positive)
+    max_blob_size: int = attrs.field(default=64 << 30, validator=positive)
+    max_put_directories: int = attrs.field(default=1_000_000, validator=positive)
+    max_put_directory_bytes: int = attrs.field(default=256 << 20, validator=positive)
+    max_depth: int = attrs.field(default=1000, validator=positive)
 
 
 class LimitExceeded(CastoreError):

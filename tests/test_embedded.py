@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 from pathlib import Path
@@ -16,7 +17,7 @@ from castore_di.blobservice.embedded import EmbeddedBlobService, EmbeddedBlobSer
 from castore_di.digests import blake3_digest
 from castore_di.directoryservice.embedded import EmbeddedDirectoryService, EmbeddedDirectoryServiceConfig
 from castore_di._embedded import StoreOptions
-from castore_di._embedded.env import _open
+from castore_di._embedded import open_environments
 from castore_di.blobservice.embedded import BATCH_BYTES
 from castore_di.errors import ClosedError, ConfigError, IntegrityError, StorageError
 from castore_di.nodes import Directory, FileNode
@@ -130,13 +131,13 @@ async def test_both_kinds_share_one_environment(tmp_path: Path) -> None:
     digest = await blobs.put(b"shared")
     root = await dirs.put_closure(CLOSURE_D)
     assert blobs._store().env is dirs._store().env
-    assert len([k for k in _open if k == os.path.realpath(tmp_path)]) == 1
+    assert open_environments()[os.path.realpath(tmp_path)] == 2  # one environment, two users
     await blobs.close()
     assert await dirs.get(root) == DIRECTORY_D  # still open for the other service
     with pytest.raises(ClosedError):
         await blobs.has(digest)
     await container.aclose()
-    assert os.path.realpath(tmp_path) not in _open
+    assert os.path.realpath(tmp_path) not in open_environments()
     # Reopened later: everything is still there.
     again = load_container(_config(tmp_path))
     assert await again.blob_service("default").read_bytes(digest) == b"shared"
@@ -344,3 +345,104 @@ async def test_durability_full_round_trip(tmp_path: Path) -> None:
     again = EmbeddedBlobService(str(tmp_path))
     assert await again.read_bytes(digest) == b"synced"
     await again.close()
+
+
+# --- sharing across threads and tasks -----------------------------------------------------
+
+
+def test_many_threads_open_write_and_close_one_store(tmp_path: Path) -> None:
+    """50 threads, each with its own container and event loop on one path, 4 rounds: open,
+    write, close race freely; the environment is opened and closed by reference count."""
+    import threading
+
+    errors: list[BaseException] = []
+    digests: set[str] = set()
+    lock = threading.Lock()
+
+    def worker(n: int, round_: int) -> None:
+        async def run() -> None:
+            container = load_container(_config(tmp_path))
+            try:
+                digest = await container.blob_service("default").put(f"thread {n} round {round_}".encode())
+                await container.directory_service("default").put(Directory({b"f": FileNode(digest, 1)}))
+            finally:
+                await container.aclose()
+            with lock:
+                digests.add(digest.hex())
+
+        try:
+            asyncio.run(run())
+        except BaseException as e:  # reported below, with the thread's number
+            with lock:
+                errors.append(e)
+
+    for round_ in range(4):
+        threads = [threading.Thread(target=worker, args=(n, round_)) for n in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert os.path.realpath(tmp_path) not in open_environments()
+    assert len(digests) == 200
+    assert fsck(str(tmp_path)).ok
+
+
+async def test_many_tasks_share_one_store(tmp_path: Path) -> None:
+    """Tasks of one loop building, using and closing containers on one path concurrently."""
+
+    async def one(n: int) -> str:
+        container = load_container(_config(tmp_path))
+        try:
+            return (await container.blob_service("default").put(f"task {n}".encode())).hex()
+        finally:
+            await container.aclose()
+
+    for _ in range(3):
+        assert len(set(await asyncio.gather(*(one(n) for n in range(50))))) == 50
+        assert os.path.realpath(tmp_path) not in open_environments()
+
+
+# --- the writer thread ------------------------------------------------------------------------
+
+
+async def test_queued_writes_are_group_committed_and_a_failing_one_rolls_back_alone(tmp_path: Path) -> None:
+    import threading
+
+    from castore_di._embedded import acquire_async, release_async
+
+    env = await acquire_async(str(tmp_path))
+    db = env.db(b"test")
+    gate, entered = threading.Event(), threading.Event()
+
+    def first(txn: Any) -> str:
+        entered.set()
+        gate.wait()  # keeps the writer thread busy while the others queue up
+        txn.put(b"first", b"1", db=db)
+        return "first"
+
+    def put(n: int) -> Any:
+        def op(txn: Any) -> int:
+            txn.put(b"key%d" % n, b"v", db=db)
+            if n == 7:
+                raise ValueError("op 7 fails")
+            return n
+
+        return op
+
+    commits = env.writer.commits
+    blocked = asyncio.ensure_future(env.transact(first))
+    await asyncio.to_thread(entered.wait)  # the writer thread is inside the first operation
+    queued = [asyncio.ensure_future(env.transact(put(n))) for n in range(20)]
+    while len(env.writer._queue) < 20:  # all queued behind the first
+        await asyncio.sleep(0.01)
+    gate.set()
+    results = await asyncio.gather(*queued, return_exceptions=True)
+    assert await blocked == "first"
+    assert [r for r in results if not isinstance(r, BaseException)] == [n for n in range(20) if n != 7]
+    assert isinstance(results[7], ValueError)
+    assert env.writer.commits - commits == 2  # the first, then the 20 queued ones together
+    with env.read() as txn:
+        assert txn.get(b"key7", db=db) is None
+        assert all(txn.get(b"key%d" % n, db=db) is not None for n in range(20) if n != 7)
+    await release_async(env)

@@ -5,8 +5,9 @@ It offers named databases, read and write transactions, syncs, writer leases
 share and their URLs (:mod:`.config`), and per-process sharing (:mod:`.env`). The record
 formats, checks and garbage collection belong to the kinds:
 :mod:`castore_di.blobservice.embedded` (chunks, chunk indexes, loose chunks, gc) and
-:mod:`castore_di.directoryservice.embedded` (directories). The environment lives under
-``<path>/`` (``data.mdb`` + ``lock.mdb``; writer lock files under ``writers/``).
+:mod:`castore_di.directoryservice.embedded` (directories, named roots). The environment lives
+under ``<path>/`` (``data.mdb`` + ``lock.mdb``; writer lock files under ``writers/``;
+``users.lock`` and ``prune.lock``, through which ``castore prune`` takes the store for itself).
 
 Why LMDB (measured on this machine, 10,000 random 1-16 KiB values, one transaction per value
 holding a chunk existence check, a chunk put and an index put, as a blob close does):
@@ -47,9 +48,11 @@ a loaded 2-CPU machine): 15,600 files/s with the defaults against 11,400 for ``r
 backup`` and 4,200 for ``git hash-object -w``; ``durability="full"`` 1,300 files/s. Values
 occupy whole LMDB pages, so the store takes about 1.22x the data's size (git 1.23x).
 
-Several processes may use one data directory at once: readers never block, and write
-transactions are serialized by LMDB's lock, each short (no transaction spans an ``await``),
-so a second writer waits for one transaction at most. (A writer process stopped inside a
+Writes go through one writer thread per environment (:mod:`.writer`: group commit; waiting
+for LMDB's write lock, committing and fsyncing never happen on an event loop). Several
+processes may use one data directory at once: readers never block, and write transactions
+are serialized by LMDB's lock, each short (no transaction spans an ``await``), so a second
+writer waits for one transaction at most. (A writer process stopped inside a
 transaction, e.g. by SIGSTOP, blocks the others until it resumes or dies; LMDB's lock is
 released by death.) Within a process the environment is shared per path (LMDB must not be
 opened twice in one process) and reference counted. An environment must not be used across
@@ -62,11 +65,20 @@ from castore_di._embedded.config import (
     Durability,
     EmbeddedStoreFields,
     StoreOptions,
+    config_from_url,
     default_data_dir,
     parse_embedded_url,
-    url_fields,
 )
-from castore_di._embedded.env import Environment, acquire, compact, release
+from castore_di._embedded.env import (
+    Environment,
+    Handle,
+    acquire,
+    acquire_async,
+    compact,
+    open_environments,
+    release,
+    release_async,
+)
 from castore_di._embedded.lease import WriterLease
 
 __all__ = [
@@ -76,13 +88,17 @@ __all__ = [
     "Durability",
     "EmbeddedStoreFields",
     "Environment",
+    "Handle",
     "StoreOptions",
     "WriterLease",
     "acquire",
+    "acquire_async",
     "codec",
     "compact",
+    "config_from_url",
     "default_data_dir",
     "parse_embedded_url",
+    "open_environments",
     "release",
-    "url_fields",
+    "release_async",
 ]

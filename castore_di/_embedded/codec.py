@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Literal
 
-from castore_di.errors import IntegrityError, MissingDependencyError
+from castore_di.errors import IntegrityError, MissingDependencyError, map_errors
 
 __all__ = ["Codec", "Compression", "codec"]
 
@@ -32,6 +32,7 @@ class Codec:
             raise MissingDependencyError("the embedded store needs 'zstandard' (pip install castore_di)") from e
         self._c = zstandard.ZstdCompressor(level=1)
         self._d = zstandard.ZstdDecompressor()
+        self._error: type[Exception] = zstandard.ZstdError
 
     def encode(self, data: bytes, compression: Compression) -> bytes:
         if compression == "auto" and len(data) >= _COMPRESS_MIN:
@@ -48,11 +49,9 @@ class Codec:
         if tag == _TAG_RAW:
             return bytes(value[1:])
         if tag == _TAG_ZSTD:
-            try:
+            with map_errors({self._error: IntegrityError}, f"{what}: stored bytes do not decompress"):
                 out: bytes = self._d.decompress(value[1:])
-                return out
-            except Exception as e:  # zstandard.ZstdError
-                raise IntegrityError(f"{what}: stored bytes do not decompress: {e}") from e
+            return out
         raise IntegrityError(f"{what}: unknown storage tag {tag}")
 
 

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from typing import Any, Literal
+from typing import Literal, TypeVar
 
 import attrs
 
 from castore_di._embedded.codec import Compression
+from castore_di.composition.fields import (
+    config_from_url_fields,
+    non_blank,
+    non_negative,
+    one_of,
+    parse_query,
+    positive,
+    query_fields,
+)
 from castore_di.errors import ConfigError
 
 __all__ = [
@@ -18,11 +27,12 @@ __all__ = [
     "EmbeddedStoreFields",
     "StoreOptions",
     "default_data_dir",
+    "config_from_url",
     "parse_embedded_url",
-    "url_fields",
 ]
 
 Durability = Literal["process", "full"]
+C = TypeVar("C", bound=attrs.AttrsInstance)
 
 DEFAULT_MAP_SIZE = 1 << 40  # address space reserved for the map; the file grows as needed
 
@@ -55,55 +65,28 @@ def parse_embedded_url(url: str) -> tuple[str | None, dict[str, str]]:
         )
     if parts.fragment:
         raise ConfigError(f"invalid url {url!r}: no fragment allowed")
-    query: dict[str, str] = {}
-    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-        if key in query:
-            raise ConfigError(f"invalid url {url!r}: query parameter {key!r} given twice")
-        query[key] = value
+    query = parse_query(url, parts.query)
     path = urllib.parse.unquote(parts.path)
     if path in ("", "/"):
         return None, query
     return path, query
 
 
-def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{attribute.name} must be positive, got {value!r}")
-
-
-def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value < 0:
-        raise ConfigError(f"{attribute.name} must not be negative, got {value!r}")
-
-
-def _one_of(*choices: str) -> Any:
-    def check(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
-        if value not in choices:
-            raise ConfigError(f"{attribute.name} must be one of {', '.join(choices)}, got {value!r}")
-
-    return check
-
-
-def _path_field(_inst: object, _attribute: attrs.Attribute[Any], value: str | None) -> None:
-    if value is not None and not value.strip():
-        raise ConfigError("path must not be empty (omit it for the default data directory)")
-
-
 @attrs.frozen(kw_only=True)
 class EmbeddedStoreFields:
     """Config fields of both ``embedded`` kinds (they may share one data directory)."""
 
-    path: str | None = attrs.field(default=None, validator=_path_field)
+    path: str | None = attrs.field(default=None, validator=non_blank)
     """Data directory; default ``$XDG_DATA_HOME/castore`` (platformdirs ``user_data_dir``)."""
-    map_size: int = attrs.field(default=DEFAULT_MAP_SIZE, validator=_positive)
+    map_size: int = attrs.field(default=DEFAULT_MAP_SIZE, validator=positive)
     """Largest size the LMDB map may grow to, in bytes (reserved address space, not disk)."""
-    durability: Durability = attrs.field(default="process", validator=_one_of("process", "full"))
+    durability: Durability = attrs.field(default="process", validator=one_of("process", "full"))
     """``process``: commit per close, fsync every ``sync_interval`` s; ``full``: fsync per commit."""
-    sync_interval: float = attrs.field(default=1.0, validator=_non_negative)
+    sync_interval: float = attrs.field(default=1.0, validator=non_negative)
     """Seconds between fsyncs with ``durability: process``."""
-    max_readers: int = attrs.field(default=126, validator=_positive)
+    max_readers: int = attrs.field(default=126, validator=positive)
     """Concurrent read transactions across all processes (LMDB's reader table)."""
-    compression: Compression = attrs.field(default="auto", validator=_one_of("auto", "none"))
+    compression: Compression = attrs.field(default="auto", validator=one_of("auto", "none"))
     """``auto``: zstd when it saves at least 1/8; ``none``: store raw."""
 
     def store_options(self) -> StoreOptions:
@@ -119,29 +102,13 @@ class EmbeddedStoreFields:
         return os.path.abspath(os.path.expanduser(self.path if self.path is not None else default_data_dir()))
 
 
-_QUERY_TYPES: dict[str, type] = {
-    "map_size": int,
-    "durability": str,
-    "sync_interval": float,
-    "max_readers": int,
-    "compression": str,
-    "avg_chunk_size": int,
-    "max_bytes": int,
-}
+def config_from_url(cls: type[C], url: str) -> C:
+    """A config of an ``embedded`` kind from ``embedded://`` or ``embedded:///abs/path?field=value…``.
 
-
-def url_fields(url: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """Config fields from an ``embedded://`` URL (path plus query parameters in ``allowed``)."""
+    Every field but ``path`` may be given as a query parameter.
+    """
     path, query = parse_embedded_url(url)
-    fields: dict[str, Any] = {}
+    fields = query_fields(cls, url, query, [f.name for f in attrs.fields(cls) if f.name != "path"])
     if path is not None:
         fields["path"] = path
-    for key, text in query.items():
-        if key not in allowed:
-            raise ConfigError(f"invalid url {url!r}: unknown query parameter {key!r} (known: {', '.join(allowed)})")
-        kind = _QUERY_TYPES[key]
-        try:
-            fields[key] = kind(text)
-        except ValueError as e:
-            raise ConfigError(f"invalid url {url!r}: {key}={text!r} is not a valid {kind.__name__}") from e
-    return fields
+    return config_from_url_fields(cls, url, fields)

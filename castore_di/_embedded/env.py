@@ -1,28 +1,58 @@
-"""One open LMDB environment per data directory, shared in the process by reference count."""
+"""One open LMDB environment per data directory, shared in the process by reference count.
+
+The async rule (also in the README's Development section): nothing that can block on disk,
+locks or the network runs on the event loop. Here that means: write transactions and syncs
+go through the environment's writer thread (:meth:`Environment.transact`, group commit);
+opening and closing (which syncs) run in a worker thread (:func:`open_async`,
+:func:`release_async`); read transactions stay inline, as an LMDB read never waits for a
+writer or a lock and takes microseconds.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from castore_di._embedded.config import StoreOptions
 from castore_di._embedded.lease import WriterLease, lease_alive, lease_file, remove_dead_lease_files
-from castore_di.errors import ClosedError, ConfigError, LockedError, MissingDependencyError, StorageError
+from castore_di._embedded.writer import Writer
+from castore_di.errors import (
+    ClosedError,
+    ConfigError,
+    ErrorTable,
+    LockedError,
+    MissingDependencyError,
+    StorageError,
+    map_errors,
+)
 
 if TYPE_CHECKING:
     import lmdb
 
-__all__ = ["Environment", "acquire", "compact", "release"]
+__all__ = [
+    "Environment",
+    "Handle",
+    "acquire",
+    "acquire_async",
+    "compact",
+    "open_environments",
+    "release",
+    "release_async",
+]
+
+T = TypeVar("T")
 
 _MAX_DBS = 8
 _LOW_SPACE = 64 << 20  # an I/O error with less free space than this is taken for a full disk
 _USERS_LOCK = "users.lock"  # every process with the environment open holds a shared flock
+_SWEEP_BATCH = 4096  # keys examined per sweep write transaction (keeps each one short)
 
 
 def _import_lmdb() -> Any:
@@ -50,24 +80,35 @@ class Environment:
         self._sync_lock = threading.Lock()
         self._dbs: dict[bytes, Any] = {}
         self._dbs_lock = threading.Lock()
+        self._table: ErrorTable = {self._lmdb.MapFullError: self._full, self._lmdb.Error: StorageError}
+        # Commits and syncs: a full disk is named as such (see _write_error).
+        self._write_table: ErrorTable = {self._lmdb.MapFullError: self._full, self._lmdb.Error: self._write_error}
+        self.writer = Writer(self)
         full = options.durability == "full"
         self._users = _hold_users_lock(path)
+        self._exclusive_lock = threading.Lock()
+        self._exclusive_depth = 0
+        self._prune_fd: int | None = None
         try:
+            self._open_env(path, full)
+        except BaseException:
+            self._users.close()
+            raise
+
+    def _open_env(self, path: str, full: bool) -> None:
+        with map_errors({(self._lmdb.Error, OSError): StorageError}, f"cannot open embedded store at {path}"):
             os.makedirs(path, exist_ok=True)
             self.env: lmdb.Environment = self._lmdb.open(
                 path,
-                map_size=options.map_size,
+                map_size=self.options.map_size,
                 max_dbs=_MAX_DBS,
-                max_readers=options.max_readers,
+                max_readers=self.options.max_readers,
                 subdir=True,
                 sync=full,
                 metasync=full,
                 readahead=False,
                 lock=True,
             )
-        except (self._lmdb.Error, OSError) as e:
-            self._users.close()
-            raise StorageError(f"cannot open embedded store at {path}: {e}") from e
 
     def db(self, name: bytes) -> Any:
         """The named database (``lmdb._Database``), created on first use."""
@@ -75,11 +116,16 @@ class Environment:
         with self._dbs_lock:
             found = self._dbs.get(name)
             if found is None:
-                try:
+                with self.lmdb_errors(f"cannot open database {name!r}"):
                     found = self._dbs[name] = self.env.open_db(name)
-                except self._lmdb.Error as e:
-                    raise StorageError(f"embedded store {self.path}: cannot open database {name!r}: {e}") from e
             return found
+
+    def lmdb_errors(self, doing: str = "") -> Any:
+        """``map_errors`` for LMDB calls on this environment."""
+        return map_errors(self._table, f"embedded store {self.path}" + (f": {doing}" if doing else ""))
+
+    def _full(self, _e: BaseException) -> StorageError:
+        return StorageError(f"embedded store {self.path} is full (map_size={self.options.map_size}); raise map_size")
 
     # -- transactions ----------------------------------------------------------------
 
@@ -87,28 +133,30 @@ class Environment:
     def read(self) -> Iterator[lmdb.Transaction]:
         """A read transaction whose ``get`` returns zero-copy buffers (copy before it ends)."""
         self._check_open()
-        try:
-            with self.env.begin(buffers=True) as txn:
-                yield txn
-        except self._lmdb.Error as e:
-            raise StorageError(f"embedded store {self.path}: {e}") from e
+        with self.lmdb_errors(), self.env.begin(buffers=True) as txn:
+            yield txn
+
+    async def transact(self, op: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``op`` in a write transaction on the writer thread; its result once committed."""
+        self._check_open()
+        return await self.writer.submit(op)
+
+    def transact_blocking(self, op: Callable[[lmdb.Transaction], T]) -> T:
+        """:meth:`transact` from a thread that is not an event loop's (e.g. ``gc`` in a worker)."""
+        self._check_open()
+        return self.writer.run(op)
 
     @contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:
-        """A write transaction; commits on success, then syncs as ``durability`` asks."""
+        """A write transaction in the calling thread; commits on success, then syncs as
+        ``durability`` asks. Blocks: the writer thread and tests use it, services use
+        :meth:`transact`."""
         self._check_open()
-        try:
-            with self.env.begin(write=True, buffers=True) as txn:
-                yield txn
-        except self._lmdb.MapFullError as e:
-            raise StorageError(
-                f"embedded store {self.path} is full (map_size={self.options.map_size}); raise map_size"
-            ) from e
-        except self._lmdb.Error as e:
-            raise self._write_error(e) from e
+        with map_errors(self._write_table), self.env.begin(write=True, buffers=True) as txn:
+            yield txn
         self._after_commit()
 
-    def _write_error(self, e: Exception) -> StorageError:
+    def _write_error(self, e: BaseException) -> StorageError:
         """A failed commit or sync; a full disk says so (LMDB reports a short write as EIO)."""
         text = str(e)
         full = "No space left" in text
@@ -136,25 +184,107 @@ class Environment:
             self._last_sync = time.monotonic()
             self._dirty = False
             if not self._closed:
-                try:
+                with map_errors(self._write_table, "sync failed"):
                     self.env.sync(True)
-                except self._lmdb.Error as e:
-                    raise self._write_error(e) from e
 
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError(f"embedded store {self.path} is closed")
 
     def close(self) -> None:
+        """Apply queued writes, sync, close (blocking; :func:`release_async` runs it in a thread)."""
         if self._closed:
             return
         try:
+            self.writer.stop()
             if self._dirty:  # a read-only session (castore ls, cat) does not wait for an fsync
                 self.sync()
         finally:
             self._closed = True
             self.env.close()
             self._users.close()
+
+    # -- exclusive use (castore prune) -----------------------------------------------
+
+    def enter_exclusive(self, wait: float | None = None) -> None:
+        """Take the store for this process alone (blocking: call it in a thread).
+
+        Takes ``<path>/prune.lock`` (one prune at a time), then converts this process's shared
+        ``users.lock`` to exclusive, polling (so it never queues behind itself) until the
+        other processes have closed the store, for ``wait`` seconds at most
+        (:class:`LockedError` then). Re-entrant: both services of one path take it.
+        """
+        self._check_open()
+        with self._exclusive_lock:
+            if self._exclusive_depth:
+                self._exclusive_depth += 1
+                return
+            fd = os.open(os.path.join(self.path, "prune.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise StorageError(f"embedded store {self.path}: another prune is running") from None
+            deadline = None if wait is None else time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(self._users.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        fcntl.flock(self._users.fileno(), fcntl.LOCK_SH)
+                        os.close(fd)
+                        raise LockedError(
+                            f"embedded store {self.path} is in use by other processes (an import, a server, "
+                            "a mount); prune needs it alone"
+                        ) from None
+                    time.sleep(0.05)
+            self._prune_fd = fd
+            self._exclusive_depth = 1
+
+    def leave_exclusive(self) -> None:
+        """Give the store back to the other processes (the shared ``users.lock`` again)."""
+        with self._exclusive_lock:
+            if self._exclusive_depth > 1:
+                self._exclusive_depth -= 1
+                return
+            self._exclusive_depth = 0
+            if not self._users.closed:
+                fcntl.flock(self._users.fileno(), fcntl.LOCK_SH)
+            if self._prune_fd is not None:
+                os.close(self._prune_fd)
+                self._prune_fd = None
+
+    def sweep(self, db: Any, keep: set[bytes], *, dry_run: bool, also: tuple[Any, ...] = ()) -> tuple[int, int]:
+        """Delete every key of ``db`` not in ``keep`` (and the same keys of ``also``); ``(keys, stored bytes)``.
+
+        Works in write transactions of at most ``_SWEEP_BATCH`` keys. Only for use under
+        :meth:`enter_exclusive`.
+        """
+        count = size = 0
+        after: bytes | None = None
+        while True:
+            with self.read() if dry_run else self.write() as txn:
+                cursor = txn.cursor(db=db)
+                found = cursor.first() if after is None else cursor.set_range(after)
+                batch: list[tuple[bytes, int]] = []
+                scanned: bytes | None = None
+                while found and len(batch) < _SWEEP_BATCH:
+                    key = bytes(cursor.key())
+                    scanned = key
+                    if key != after and key not in keep:
+                        batch.append((key, len(cursor.value())))
+                    found = cursor.next()
+                for key, stored in batch:
+                    count += 1
+                    size += stored
+                    if not dry_run:
+                        txn.delete(key, db=db)
+                        for other in also:
+                            txn.delete(key, db=other)
+            if not found or scanned is None:
+                return count, size
+            after = scanned
 
     # -- writer leases ---------------------------------------------------------------
 
@@ -180,8 +310,9 @@ class Environment:
 def _hold_users_lock(path: str) -> Any:
     """A shared ``flock`` on ``<path>/users.lock`` for as long as the environment is open.
 
-    :func:`compact` takes it exclusively, so it knows no other process has the store open,
-    and an opener meanwhile is refused instead of reading a file being swapped.
+    :func:`compact` and a prune (:meth:`Environment.enter_exclusive`) take it exclusively, so
+    they know no other process has the store open, and an opener meanwhile is refused
+    instead of reading a file being swapped or records being deleted.
     """
     try:
         os.makedirs(path, exist_ok=True)
@@ -193,7 +324,8 @@ def _hold_users_lock(path: str) -> Any:
     except BlockingIOError:
         users.close()
         raise LockedError(
-            f"embedded store {path} is being compacted by another process (castore gc --compact); try again"
+            f"embedded store {path} is held exclusively by another process "
+            "(castore gc --compact or castore prune); try again when it is done"
         ) from None
     return users
 
@@ -219,7 +351,9 @@ def compact(path: str, options: StoreOptions | None = None) -> tuple[int, int]:
     lmdb = _import_lmdb()
     key = _key(os.path.abspath(os.path.expanduser(path)))
     with _registry_lock:
-        if key in _open:
+        entry = _entries.setdefault(key, _Entry())
+    with entry.lock:  # nothing in this process opens the path meanwhile
+        if entry.env is not None:
             raise LockedError(f"embedded store {key} is open in this process; close its services first")
         try:
             users = open(os.path.join(key, _USERS_LOCK), "a+b")  # noqa: SIM115
@@ -264,9 +398,24 @@ def compact(path: str, options: StoreOptions | None = None) -> tuple[int, int]:
 
 
 # --- per-process sharing ----------------------------------------------------------------
+#
+# LMDB must not open one environment twice in a process, so every service on a path shares one
+# Environment, counted by references. Each path has its own lock, held while the environment
+# opens or closes, so a thread that acquires a path while its last user closes it waits for the
+# close to finish and then opens it afresh (never "already open"); other paths are not held up.
+
+
+class _Entry:
+    __slots__ = ("lock", "env", "refs")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.env: Environment | None = None
+        self.refs = 0
+
 
 _registry_lock = threading.Lock()
-_open: dict[str, tuple[Environment, int]] = {}
+_entries: dict[str, _Entry] = {}
 
 
 def _key(path: str) -> str:
@@ -274,41 +423,124 @@ def _key(path: str) -> str:
     return os.path.realpath(path)
 
 
+def open_environments() -> dict[str, int]:
+    """``{path: references}`` of the environments open in this process (for tests)."""
+    with _registry_lock:
+        entries = list(_entries.items())
+    return {key: entry.refs for key, entry in entries if entry.env is not None}
+
+
 def acquire(path: str, options: StoreOptions | None = None) -> Environment:
     """The process's environment for ``path``, opened on first use; pair with :func:`release`.
 
-    ``options=None`` takes the environment as already open (or the defaults).
+    ``options=None`` takes the environment as already open (or the defaults). Blocks (it may
+    create the directory, open files, wait for a concurrent close): from async code use
+    :func:`acquire_async`.
     """
-    try:
+    with map_errors({OSError: StorageError}, f"cannot create embedded store directory {path}"):
         key = _key(os.path.abspath(os.path.expanduser(path)))
-    except OSError as e:
-        raise StorageError(f"cannot create embedded store directory {path}: {e}") from e
     with _registry_lock:
-        entry = _open.get(key)
-        if entry is not None:
-            env, refs = entry
+        entry = _entries.setdefault(key, _Entry())
+    with entry.lock:
+        env = entry.env
+        if env is not None:
             if options is not None and env.options != options:
                 raise ConfigError(
                     f"embedded store {key} is already open in this process with {env.options}; "
                     f"every service on one path must use the same map_size/durability/sync_interval/max_readers "
                     f"(got {options})"
                 )
-            _open[key] = (env, refs + 1)
-            return env
-        env = Environment(key, options or StoreOptions())
-        _open[key] = (env, 1)
+        else:
+            env = entry.env = Environment(key, options or StoreOptions())
+        entry.refs += 1
         return env
 
 
 def release(env: Environment) -> None:
-    """Give back an environment from :func:`acquire`; the last release syncs and closes it."""
+    """Give back an environment from :func:`acquire`; the last release syncs and closes it.
+
+    Blocks (the close syncs): from async code use :func:`release_async`.
+    """
     with _registry_lock:
-        entry = _open.get(env.path)
-        if entry is None or entry[0] is not env:
+        entry = _entries.get(env.path)
+    if entry is None:
+        return
+    with entry.lock:
+        if entry.env is not env:
             return
-        refs = entry[1] - 1
-        if refs > 0:
-            _open[env.path] = (env, refs)
+        entry.refs -= 1
+        if entry.refs > 0:
             return
-        del _open[env.path]
-    env.close()
+        entry.env = None
+        env.close()
+
+
+async def acquire_async(path: str, options: StoreOptions | None = None) -> Environment:
+    """:func:`acquire` in a worker thread."""
+    return await asyncio.to_thread(acquire, path, options)
+
+
+async def release_async(env: Environment) -> None:
+    """:func:`release` in a worker thread. Shielded: a cancelled caller still gives it back."""
+    await asyncio.shield(asyncio.to_thread(release, env))
+
+
+R = TypeVar("R")
+
+
+class Handle(Generic[R]):
+    """A service's share of its path's environment, with the service's records ``make(env)``.
+
+    Opened on first use (in a worker thread from :meth:`get`), given back by :meth:`close`.
+    Safe to use from several threads and tasks at once.
+    """
+
+    def __init__(self, path: str, options: StoreOptions, make: Callable[[Environment], R], what: str) -> None:
+        self.path = path
+        self.options = options
+        self._make = make
+        self._what = what
+        self._lock = threading.Lock()
+        self._records: R | None = None
+        self._env: Environment | None = None
+        self._closed = False
+
+    def get_blocking(self) -> R:
+        """The records, opening the environment if needed (blocks)."""
+        records = self._records
+        if records is not None:
+            return records
+        with self._lock:
+            if self._closed:
+                raise ClosedError(f"{self._what} is closed")
+            if self._records is None:
+                env = acquire(self.path, self.options)
+                try:
+                    self._records = self._make(env)
+                except BaseException:
+                    release(env)
+                    raise
+                self._env = env
+            return self._records
+
+    async def get(self) -> R:
+        """The records; the first call opens the environment in a worker thread."""
+        records = self._records
+        if records is not None:
+            return records
+        return await asyncio.to_thread(self.get_blocking)
+
+    async def let_go(self) -> None:
+        """Give the environment back now; the next use opens it again."""
+        with self._lock:
+            env, self._env, self._records = self._env, None, None
+        if env is not None:
+            await release_async(env)
+
+    async def close(self) -> None:
+        """Give the environment back (the last user's close syncs, in a worker thread). Idempotent."""
+        with self._lock:
+            self._closed = True
+            env, self._env, self._records = self._env, None, None
+        if env is not None:
+            await release_async(env)

@@ -11,7 +11,7 @@ import fcntl
 import os
 from typing import Any
 
-from castore_di.errors import StorageError
+from castore_di.errors import StorageError, map_errors
 
 __all__ = ["TOKEN_LEN", "WriterLease", "lease_alive", "lease_file", "remove_dead_lease_files"]
 
@@ -66,13 +66,11 @@ class WriterLease:
         directory = os.path.join(path, "writers")
         final = lease_file(path, self.token)
         temp = os.path.join(directory, f".{self.token.hex()}.tmp")
-        try:
+        with map_errors({OSError: StorageError}, f"embedded store {path}: cannot register a writer"):
             os.makedirs(directory, exist_ok=True)
             self._file: Any = open(temp, "wb")  # noqa: SIM115 - held for the lease's life
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(temp, final)  # visible only once locked
-        except OSError as e:
-            raise StorageError(f"embedded store {path}: cannot register a writer: {e}") from e
         self._name: str | None = final
 
     def release(self) -> None:

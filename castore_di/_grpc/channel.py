@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import attrs
 
 from castore_di._grpc.wire import MAX_MESSAGE_SIZE, error_from_status
+from castore_di.composition.fields import non_negative, parse_query, positive_or_none
 from castore_di.errors import CastoreError, ClosedError, ConfigError, MissingDependencyError, StorageError
 
 if TYPE_CHECKING:
@@ -73,19 +74,16 @@ def parse_grpc_url(url: str) -> ChannelTarget:
     """Check a ``grpc+…`` URL against the reference's rules; raises :class:`ConfigError`."""
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme
-    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
-    wait = query.pop("wait-connect", ["0"])
-    token_files = query.pop("token_file", None)
+    query = parse_query(url, parts.query)  # a key given twice is refused
+    wait = query.pop("wait-connect", "0")
+    token_file = query.pop("token_file", None)
     if query:
         raise ConfigError(f"invalid url {url!r}: unknown query parameter(s) {', '.join(sorted(query))}")
-    if len(wait) != 1 or wait[0] not in ("0", "1"):
+    if wait not in ("0", "1"):
         raise ConfigError(f"invalid url {url!r}: wait-connect must be 0 or 1")
-    wait_connect = wait[0] == "1"
-    token_file: str | None = None
-    if token_files is not None:
-        if len(token_files) != 1 or not token_files[0]:
-            raise ConfigError(f"invalid url {url!r}: token_file takes one path")
-        token_file = token_files[0]
+    wait_connect = wait == "1"
+    if token_file is not None and not token_file:
+        raise ConfigError(f"invalid url {url!r}: token_file takes one path")
     if scheme == "grpc+unix":
         if parts.netloc:
             raise ConfigError(f"invalid url {url!r}: host may not be set for unix domain sockets")
@@ -110,16 +108,6 @@ def parse_grpc_url(url: str) -> ChannelTarget:
         port = 443 if inner == "https" else 80
     shown_host = f"[{host}]" if ":" in host else host
     return ChannelTarget(url, f"{shown_host}:{port}", inner == "https", wait_connect, token_file)
-
-
-def _positive_or_none(_inst: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None and value <= 0:
-        raise ConfigError(f"{attribute.name} must be positive or null, got {value!r}")
-
-
-def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value < 0:
-        raise ConfigError(f"{attribute.name} must not be negative, got {value!r}")
 
 
 def _check_url(_inst: object, _attribute: attrs.Attribute[Any], value: str) -> None:
@@ -155,12 +143,12 @@ class GrpcClientConfig:
     cert_file: str | None = None
     key_file: str | None = None
     token_file: str | None = None
-    timeout: float | None = attrs.field(default=30.0, validator=_positive_or_none)
-    stream_timeout: float | None = attrs.field(default=None, validator=_positive_or_none)
-    connect_timeout: float = attrs.field(default=10.0, validator=_non_negative)
-    retries: int = attrs.field(default=5, validator=_non_negative)
-    retry_backoff: float = attrs.field(default=0.1, validator=_non_negative)
-    retry_backoff_max: float = attrs.field(default=2.0, validator=_non_negative)
+    timeout: float | None = attrs.field(default=30.0, validator=positive_or_none)
+    stream_timeout: float | None = attrs.field(default=None, validator=positive_or_none)
+    connect_timeout: float = attrs.field(default=10.0, validator=non_negative)
+    retries: int = attrs.field(default=5, validator=non_negative)
+    retry_backoff: float = attrs.field(default=0.1, validator=non_negative)
+    retry_backoff_max: float = attrs.field(default=2.0, validator=non_negative)
 
     def __attrs_post_init__(self) -> None:
         target = parse_grpc_url(self.url)

@@ -39,6 +39,7 @@ from castore_di.errors import (
     StorageError,
     UnsupportedOperationError,
     ValidationError,
+    describe,
 )
 
 __all__ = [
@@ -107,7 +108,7 @@ def status_name(exc: BaseException) -> str:
 
 def error_details(exc: BaseException, what: str = "") -> tuple[str, str, tuple[tuple[str, str], ...]]:
     """``(status name, details, trailing metadata)`` with which a server reports ``exc``."""
-    text = str(exc) or type(exc).__name__
+    text = describe(exc)
     if not isinstance(exc, CastoreError):
         text = f"internal error ({type(exc).__name__}): {text}"
     details = f"{what}: {text}" if what else text

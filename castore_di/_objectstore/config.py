@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from castore_di.composition.fields import parse_query
 from castore_di.errors import ConfigError
 
 __all__ = [
@@ -60,7 +61,7 @@ def parse_objectstore_url(url: str) -> tuple[str, dict[str, str]]:
         raise ConfigError(f"Missing objectstore uri: {url!r} must start with {URL_PREFIX!r}")
     inner = url[len(URL_PREFIX) :]
     parts = urllib.parse.urlsplit(inner)
-    options = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    options = parse_query(url, parts.query)
     bare = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", parts.fragment))
     # urlunsplit drops the empty authority of memory:/// and file:///; keep the original form.
     if parts.scheme in ("memory", "file") and not parts.netloc:

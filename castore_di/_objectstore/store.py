@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from castore_di._objectstore.config import split_options, validate_options, validate_store_url
 from castore_di.digests import B3Digest
-from castore_di.errors import ConfigError, IntegrityError, MissingDependencyError, StorageError
+from castore_di.errors import ConfigError, IntegrityError, MissingDependencyError, StorageError, first_line, map_errors
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -41,11 +41,6 @@ def object_key(area: str, digest: B3Digest) -> str:
     """``{area}/b3/{hex(d[0:2])}/{hex(d)}``: the reference's layout (shard = first two bytes)."""
     hexd = digest.hex()
     return f"{area}/b3/{hexd[:4]}/{hexd}"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def import_obstore() -> Any:
@@ -88,7 +83,7 @@ def build_store(url: str, options: Mapping[str, str], retry_config: Any = None) 
     except BaseException as e:  # obstore reports some bad configs as a Rust panic (a BaseException)
         if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
             raise
-        raise ConfigError(f"cannot open object store {url!r}: {_first_line(e)}") from e
+        raise ConfigError(f"cannot open object store {url!r}: {first_line(e)}") from e
 
 
 class ObjectStoreAccess:
@@ -113,6 +108,10 @@ class ObjectStoreAccess:
                 raise StorageError(str(e)) from e
         return self._store
 
+    def _errors(self, op: str, key: str) -> Any:
+        """Every obstore failure of one request becomes a :class:`StorageError` naming it."""
+        return map_errors({Exception: StorageError}, f"object store {self.url}: {op} {key} failed")
+
     async def check(self) -> str:
         """One listing request (at most one key), not retried: reachable, bucket and credentials good."""
         import datetime
@@ -124,39 +123,32 @@ class ObjectStoreAccess:
             "backoff": {"init_backoff": datetime.timedelta(milliseconds=100),
                         "max_backoff": datetime.timedelta(milliseconds=100), "base": 2.0},
         }
-        try:
+        with map_errors({Exception: StorageError}, f"object store {self.url}: LIST failed"):
             store = build_store(self.url, self.options, None if self.url.startswith("file:") else no_retries)
             async for _batch in obstore.list(store, chunk_size=1):
                 break
-        except Exception as e:
-            raise StorageError(f"object store {self.url}: LIST failed: {_first_line(e)}") from e
         return f"object store {self.url}: listed"
-
-    def _error(self, op: str, key: str, e: BaseException) -> StorageError:
-        return StorageError(f"object store {self.url}: {op} {key} failed: {_first_line(e)}")
 
     async def get(self, key: str) -> bytes | None:
         """The object's bytes, or ``None`` when absent."""
         obstore = import_obstore()
         store = self.store
-        try:
-            result = await obstore.get_async(store, key)
-            return bytes(await result.bytes_async())
-        except FileNotFoundError:
-            return None
-        except Exception as e:
-            raise self._error("GET", key, e) from e
+        with self._errors("GET", key):
+            try:
+                result = await obstore.get_async(store, key)
+                return bytes(await result.bytes_async())
+            except FileNotFoundError:
+                return None
 
     async def exists(self, key: str) -> bool:
         obstore = import_obstore()
         store = self.store
-        try:
-            await obstore.head_async(store, key)
-            return True
-        except FileNotFoundError:
-            return False
-        except Exception as e:
-            raise self._error("HEAD", key, e) from e
+        with self._errors("HEAD", key):
+            try:
+                await obstore.head_async(store, key)
+                return True
+            except FileNotFoundError:
+                return False
 
     async def put_new(self, key: str, data: bytes) -> bool:
         """Store ``data`` unless ``key`` exists; ``False`` when it already existed.
@@ -167,31 +159,23 @@ class ObjectStoreAccess:
         obstore = import_obstore()
         exceptions = obstore.exceptions
         store = self.store
-        try:
-            await obstore.put_async(store, key, data, mode="create", use_multipart=False)
-            return True
-        except exceptions.AlreadyExistsError:
-            return False
-        except exceptions.PreconditionError:
-            return False
-        except exceptions.NotSupportedError:
-            pass  # e.g. HTTP/WebDAV: fall back to an overwriting (still atomic) put
-        except Exception as e:
-            raise self._error("PUT", key, e) from e
-        try:
+        with self._errors("PUT", key):
+            try:
+                await obstore.put_async(store, key, data, mode="create", use_multipart=False)
+                return True
+            except (exceptions.AlreadyExistsError, exceptions.PreconditionError):
+                return False
+            except exceptions.NotSupportedError:
+                pass  # e.g. HTTP/WebDAV: fall back to an overwriting (still atomic) put
             await obstore.put_async(store, key, data, use_multipart=False)
             return True
-        except Exception as e:
-            raise self._error("PUT", key, e) from e
 
     async def put(self, key: str, data: bytes) -> None:
         """Overwrite ``key`` (used by tests that reach storage behind the API)."""
         obstore = import_obstore()
         store = self.store
-        try:
+        with self._errors("PUT", key):
             await obstore.put_async(store, key, data, use_multipart=False)
-        except Exception as e:
-            raise self._error("PUT", key, e) from e
 
 
 def zstd_error() -> type[Exception]:
@@ -232,11 +216,8 @@ def read_exactly(reader: io.RawIOBase, n: int) -> bytes:
 
 def zstd_decompress(data: bytes, limit: int, what: str) -> bytes:
     """Decompress ``data`` into at most ``limit`` bytes; damage raises IntegrityError naming ``what``."""
-    zstandard = _zstd()
-    try:
+    with map_errors({_zstd().ZstdError: IntegrityError}, f"{what}: cannot decompress stored data"):
         out = read_exactly(zstd_stream(data), limit + 1)
-    except zstandard.ZstdError as e:
-        raise IntegrityError(f"{what}: cannot decompress stored data: {e}") from e
     if len(out) > limit:
         raise IntegrityError(f"{what}: stored data decompresses to more than {limit} bytes")
     return out

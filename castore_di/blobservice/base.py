@@ -30,6 +30,7 @@ from typing import Any
 import attrs
 import blake3
 
+from castore_di.composition.fields import between
 from castore_di.digests import B3Digest, blake3_digest
 from castore_di.errors import ClosedError, IntegrityError, StorageError
 
@@ -43,9 +44,36 @@ __all__ = [
     "HashingWriter",
     "PositionedReader",
     "READ_BLOCK",
+    "DEFAULT_AVG_CHUNK_SIZE",
+    "MIN_AVG_CHUNK_SIZE",
+    "MAX_AVG_CHUNK_SIZE",
+    "ChunkListCheck",
+    "ChunkingFields",
+    "check_chunk",
 ]
 
 READ_BLOCK = 1 << 20  # default block size for streaming reads and copies
+
+# FastCDC 2020 (pyfastcdc and the Rust crate alike; min = avg/2, max = 2*avg) as the backends
+# that cut blobs use it. The reference's default average; FastCDC needs min = avg/2 <= 1 MiB;
+# below 4 KiB a store would hold hundreds of thousands of chunks per GiB.
+DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
+MIN_AVG_CHUNK_SIZE = 4 * 1024
+MAX_AVG_CHUNK_SIZE = 2 * 1024 * 1024
+
+
+@attrs.frozen(kw_only=True, slots=False)  # a mixin beside other slotted field sets
+class ChunkingFields:
+    """The config field of the blob services that cut blobs with FastCDC."""
+
+    avg_chunk_size: int = attrs.field(
+        default=DEFAULT_AVG_CHUNK_SIZE,
+        validator=[
+            attrs.validators.instance_of(int),
+            between(MIN_AVG_CHUNK_SIZE, MAX_AVG_CHUNK_SIZE, "FastCDC needs min = avg/2 <= 1 MiB"),
+        ],
+    )
+    """FastCDC average chunk size in bytes (min = avg/2, max = 2*avg), between 4 KiB and 2 MiB."""
 
 
 @attrs.frozen(slots=True)
@@ -54,6 +82,36 @@ class ChunkMeta:
 
     digest: B3Digest = attrs.field(converter=B3Digest)
     size: int
+
+
+def check_chunk(blob: B3Digest, index: int, meta: ChunkMeta, data: bytes | None, *, verified: bool = False) -> bytes:
+    """Chunk ``index`` of ``blob`` as fetched: absent is a :class:`StorageError`, a wrong size or
+    (unless ``verified``) a wrong digest an :class:`IntegrityError`."""
+    if data is None:
+        raise StorageError(f"blob {blob}: chunk #{index} {meta.digest} is missing")
+    if len(data) != meta.size:
+        raise IntegrityError(f"blob {blob}: chunk #{index} {meta.digest} has {len(data)} bytes, the index says {meta.size}")
+    if not verified and blake3_digest(data) != meta.digest:
+        raise IntegrityError(f"blob {blob}: chunk #{index} {meta.digest} is corrupted")
+    return data
+
+
+class ChunkListCheck:
+    """The check of a whole chunk list: feed every chunk in order (:meth:`add`), then :meth:`finish`."""
+
+    def __init__(self, blob: B3Digest) -> None:
+        self.blob = blob
+        self._index = 0
+        self._hasher: Any = blake3.blake3()
+
+    def add(self, meta: ChunkMeta, data: bytes | None, *, verified: bool = False) -> None:
+        self._hasher.update(check_chunk(self.blob, self._index, meta, data, verified=verified))
+        self._index += 1
+
+    def finish(self) -> None:
+        """Raise :class:`IntegrityError` when the chunks do not hash to the blob's digest."""
+        if self._hasher.digest() != self.blob:
+            raise IntegrityError(f"blob {self.blob}: its chunks do not add up to the blob's digest")
 
 
 class BlobReader(abc.ABC):
@@ -224,11 +282,7 @@ class ChunkedReader(PositionedReader):
                 self._schedule(index)
             task = self._pending.pop(index, None)
             data = await task if task is not None else await self._fetch(meta.digest)
-            if data is None:
-                raise StorageError(f"blob {self._blob}: chunk #{index} {meta.digest} is missing")
-            if len(data) != meta.size or blake3_digest(data) != meta.digest:
-                raise IntegrityError(f"blob {self._blob}: chunk #{index} {meta.digest} is corrupted")
-            self._cur_index, self._cur = index, data
+            self._cur_index, self._cur = index, check_chunk(self._blob, index, meta, data)
         return self._cur
 
     async def read(self, n: int = -1) -> bytes:

@@ -45,22 +45,22 @@ are tracked: blobs stored by an unbounded use of the same directory are never ev
 A bounded store is a cache, not a primary copy.
 
 Chunks of a large blob are committed in batches of at most ``BATCH_BYTES`` so no write
-transaction is long. Cutting, hashing and compressing run in worker threads (blake3,
-pyfastcdc and zstd release the GIL), batched so a thread hop carries at least a few
-megabytes or a whole small blob: with many writers in flight they use every core.
-``put_many`` stores a batch of small blobs with one compression pass in a thread and one
-write transaction; ``has_many`` answers from one read transaction
-(``benches/import_bench.py``).
+transaction is long. Every write (and the compression of the chunks it stores) runs as an
+operation on the environment's writer thread (:meth:`Environment.transact`), group-committed
+with the writes of other writers; ``close()`` returns the digest only after the commit.
+``put_many`` stores a batch of small blobs as one writer operation, hashed and compressed
+in a worker thread before it is queued; ``has_many`` and ``read_many`` answer from one read
+transaction in a thread (``benches/import_bench.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
-import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import attrs
 
@@ -68,27 +68,29 @@ from castore_di._embedded import (
     Compression,
     EmbeddedStoreFields,
     Environment,
+    Handle,
     StoreOptions,
     WriterLease,
-    acquire,
     codec,
     compact,
-    release,
-    url_fields,
+    config_from_url,
 )
 from castore_di._embedded.lease import TOKEN_LEN
 from castore_di.blobservice.base import (
+    DEFAULT_AVG_CHUNK_SIZE,
     BlobReader,
     BlobService,
     BlobWriter,
     BytesReader,
     ChunkedReader,
+    ChunkingFields,
+    ChunkListCheck,
     ChunkMeta,
     HashingWriter,
 )
 from castore_di.composition.config import BlobServiceConfig
 from castore_di.digests import B3_LEN, B3Digest, blake3_digest
-from castore_di.errors import ClosedError, ConfigError, IntegrityError, MissingDependencyError, StorageError
+from castore_di.errors import CastoreError, ClosedError, IntegrityError, MissingDependencyError, StorageError
 from castore_di.maintenance import FsckReport, GcReport
 
 if TYPE_CHECKING:
@@ -97,8 +99,6 @@ if TYPE_CHECKING:
 __all__ = ["EmbeddedBlobService", "EmbeddedBlobServiceConfig", "BATCH_BYTES", "encode_index", "decode_index"]
 
 _ABSENT = B3Digest(bytes(32))  # a digest no store holds: a read that finds nothing
-
-DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
 BATCH_BYTES = 8 << 20  # chunks of a large blob are committed in transactions of about this size
 _INDEX_ENTRY = struct.Struct("<Q32s")
 _GC_BATCH = 4096  # loose chunks examined per gc write transaction (keeps each one short)
@@ -342,8 +342,6 @@ class _BlobRecords:
 
     def fsck(self) -> FsckReport:
         """Verify every chunk and chunk index in one read snapshot."""
-        import blake3
-
         report = FsckReport()
         dec = codec()
         bad_chunks: set[bytes] = set()
@@ -372,30 +370,19 @@ class _BlobRecords:
                 except IntegrityError as e:
                     report.problems.append(str(e))
                     continue
-                hasher = blake3.blake3()
-                whole = True
-                for i, (chunk, size) in enumerate(entries):
-                    stored = txn.get(chunk, db=self.chunks_db)
-                    if stored is None:
-                        report.problems.append(f"blob {blob}: chunk #{i} {chunk} is missing")
-                        whole = False
-                        break
-                    if chunk in bad_chunks:
-                        report.problems.append(f"blob {blob}: chunk #{i} {chunk} is corrupted")
-                        whole = False
-                        break
-                    if txn.get(chunk, db=self.loose_db) is not None:
-                        report.problems.append(f"blob {blob}: chunk #{i} {chunk} is marked loose (gc would remove it)")
-                    data = dec.decode(stored, f"chunk {chunk}")
-                    if len(data) != size:
-                        report.problems.append(
-                            f"blob {blob}: chunk #{i} {chunk} has {len(data)} bytes, index says {size}"
-                        )
-                        whole = False
-                        break
-                    hasher.update(data)
-                if whole and hasher.digest() != blob:
-                    report.problems.append(f"blob {blob}: its chunks do not hash to the blob digest")
+                check = ChunkListCheck(blob)
+                try:
+                    for i, (chunk, size) in enumerate(entries):
+                        stored = txn.get(chunk, db=self.chunks_db)
+                        if chunk in bad_chunks:
+                            raise IntegrityError(f"blob {blob}: chunk #{i} {chunk} is corrupted")
+                        if stored is not None and txn.get(chunk, db=self.loose_db) is not None:
+                            report.problems.append(f"blob {blob}: chunk #{i} {chunk} is marked loose (gc would remove it)")
+                        found = None if stored is None else dec.decode(stored, f"chunk {chunk}")
+                        check.add(ChunkMeta(chunk, size), found, verified=True)  # verified in the pass above
+                    check.finish()
+                except CastoreError as e:
+                    report.problems.append(str(e))
             loose = loose_bytes = 0
             for key, _ in txn.cursor(db=self.loose_db):
                 stored = txn.get(key, db=self.chunks_db)
@@ -424,45 +411,55 @@ class _BlobRecords:
     # -- garbage collection ----------------------------------------------------------
 
     def gc(self, *, dry_run: bool = False) -> GcReport:
-        """Remove loose chunks no live writer claims (see the module docstring).
+        """Remove loose chunks no live writer claims (see the module docstring). Blocking: run
+        it in a worker thread.
 
-        Works in write transactions of at most ``_GC_BATCH`` chunks, each re-reading which
-        writers are alive, so concurrent writers wait for one short transaction at most.
-        ``dry_run`` only reads and reports what would go.
+        Works in write transactions (on the writer thread) of at most ``_GC_BATCH`` chunks,
+        each re-reading which writers are alive, so concurrent writers wait for one short
+        transaction at most. ``dry_run`` only reads and reports what would go.
         """
         report = GcReport(dry_run=dry_run)
         after: bytes | None = None
         dead_seen: set[bytes] = set()
-        while True:
+
+        def step(txn: lmdb.Transaction) -> tuple[list[bytes], list[bytes]]:
+            """One batch: the loose keys examined and the dead writers whose claims went."""
             dead_files: list[bytes] = []
-            with self.env.read() if dry_run else self.env.write() as txn:
-                protected, dead = self._claims(txn)
-                for token in dead:
-                    if token not in dead_seen:
-                        dead_seen.add(token)
-                        report.dead_writers += 1
-                    if not dry_run:
-                        self.drop_claims(txn, token)
-                        dead_files.append(token)
-                batch: list[bytes] = []
-                cursor = txn.cursor(db=self.loose_db)
-                found = cursor.first() if after is None else cursor.set_range(after)
-                while found and len(batch) < _GC_BATCH:
-                    key = bytes(cursor.key())
-                    if key != after:
-                        batch.append(key)
-                    found = cursor.next()
-                for key in batch:
-                    if key in protected:
-                        report.kept_in_flight += 1
-                        continue
-                    stored = txn.get(key, db=self.chunks_db)
-                    if stored is not None:
-                        report.removed.append(key.hex())
-                        report.removed_bytes += len(stored)
-                    if not dry_run:
-                        txn.delete(key, db=self.chunks_db)
-                        txn.delete(key, db=self.loose_db)
+            protected, dead = self._claims(txn)
+            for token in dead:
+                if token not in dead_seen:
+                    dead_seen.add(token)
+                    report.dead_writers += 1
+                if not dry_run:
+                    self.drop_claims(txn, token)
+                    dead_files.append(token)
+            batch: list[bytes] = []
+            cursor = txn.cursor(db=self.loose_db)
+            found = cursor.first() if after is None else cursor.set_range(after)
+            while found and len(batch) < _GC_BATCH:
+                key = bytes(cursor.key())
+                if key != after:
+                    batch.append(key)
+                found = cursor.next()
+            for key in batch:
+                if key in protected:
+                    report.kept_in_flight += 1
+                    continue
+                stored = txn.get(key, db=self.chunks_db)
+                if stored is not None:
+                    report.removed.append(key.hex())
+                    report.removed_bytes += len(stored)
+                if not dry_run:
+                    txn.delete(key, db=self.chunks_db)
+                    txn.delete(key, db=self.loose_db)
+            return batch, dead_files
+
+        while True:
+            if dry_run:
+                with self.env.read() as txn:
+                    batch, dead_files = step(txn)
+            else:
+                batch, dead_files = self.env.transact_blocking(step)
             for token in dead_files:
                 self.env.remove_lease_file(token)
             if not batch:
@@ -509,23 +506,19 @@ class EmbeddedBlobService(BlobService):
         self.min_chunk_size = avg_chunk_size // 2
         self.max_chunk_size = avg_chunk_size * 2
         self.compression: Compression = compression
-        self._engine: _BlobRecords | None = None
+        self._handle = Handle(path, self.options, self._open_records, "embedded blob service")
         self._closed = False
-        self._cdc = threading.local()  # one FastCDC per thread: writers cut in worker threads
+        self._cdc: Any = None
+
+    def _open_records(self, env: Environment) -> _BlobRecords:
+        records = _BlobRecords(env)
+        if self.max_bytes is not None:
+            records.open_lru()  # opening a database needs its own transaction
+        return records
 
     def _store(self) -> _BlobRecords:
-        if self._engine is None:
-            if self._closed:
-                raise ClosedError("embedded blob service is closed")
-            env = acquire(self.path, self.options)
-            try:
-                self._engine = _BlobRecords(env)
-                if self.max_bytes is not None:
-                    self._engine.open_lru()  # opening a database needs its own transaction
-            except BaseException:
-                release(env)
-                raise
-        return self._engine
+        """The blob records, opening the environment if needed (blocks; tests and threads)."""
+        return self._handle.get_blocking()
 
     async def check_connectivity(self) -> str:
         """Open the store's environment (in a thread) and read from it once."""
@@ -538,27 +531,30 @@ class EmbeddedBlobService(BlobService):
         return f"embedded store {self.path}: open"
 
     def _chunker(self) -> Any:
-        cdc = getattr(self._cdc, "cdc", None)
-        if cdc is None:
+        if self._cdc is None:
             try:
                 import pyfastcdc
             except ImportError as e:  # pragma: no cover - a core dependency
                 raise MissingDependencyError(
                     "the embedded blob service needs 'pyfastcdc' (pip install castore_di)"
                 ) from e
-            cdc = self._cdc.cdc = pyfastcdc.FastCDC(
+            self._cdc = pyfastcdc.FastCDC(
                 self.avg_chunk_size, min_size=self.min_chunk_size, max_size=self.max_chunk_size
             )
-        return cdc
+        return self._cdc
+
+    def _take_touches(self) -> dict[B3Digest, int]:
+        """The read touches not yet written (taken on the event loop, written by the next commit)."""
+        touched, self._touched = self._touched, {}
+        return touched
 
     def _bounded_commit(self, txn: lmdb.Transaction, store: _BlobRecords, blob: B3Digest,
-                        chunks: list[B3Digest], size: int) -> None:
+                        chunks: list[B3Digest], size: int, touched: dict[B3Digest, int]) -> None:
         """In a blob's commit: track it, apply pending read touches, evict past ``max_bytes``."""
         if self.max_bytes is None:
             return
         if size > self.max_bytes:
             raise StorageError(f"blob {blob} of {size} bytes exceeds this store's max_bytes {self.max_bytes}")
-        touched, self._touched = self._touched, {}
         for digest, when in touched.items():
             store.touch(txn, digest, when)
         store.track(txn, blob, chunks, size, time.time_ns())
@@ -571,44 +567,50 @@ class EmbeddedBlobService(BlobService):
                 self._touched.pop(next(iter(self._touched)))
 
     async def has(self, digest: B3Digest) -> bool:
-        return self._store().has_blob(digest)
+        return (await self._handle.get()).has_blob(digest)
 
     async def has_many(self, digests: Sequence[B3Digest]) -> list[bool]:
-        store = self._store()
+        store = await self._handle.get()
         return await asyncio.to_thread(store.has_blobs, digests)
 
     async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
-        """Blobs of one chunk are hashed and compressed in a thread and committed in one
-        transaction; longer ones (and every blob of a bounded store) go through writers."""
+        """Blobs of one chunk are hashed and compressed in a thread, then committed as one
+        writer operation; longer ones (and every blob of a bounded store) go through writers."""
         if self.max_bytes is not None:  # each blob's commit tracks and evicts on its own
             return await super().put_many(blobs)
         small = [i for i, b in enumerate(blobs) if len(b) <= self.min_chunk_size]
         out: list[B3Digest | None] = [None] * len(blobs)
         if small:
-            store = self._store()
-            digests = await asyncio.to_thread(self._put_small, store, [blobs[i] for i in small])
+            store = await self._handle.get()
+            digests, values = await asyncio.to_thread(self._encode_small, store, [blobs[i] for i in small])
+
+            def commit(txn: lmdb.Transaction) -> None:
+                store.put_encoded(txn, values)
+                # A chunk stored ahead of a large blob's index may already hold these bytes:
+                # as a blob of its own it is needed for good.
+                store.claim_chunks(txn, digests)
+
+            await store.env.transact(commit)
             for i, d in zip(small, digests):
                 out[i] = d
         rest = [i for i, d in enumerate(out) if d is None]
         if rest:
             for i, d in zip(rest, await asyncio.gather(*(self.put(blobs[i]) for i in rest))):
                 out[i] = d
-        return out  # type: ignore[return-value]
+        return [d for d in out if d is not None]
 
-    def _put_small(self, store: _BlobRecords, blobs: list[bytes]) -> list[B3Digest]:
+    def _encode_small(
+        self, store: _BlobRecords, blobs: list[bytes]
+    ) -> tuple[list[B3Digest], list[tuple[B3Digest, bytes]]]:
+        """Digests of ``blobs`` and the encoded values of those not stored yet (in a thread)."""
         digests = [blake3_digest(b) for b in blobs]
         present = store.has_blobs(digests)
         enc = codec()
         values = [(d, enc.encode(b, self.compression)) for d, b, p in zip(digests, blobs, present) if not p]
-        with store.env.write() as txn:
-            store.put_encoded(txn, values)
-            # A chunk stored ahead of a large blob's index may already hold these bytes:
-            # as a blob of its own it is needed for good.
-            store.claim_chunks(txn, digests)
-        return digests
+        return digests, values
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
-        store = self._store()
+        store = await self._handle.get()
         data, index = store.read_blob(digest)
         if data is not None or index is not None:
             self._touch(digest)
@@ -624,7 +626,7 @@ class EmbeddedBlobService(BlobService):
 
     async def read_many(self, digests: Sequence[B3Digest], *, verify: bool = True) -> list[bytes | None]:
         """One-chunk blobs are read, decompressed (and verified) in a thread; others one by one."""
-        store = self._store()
+        store = await self._handle.get()
         found = await asyncio.to_thread(store.read_blobs, digests, verify)
         out: list[bytes | None] = []
         for digest, (data, index) in zip(digests, found):
@@ -636,7 +638,7 @@ class EmbeddedBlobService(BlobService):
         return out
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
-        is_chunk, index = self._store().lookup_blob(digest)
+        is_chunk, index = (await self._handle.get()).lookup_blob(digest)
         if is_chunk:
             return []
         if index is None:
@@ -648,14 +650,38 @@ class EmbeddedBlobService(BlobService):
             raise ClosedError("embedded blob service is closed")
         return _EmbeddedWriter(self)
 
+    def exclusive_use(self, wait: float | None = None) -> AbstractAsyncContextManager[None]:
+        from castore_di.directoryservice.embedded import exclusive_use
+
+        return exclusive_use(self._store().env, wait)
+
+    async def prune(self, keep: set[B3Digest], *, dry_run: bool) -> tuple[int, int]:
+        """Delete every blob (index and chunks) not in ``keep`` and every chunk no kept blob uses."""
+        store = self._store()
+
+        def sweep() -> tuple[int, int]:
+            chunks: set[bytes] = set()
+            for digest in keep:
+                is_chunk, index = store.lookup_blob(digest)
+                if is_chunk:
+                    chunks.add(digest)
+                elif index is not None:
+                    chunks.update(d for d, _size in index)
+            env = store.env
+            indexes, index_bytes = env.sweep(store.blobs_db, cast(set[bytes], keep), dry_run=dry_run)
+            dropped, chunk_bytes = env.sweep(store.chunks_db, chunks, dry_run=dry_run, also=(store.loose_db,))
+            return indexes + dropped, index_bytes + chunk_bytes
+
+        return await asyncio.to_thread(sweep)
+
     async def fsck(self) -> FsckReport:
         """Verify every chunk and chunk index (directories: the directory service's ``fsck``)."""
-        store = self._store()
+        store = await self._handle.get()
         return await asyncio.to_thread(store.fsck)
 
     async def gc(self, *, dry_run: bool = False) -> GcReport:
         """Remove chunks of writes that never committed (safe with concurrent writers)."""
-        store = self._store()
+        store = await self._handle.get()
         return await asyncio.to_thread(store.gc, dry_run=dry_run)
 
     async def compact(self) -> tuple[int, int]:
@@ -664,16 +690,12 @@ class EmbeddedBlobService(BlobService):
         The service lets go of the store first and opens it again on next use; refused
         while another service or process has the store open.
         """
-        engine, self._engine = self._engine, None
-        if engine is not None:
-            release(engine.env)
+        await self._handle.let_go()
         return await asyncio.to_thread(compact, self.path, self.options)
 
     async def close(self) -> None:
         self._closed = True
-        engine, self._engine = self._engine, None
-        if engine is not None:
-            release(engine.env)
+        await self._handle.close()
 
 
 class _EmbeddedWriter(HashingWriter):
@@ -696,27 +718,15 @@ class _EmbeddedWriter(HashingWriter):
         self._pending_bytes = 0
         self._lease: WriterLease | None = None
         self._flushed = 0  # self._chunks[:self._flushed] were stored ahead of the index
-        self._unhashed: list[bytes] = []
 
     async def _write(self, data: bytes) -> None:
+        self._hash(data)
         self._parts.append(data)
-        self._unhashed.append(data)
         self._buffered += len(data)
         if self._buffered >= self._cut_at:
-            # A few MiB per thread hop: hashing, cutting and compressing release the GIL.
-            # The store is resolved on the loop: opening it is not thread-safe.
-            await asyncio.to_thread(self._step, self._svc._store())
-
-    def _hash_pending(self) -> None:
-        for part in self._unhashed:
-            self._hash(part)
-        self._unhashed = []
-
-    def _step(self, store: _BlobRecords) -> None:
-        self._hash_pending()
-        self._cut(final=False)
-        if self._pending_bytes >= BATCH_BYTES:
-            self._flush(store)
+            self._cut(final=False)
+            if self._pending_bytes >= BATCH_BYTES:
+                await self._flush()
 
     def _cut(self, final: bool) -> None:
         buf = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
@@ -738,60 +748,67 @@ class _EmbeddedWriter(HashingWriter):
         self._parts = [rest] if rest else []
         self._buffered = len(rest)
 
-    def _flush(self, store: _BlobRecords) -> None:
+    async def _flush(self) -> None:
+        store = await self._svc._handle.get()
         if self._lease is None:
-            self._lease = store.env.new_lease()
-        with store.env.write() as txn:
-            store.put_chunks(txn, self._pending, self._svc.compression, self._lease)
+            self._lease = await asyncio.to_thread(store.env.new_lease)
+        pending, lease, compression = self._pending, self._lease, self._svc.compression
+        await store.env.transact(lambda txn: store.put_chunks(txn, pending, compression, lease))
         self._pending = []
         self._pending_bytes = 0
         self._flushed = len(self._chunks)
 
-    def _end_lease(self, store: _BlobRecords, drop_claims: bool) -> None:
+    async def _end_lease(self, store: _BlobRecords, drop_claims: bool) -> None:
         lease, self._lease = self._lease, None
         if lease is None:
             return
         try:
             if drop_claims:
-                with store.env.write() as txn:
-                    store.drop_claims(txn, lease.token)
+                await store.env.transact(lambda txn: store.drop_claims(txn, lease.token))
         finally:
-            lease.release()
+            await asyncio.to_thread(lease.release)
 
     async def _finish(self) -> B3Digest:
-        return await asyncio.to_thread(self._finish_sync, self._svc._store())
-
-    def _finish_sync(self, store: _BlobRecords) -> B3Digest:
-        self._hash_pending()
         digest = self._hashed_digest()
-        if not self._chunks and self._buffered <= self._svc.min_chunk_size:
+        svc = self._svc
+        store = await svc._handle.get()
+        compression = svc.compression
+        touched = svc._take_touches()
+        length = self._length
+        if not self._chunks and self._buffered <= svc.min_chunk_size:
             # One chunk (or the empty blob): the blob is its own chunk, no index.
             data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
             self._parts = []
-            with store.env.write() as txn:
-                store.put_chunks(txn, [(digest, data)], self._svc.compression)
+
+            def put_one(txn: lmdb.Transaction) -> None:
+                store.put_chunks(txn, [(digest, data)], compression)
                 store.claim_chunks(txn, [digest])
-                self._svc._bounded_commit(txn, store, digest, [digest], len(data))
+                svc._bounded_commit(txn, store, digest, [digest], len(data), touched)
+
+            await store.env.transact(put_one)
             return digest
         self._cut(final=True)
-        if len(self._chunks) == 1:
-            if self._chunks[0][0] != digest:  # pragma: no cover - would be a hashing bug
-                raise IntegrityError(f"blob {digest}: its single chunk hashes differently")
-            with store.env.write() as txn:
-                store.put_chunks(txn, self._pending, self._svc.compression)
+        pending, chunks, lease = self._pending, self._chunks, self._lease
+        earlier = [d for d, _ in chunks[: self._flushed]]
+        if len(chunks) == 1 and chunks[0][0] != digest:  # pragma: no cover - would be a hashing bug
+            raise IntegrityError(f"blob {digest}: its single chunk hashes differently")
+
+        def commit(txn: lmdb.Transaction) -> None:
+            if len(chunks) == 1:
+                store.put_chunks(txn, pending, compression)
                 store.claim_chunks(txn, [digest])
-                self._svc._bounded_commit(txn, store, digest, [digest], self._length)
-        else:
-            with store.env.write() as txn:
-                earlier = [d for d, _ in self._chunks[: self._flushed]]
-                store.check_chunks_exist(txn, earlier, digest)
-                store.put_chunks(txn, self._pending, self._svc.compression)
-                store.claim_chunks(txn, [d for d, _ in self._chunks])
-                store.put_index(txn, digest, self._chunks)
-                if self._lease is not None:
-                    store.drop_claims(txn, self._lease.token)
-                self._svc._bounded_commit(txn, store, digest, [d for d, _ in self._chunks], self._length)
-        self._end_lease(store, drop_claims=False)
+                svc._bounded_commit(txn, store, digest, [digest], length, touched)
+                return
+            store.check_chunks_exist(txn, earlier, digest)
+            store.put_chunks(txn, pending, compression)
+            store.claim_chunks(txn, [d for d, _ in chunks])
+            store.put_index(txn, digest, chunks)
+            if lease is not None:
+                store.drop_claims(txn, lease.token)
+            svc._bounded_commit(txn, store, digest, [d for d, _ in chunks], length, touched)
+
+        await store.env.transact(commit)
+        await self._end_lease(store, drop_claims=False)
         self._pending = []
         self._pending_bytes = 0
         return digest
@@ -799,33 +816,24 @@ class _EmbeddedWriter(HashingWriter):
     async def _abort(self) -> None:
         # Chunks flushed before the abort stay, marked loose, until ``gc`` removes them.
         self._parts = []
-        self._unhashed = []
         self._pending = []
         self._chunks = []
         if self._lease is not None:
             try:
-                store = self._svc._store()
+                store = await self._svc._handle.get()
             except ClosedError:  # gc finds the released lease's claims stale
-                self._lease.release()
-                self._lease = None
+                lease, self._lease = self._lease, None
+                await asyncio.to_thread(lease.release)
                 return
-            self._end_lease(store, drop_claims=True)
-
-
-def _avg_chunk_size(_inst: object, _attribute: attrs.Attribute[Any], value: int) -> None:
-    # pyfastcdc bounds: min = avg/2 >= 64, max = 2*avg <= 16 MiB, avg in [256, 4 MiB].
-    if not 512 <= value <= 2 * 1024 * 1024:
-        raise ConfigError(f"avg_chunk_size must be between 512 and 2097152, got {value}")
+            await self._end_lease(store, drop_claims=True)
 
 
 @attrs.frozen(kw_only=True)
-class EmbeddedBlobServiceConfig(EmbeddedStoreFields, BlobServiceConfig):
+class EmbeddedBlobServiceConfig(ChunkingFields, EmbeddedStoreFields, BlobServiceConfig):
     """Blobs in the embedded on-disk store (the default). See :class:`EmbeddedStoreFields`."""
 
     type_tag: ClassVar[str] = "embedded"
 
-    avg_chunk_size: int = attrs.field(default=DEFAULT_AVG_CHUNK_SIZE, validator=_avg_chunk_size)
-    """FastCDC average chunk size (min = avg/2, max = 2*avg)."""
     max_bytes: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(1)))
     """Bound on the blob bytes kept: least recently used blobs are evicted past it (approximate LRU; a cache, not a primary copy). null: unbounded."""
 
@@ -844,10 +852,4 @@ class EmbeddedBlobServiceConfig(EmbeddedStoreFields, BlobServiceConfig):
         parameters ``map_size``, ``durability``, ``sync_interval``, ``max_readers``,
         ``compression``, ``avg_chunk_size`` and ``max_bytes``.
         """
-        return cls(
-            **url_fields(
-                url,
-                ("map_size", "durability", "sync_interval", "max_readers", "compression", "avg_chunk_size",
-                 "max_bytes"),
-            )
-        )
+        return config_from_url(cls, url)

@@ -31,10 +31,22 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 import blake3
 
-from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, BytesReader, ChunkedReader, ChunkMeta
+from castore_di.blobservice.base import (
+    DEFAULT_AVG_CHUNK_SIZE,
+    MAX_AVG_CHUNK_SIZE,
+    MIN_AVG_CHUNK_SIZE,
+    BlobReader,
+    BlobService,
+    BlobWriter,
+    BytesReader,
+    ChunkedReader,
+    ChunkingFields,
+    ChunkListCheck,
+    ChunkMeta,
+)
 from castore_di.composition.config import BlobServiceConfig
 from castore_di.digests import B3Digest, EMPTY_DIGEST, blake3_digest
-from castore_di.errors import ConfigError, IntegrityError, MissingDependencyError, StorageError
+from castore_di.errors import IntegrityError, MissingDependencyError, StorageError, map_errors
 from castore_di.maintenance import FsckReport
 from castore_di._objectstore.config import ObjectStoreFields, parse_objectstore_url
 from castore_di._objectstore.store import (
@@ -57,11 +69,6 @@ __all__ = [
     "MAX_AVG_CHUNK_SIZE",
 ]
 
-DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
-# FastCDC 2020 (pyfastcdc and the Rust crate alike) needs min = avg/2 <= 1 MiB; below 4 KiB
-# a store would hold hundreds of thousands of objects per GiB.
-MIN_AVG_CHUNK_SIZE = 4 * 1024
-MAX_AVG_CHUNK_SIZE = 2 * 1024 * 1024
 # The largest chunk FastCDC can produce (its max_size limit); bounds decompression.
 _CHUNK_LIMIT = 16 * 1024 * 1024
 
@@ -113,7 +120,6 @@ class ObjectStoreBlobService(BlobService):
         avg_chunk_size: int = DEFAULT_AVG_CHUNK_SIZE,
         max_in_flight: int = 8,
     ) -> None:
-        _check_avg(avg_chunk_size)
         self.access = ObjectStoreAccess(object_store_url, object_store_options or {})
         self.avg_chunk_size = avg_chunk_size
         self.max_in_flight = max_in_flight
@@ -197,22 +203,19 @@ class _Fsck:
         obstore = import_obstore()
         access = self.svc.access
         try:
-            stream = obstore.list(access.store, f"{area}/", chunk_size=_FSCK_LIST_PAGE)
-            async for page in stream:
-                for meta in page:
-                    key = str(meta["path"])
-                    digest = _digest_of_key(area, key)
-                    if digest is None:
-                        self.report.problems.append(f"unexpected object {key} (not {area}/b3/<shard>/<digest>)")
-                        continue
-                    await self._slots.acquire()
-                    task = asyncio.create_task(self._guarded(check, key, digest))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._done)
-        except StorageError:
-            raise
-        except Exception as e:
-            raise StorageError(f"object store {access.url}: LIST {area}/ failed: {e}") from e
+            with map_errors({Exception: StorageError}, f"object store {access.url}: LIST {area}/ failed"):
+                stream = obstore.list(access.store, f"{area}/", chunk_size=_FSCK_LIST_PAGE)
+                async for page in stream:
+                    for meta in page:
+                        key = str(meta["path"])
+                        digest = _digest_of_key(area, key)
+                        if digest is None:
+                            self.report.problems.append(f"unexpected object {key} (not {area}/b3/<shard>/<digest>)")
+                            continue
+                        await self._slots.acquire()
+                        task = asyncio.create_task(self._guarded(check, key, digest))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._done)
         finally:
             outcomes = await asyncio.gather(*self._tasks, return_exceptions=True) if self._tasks else []
         for outcome in outcomes:  # a bug, not damage (damage is caught in _guarded)
@@ -258,20 +261,13 @@ class _Fsck:
             if bytes(blob) in self.bad_chunks:
                 raise IntegrityError(f"blob {blob}: its chunk is corrupted")
             return
-        hasher = blake3.blake3()
+        check = ChunkListCheck(blob)
         for i, meta in enumerate(chunks):
             if bytes(meta.digest) in self.bad_chunks:
                 raise IntegrityError(f"blob {blob}: chunk #{i} {meta.digest} is corrupted")
             data = await self.svc._read_chunk(meta.digest, f"blob {blob}: chunk #{i} {meta.digest}")
-            if data is None:
-                raise StorageError(f"blob {blob}: chunk #{i} {meta.digest} is missing")
-            if len(data) != meta.size:
-                raise IntegrityError(
-                    f"blob {blob}: chunk #{i} {meta.digest} has {len(data)} bytes, the index says {meta.size}"
-                )
-            hasher.update(data)
-        if hasher.digest() != blob:
-            raise IntegrityError(f"blob {blob}: its chunks do not hash to the blob digest")
+            check.add(meta, data, verified=True)  # _read_chunk verified the digest
+        check.finish()
 
 
 def _digest_of_key(area: str, key: str) -> B3Digest | None:
@@ -293,7 +289,6 @@ class _ObjectStoreBlobWriter(BlobWriter):
         super().__init__()
         self._svc = service
         avg = service.avg_chunk_size
-        self._max_chunk = avg * 2
         # Cut only once several maximum-size chunks are buffered: every cut except the
         # last is final, since FastCDC decides a cut from at most max_size bytes after it.
         self._threshold = avg * 8
@@ -392,31 +387,11 @@ class _ObjectStoreBlobWriter(BlobWriter):
         self._tasks.clear()
 
 
-def _check_avg(value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"avg_chunk_size must be an integer, got {value!r}")
-    if not MIN_AVG_CHUNK_SIZE <= value <= MAX_AVG_CHUNK_SIZE:
-        raise ConfigError(
-            f"avg_chunk_size must be between {MIN_AVG_CHUNK_SIZE} and {MAX_AVG_CHUNK_SIZE} "
-            f"(FastCDC needs min = avg/2 <= 1 MiB), got {value}"
-        )
-
-
-def _avg_validator(_inst: object, _attr: object, value: int) -> None:
-    _check_avg(value)
-
-
 @attrs.frozen(kw_only=True)
-class ObjectStoreBlobServiceConfig(ObjectStoreFields, BlobServiceConfig):
-    """Blobs chunked into an object store.
-
-    Attributes:
-        avg_chunk_size: FastCDC average chunk size in bytes (min = avg/2, max = 2*avg),
-            between 4 KiB and 2 MiB; default 262144 as the reference.
-    """
+class ObjectStoreBlobServiceConfig(ChunkingFields, ObjectStoreFields, BlobServiceConfig):
+    """Blobs chunked into an object store."""
 
     type_tag: ClassVar[str] = "objectstore"
-    avg_chunk_size: int = attrs.field(default=DEFAULT_AVG_CHUNK_SIZE, validator=_avg_validator)
 
     def build(self) -> ObjectStoreBlobService:
         return ObjectStoreBlobService(self.object_store_url, self.object_store_options, self.avg_chunk_size)

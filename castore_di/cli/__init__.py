@@ -23,7 +23,7 @@ from typing import TypeVar
 import click
 
 from castore_di.cli.context import CliContext
-from castore_di.errors import CastoreError, ConfigError
+from castore_di.errors import CastoreError, ConfigError, describe
 
 __all__ = ["main", "cli", "run_async", "pass_ctx", "NothingCheckedError"]
 
@@ -59,8 +59,8 @@ Errors are one line on stderr; --verbose adds the traceback."""
 # every module in ``_load_commands``.
 _COMMANDS = {
     "cat": "inspect", "check": "check", "export": "transfer", "fsck": "maintain", "gc": "maintain",
-    "graph": "check", "import": "transfer", "ls": "inspect", "schema": "check", "serve": "serve",
-    "stat": "inspect",
+    "forget": "roots", "graph": "check", "import": "transfer", "ls": "inspect", "mount": "mount",
+    "prune": "roots", "roots": "roots", "schema": "check", "serve": "serve", "stat": "inspect",
 }
 
 
@@ -117,7 +117,7 @@ def run_async(ctx: CliContext, fn: Callable[[], Awaitable[T]]) -> T:
 
 def _load_commands() -> None:
     # Each command lives in its own module and registers itself on ``cli``.
-    for name in ("check", "serve", "transfer", "inspect", "maintain"):
+    for name in ("check", "serve", "transfer", "inspect", "maintain", "mount", "roots"):
         try:
             importlib.import_module(f"castore_di.cli.{name}")
         except ModuleNotFoundError as e:
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
 def _report(e: BaseException, verbose: bool, prefix: str | None = None) -> None:
     if verbose:
         traceback.print_exception(e)
-    message = str(e) or type(e).__name__
+    message = describe(e)
     # One line whatever the message (YAML parser errors span several); --verbose has it all.
     message = " ".join(part.strip() for part in message.splitlines() if part.strip())
     click.echo(f"castore: {prefix + ': ' if prefix else ''}{message}", err=True)

@@ -119,7 +119,9 @@ def node_line(path: str, node: Node) -> str:
 
 
 @cli.command("import")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=False))
+@click.argument("paths", nargs=-1, type=click.Path(exists=False))
+@click.option("--tar", "tar", metavar="FILE|-", help="Import a tar archive (plain, gzip or zstd) instead of PATHS.")
+@click.option("--name", metavar="NAME", help="Record the imported root under NAME (see `castore roots`).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per path instead of text.")
 @click.option("-j", "--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_CONCURRENCY, show_default=True,
               help="Files read and uploaded at once.")
@@ -129,8 +131,8 @@ def node_line(path: str, node: Node) -> str:
 @click.option("--skip-special", is_flag=True,
               help="Skip fifos, sockets and devices with a warning each instead of failing.")
 @pass_ctx
-def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concurrency: int,
-                   progress: bool | None, excludes: tuple[str, ...], skip_special: bool) -> None:
+def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, name: str | None, as_json: bool,
+                   concurrency: int, progress: bool | None, excludes: tuple[str, ...], skip_special: bool) -> None:
     """Import files, directories and symlinks; print the root node of each PATH.
 
     Text output is one line per PATH: `<path> <type> <b3:digest> <size>` where type is
@@ -140,12 +142,25 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concu
     Fifos, sockets and devices are refused with an error naming the path, or skipped
     with a warning on stderr with --skip-special. --exclude takes gitignore patterns
     (`*.pyc`, `build/`, `/top-only`, `!keep.pyc`), matched below each PATH.
+    With --tar FILE (- for standard input): the archive's one top-level directory.
     """
+    if bool(tar) == bool(paths):
+        raise click.UsageError("give PATHS or --tar FILE (one of them)")
+    from castore_di.cli.roots import check_name, record_name
+
+    check_name(name, 1 if tar else len(paths))
 
     def warn(message: str) -> None:
         click.echo(f"castore: warning: {message}", err=True)
 
     async def run() -> None:
+        if tar:
+            from castore_di.cli.archive import import_tar
+
+            tree, size = await import_tar(ctx, tar, as_json)
+            if name:
+                await record_name(ctx, name, tree, size)
+            return
         blob, dirs = ctx.blob_service(), ctx.directory_service()
         for path in paths:
             bar = Progress(f"importing {path}", enabled=progress)
@@ -155,6 +170,8 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], as_json: bool, concu
                                                 exclude=excludes, skip_special=skip_special, warn=warn)
             finally:
                 bar.finish()
+            if name:
+                await record_name(ctx, name, node, stats.bytes)
             if as_json:
                 click.echo(json.dumps(node_json(path, node)))
             else:
@@ -182,7 +199,9 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]
 
 @cli.command("export")
 @click.argument("source")
-@click.argument("dest", type=click.Path())
+@click.argument("dest", type=click.Path(), required=False)
+@click.option("--tar", "tar", metavar="FILE|-", help="Write the directory as a deterministic tar instead of DEST.")
+@click.option("--tar-top", metavar="NAME", help="With --tar: the top-level directory's name (default: the digest in hex).")
 @click.option("--directory", "form", flag_value="directory", help="SOURCE is a directory digest.")
 @click.option("--file", "form", flag_value="file", help="SOURCE is a blob digest; DEST becomes one file.")
 @click.option("--symlink", "form", flag_value="symlink", help="SOURCE is a symlink target; DEST becomes the symlink.")
@@ -197,8 +216,9 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]
               help="Refuse a tree that expands to more bytes than this (e.g. 10G); the free space at DEST "
                    "is always checked.")
 @pass_ctx
-def export_command(ctx: CliContext, source: str, dest: str, form: str | None, executable: bool, force: bool,
-                   concurrency: int, progress: bool | None, max_size: int | None) -> None:
+def export_command(ctx: CliContext, source: str, dest: str | None, tar: str | None, tar_top: str | None,
+                   form: str | None, executable: bool, force: bool, concurrency: int, progress: bool | None,
+                   max_size: int | None) -> None:
     """Materialize a stored node at DEST.
 
     Without --directory/--file/--symlink, SOURCE is a digest looked up as a directory
@@ -208,7 +228,17 @@ def export_command(ctx: CliContext, source: str, dest: str, form: str | None, ex
     symlinks and never followed, and names that could escape DEST are refused. The size
     the tree expands to is computed first: more than --max-size or the free space at DEST
     is refused before anything is written.
+    With --tar FILE (- for standard output) a directory is written as one tar, streamed.
     """
+    if (dest is None) == (tar is None):
+        raise click.UsageError("give DEST or --tar FILE (one of them)")
+    if tar is not None:
+        from castore_di.cli.archive import export_tar
+
+        digest = DIGEST.convert(source, None, click.get_current_context())
+        run_async(ctx, lambda: export_tar(ctx, digest, tar, tar_top))
+        return
+    assert dest is not None
     if form == "symlink":
         export_symlink(SymlinkNode(os.fsencode(source)), dest, replace=force)
         return

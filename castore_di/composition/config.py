@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union
 
 import attrs
 
+from castore_di.composition.fields import parse_query
 from castore_di.errors import ConfigError
 
 __all__ = [
@@ -219,9 +220,8 @@ def parse_memory_url(url: str, allowed: set[str] | frozenset[str] = frozenset())
     parts = urllib.parse.urlsplit(url)
     if parts.netloc or parts.path:
         raise ConfigError(f"invalid url {url!r}: memory:// takes no host or path")
-    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    query = dict(pairs)
-    if len(query) != len(pairs) or set(query) - allowed or (parts.query and not pairs):
+    query = parse_query(url, parts.query)  # a key given twice is refused
+    if set(query) - allowed or (parts.query and not query):
         known = ", ".join(sorted(allowed)) or "none"
-        raise ConfigError(f"invalid url {url!r}: unknown or repeated query parameter (allowed: {known})")
+        raise ConfigError(f"invalid url {url!r}: unknown query parameter (allowed: {known})")
     return query

@@ -37,6 +37,14 @@ from typing import Any, ClassVar, TypeVar
 import attrs
 
 from castore_di.composition.config import DirectoryServiceConfig
+from castore_di.composition.fields import (
+    config_from_url_fields,
+    matches,
+    parse_query,
+    positive,
+    positive_or_none,
+    query_fields,
+)
 from castore_di.digests import B3Digest, blake3_digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.directoryservice.closure import RootToLeaves
@@ -48,6 +56,7 @@ from castore_di.errors import (
     StorageError,
     UnsupportedOperationError,
     ValidationError,
+    map_errors,
 )
 from castore_di.nodes import Directory
 
@@ -197,14 +206,14 @@ class BigtableDirectoryService(DirectoryService):
     def _open(self) -> None:
         credentials = None
         if self.credentials_file is not None:
-            try:
+            with map_errors(
+                {(OSError, ValueError): StorageError}, f"bigtable: cannot load credentials_file {self.credentials_file!r}"
+            ):
                 service_account = importlib.import_module("google.oauth2.service_account")
                 credentials = service_account.Credentials.from_service_account_file(
                     self.credentials_file,
                     scopes=["https://www.googleapis.com/auth/bigtable.data"],
                 )
-            except (OSError, ValueError) as e:
-                raise StorageError(f"bigtable: cannot load credentials_file {self.credentials_file!r}: {e}") from e
         timeouts: dict[str, float | None] = {}
         if self.timeout is not None:
             timeouts = {
@@ -213,7 +222,7 @@ class BigtableDirectoryService(DirectoryService):
                 "default_attempt_timeout": self.timeout,
                 "default_operation_timeout": max(self.timeout, 60.0),
             }
-        try:
+        with self._translate("open a client"):
             for _ in range(self.channel_size):
                 with warnings.catch_warnings():
                     # The library warns on every client made for the emulator; that is the intent here.
@@ -225,8 +234,6 @@ class BigtableDirectoryService(DirectoryService):
                         self.instance_name, self.table_name, app_profile_id=self.app_profile_id, **timeouts
                     )
                 )
-        except self._lib.errors as e:
-            raise StorageError(f"bigtable: cannot open a client: {e}") from e
 
     async def close(self) -> None:
         if self._closed:
@@ -246,12 +253,9 @@ class BigtableDirectoryService(DirectoryService):
             await table.read_rows(query, operation_timeout=timeout, attempt_timeout=timeout, retryable_errors=())
         return f"bigtable {self.project_id}/{self.instance_name}/{self.table_name}: table readable"
 
-    @contextlib.contextmanager
-    def _translate(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except self._lib.errors as e:
-            raise StorageError(f"bigtable: unable to {action}: {e}") from e
+    def _translate(self, action: str) -> Any:
+        """``map_errors`` for one request: the library's errors become :class:`StorageError`."""
+        return map_errors({self._lib.errors: StorageError}, f"bigtable: unable to {action}")
 
     async def _bounded(self, jobs: list[Callable[[], Awaitable[T]]]) -> list[T]:
         """Run ``jobs`` with at most ``PARALLEL_REQUESTS`` in flight."""
@@ -409,26 +413,8 @@ class BigtableDirectoryService(DirectoryService):
             await self._mutate_batch(b)
 
 
-def _non_empty_name(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if not _NAME_RE.fullmatch(value):
-        raise ConfigError(f"{attribute.name} must be a non-empty name of letters, digits, '-', '_' or '.'")
-
-
-def _family(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if not _FAMILY_RE.fullmatch(value):
-        raise ConfigError(f"{attribute.name} {value!r} is not a valid column family name ([_a-zA-Z0-9][-_.a-zA-Z0-9]*)")
-
-
-def _positive_int(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"{attribute.name} must be at least 1, got {value}")
-
-
-def _positive_timeout(_inst: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise ConfigError(f"{attribute.name} must be a positive number of seconds or null, got {value}")
-
-
+_name = matches(_NAME_RE.pattern, "a non-empty name of letters, digits, '-', '_' or '.'")
+_family = matches(_FAMILY_RE.pattern, "a valid column family name ([_a-zA-Z0-9][-_.a-zA-Z0-9]*)")
 _str = attrs.validators.instance_of(str)
 
 
@@ -451,13 +437,13 @@ class BigtableDirectoryServiceConfig(DirectoryServiceConfig):
     """
 
     type_tag: ClassVar[str] = "bigtable"
-    project_id: str = attrs.field(validator=[_str, _non_empty_name])
-    instance_name: str = attrs.field(validator=[_str, _non_empty_name])
-    table_name: str = attrs.field(validator=[_str, _non_empty_name])
+    project_id: str = attrs.field(validator=[_str, _name])
+    instance_name: str = attrs.field(validator=[_str, _name])
+    table_name: str = attrs.field(validator=[_str, _name])
     family_name: str = attrs.field(validator=[_str, _family])
-    app_profile_id: str = attrs.field(default="default", validator=[_str, _non_empty_name])
-    channel_size: int = attrs.field(default=4, validator=[attrs.validators.instance_of(int), _positive_int])
-    timeout: float | None = attrs.field(default=4.0, validator=_positive_timeout)
+    app_profile_id: str = attrs.field(default="default", validator=[_str, _name])
+    channel_size: int = attrs.field(default=4, validator=[attrs.validators.instance_of(int), positive])
+    timeout: float | None = attrs.field(default=4.0, validator=positive_or_none)
     is_read_only: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     credentials_file: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str))
@@ -476,31 +462,6 @@ class BigtableDirectoryServiceConfig(DirectoryServiceConfig):
             raise ConfigError(f"invalid url {url!r}: instance name missing (bigtable://<instance_name>?…)")
         if parts.path or parts.fragment:
             raise ConfigError(f"invalid url {url!r}: bigtable:// takes no path or fragment")
-        pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        known = {f.name for f in attrs.fields(cls)} - {"instance_name"}
-        values: dict[str, Any] = {}
-        for key, value in pairs:
-            if key not in known:
-                raise ConfigError(f"invalid url {url!r}: unknown parameter {key!r} (known: {', '.join(sorted(known))})")
-            if key in values:
-                raise ConfigError(f"invalid url {url!r}: parameter {key!r} given twice")
-            values[key] = _convert_param(url, key, value)
-        missing = [k for k in ("project_id", "table_name", "family_name") if k not in values]
-        if missing:
-            raise ConfigError(f"invalid url {url!r}: missing parameter(s) {', '.join(missing)}")
-        return cls(instance_name=parts.netloc, **values)
-
-
-def _convert_param(url: str, key: str, value: str) -> Any:
-    try:
-        if key == "channel_size":
-            return int(value)
-        if key == "timeout":
-            return None if value.lower() in ("none", "null") else float(value)
-        if key == "is_read_only":
-            if value.lower() not in ("true", "false"):
-                raise ValueError("expected true or false")
-            return value.lower() == "true"
-    except ValueError as e:
-        raise ConfigError(f"invalid url {url!r}: bad value {value!r} for {key}: {e}") from None
-    return value
+        known = [f.name for f in attrs.fields(cls) if f.name != "instance_name"]
+        fields = query_fields(cls, url, parse_query(url, parts.query), known)
+        return config_from_url_fields(cls, url, {"instance_name": parts.netloc, **fields})

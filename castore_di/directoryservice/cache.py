@@ -16,6 +16,7 @@ from typing import ClassVar
 import attrs
 
 from castore_di.composition.config import DirectoryServiceConfig, reference
+from castore_di.composition.fields import config_from_url_fields, parse_query, query_fields
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.directoryservice.closure import RootToLeaves, leaves_first
@@ -88,8 +89,4 @@ class CacheDirectoryServiceConfig(DirectoryServiceConfig):
         parts = urllib.parse.urlsplit(url)
         if parts.netloc or parts.path:
             raise ConfigError(f"invalid url {url!r}: cache:// takes no host or path")
-        query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-        unknown = set(query) - {"near", "far"}
-        if unknown or "near" not in query or "far" not in query:
-            raise ConfigError(f"invalid url {url!r}: expected exactly the query parameters near and far")
-        return cls(near=query["near"], far=query["far"])
+        return config_from_url_fields(cls, url, query_fields(cls, url, parse_query(url, parts.query)))

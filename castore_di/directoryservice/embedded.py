@@ -3,14 +3,18 @@
 Directories are stored by digest in the data directory's LMDB environment (shared with the
 embedded blob service when both use one path; see :mod:`castore_di._embedded`), in the
 ``dirs`` database: directory digest -> a stored value (:mod:`castore_di._embedded.codec`)
-of the directory's canonical encoding. This module owns those records and their check.
+of the directory's canonical encoding, and the ``roots`` database of named roots
+(:mod:`castore_di.roots`). This module owns those records, their check and their prune.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import attrs
 
@@ -19,19 +23,22 @@ from castore_di._embedded import (
     EmbeddedStoreFields,
     Environment,
     StoreOptions,
-    acquire,
+    Handle,
     codec,
-    release,
-    url_fields,
+    config_from_url,
 )
 from castore_di.composition.config import DirectoryServiceConfig
 from castore_di.digests import B3_LEN, B3Digest, blake3_digest
 from castore_di.directoryservice.base import DirectoryService
-from castore_di.errors import ClosedError, IntegrityError, ValidationError
+from castore_di.errors import IntegrityError, ValidationError
 from castore_di.maintenance import FsckReport
 from castore_di.nodes import Directory
+from castore_di.roots import NamedRoot
 
-__all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig"]
+if TYPE_CHECKING:
+    import lmdb
+
+__all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig", "exclusive_use"]
 
 _ABSENT = B3Digest(bytes(32))  # a digest no store holds: a read that finds nothing
 
@@ -42,14 +49,18 @@ class _DirectoryRecords:
     def __init__(self, env: Environment) -> None:
         self.env = env
         self.dirs_db = env.db(b"dirs")
+        self.roots_db = env.db(b"roots")
 
-    def put_directories(self, items: list[tuple[B3Digest, bytes]], compression: Compression) -> None:
-        """Store encoded directories not yet present, all in one transaction."""
-        enc = codec()
-        with self.env.write() as txn:
+    async def put_directories(self, items: list[tuple[B3Digest, bytes]], compression: Compression) -> None:
+        """Store encoded directories not yet present, all in one transaction (on the writer thread)."""
+
+        def put(txn: lmdb.Transaction) -> None:
+            enc = codec()
             for digest, encoded in items:
                 if txn.get(digest, db=self.dirs_db) is None:
                     txn.put(digest, enc.encode(encoded, compression), db=self.dirs_db)
+
+        await self.env.transact(put)
 
     def get_directory_bytes(self, digest: B3Digest) -> bytes | None:
         """A directory's verified encoding; ``None`` when absent."""
@@ -99,6 +110,56 @@ class _DirectoryRecords:
         return report
 
 
+    # named roots: name (UTF-8) -> JSON {"digest": hex, "created": unix time, "size", "entries"}
+
+    def put_root(self, name: bytes, value: bytes) -> bytes | None:
+        """Record a named root; the value it replaced."""
+        with self.env.write() as txn:
+            old = txn.get(name, db=self.roots_db)
+            old = None if old is None else bytes(old)
+            txn.put(name, value, db=self.roots_db)
+        return old
+
+    def delete_root(self, name: bytes) -> bytes | None:
+        """Drop a named root; its value, or ``None`` when there was none."""
+        with self.env.write() as txn:
+            old = txn.get(name, db=self.roots_db)
+            old = None if old is None else bytes(old)
+            if old is not None:
+                txn.delete(name, db=self.roots_db)
+        return old
+
+    def roots(self) -> list[tuple[bytes, bytes]]:
+        """Every named root (name, value), sorted by name."""
+        with self.env.read() as txn:
+            return [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self.roots_db)]
+
+
+@contextlib.asynccontextmanager
+async def exclusive_use(env: Environment, wait: float | None = None) -> AsyncIterator[None]:
+    """Exclusive use of ``env`` for a prune (waits in a thread for the other users, ``wait`` s at most)."""
+    await asyncio.to_thread(env.enter_exclusive, wait)
+    try:
+        yield
+    finally:
+        env.leave_exclusive()
+
+
+def _encode_root(root: NamedRoot) -> bytes:
+    return json.dumps({"digest": root.digest.hex(), "created": root.created, "size": root.size,
+                       "entries": root.entries}).encode()
+
+
+def _decode_root(name: bytes, value: bytes) -> NamedRoot:
+    try:
+        fields = json.loads(value)
+        return NamedRoot(name=name.decode(), digest=B3Digest(bytes.fromhex(fields["digest"])),
+                         created=float(fields["created"]), size=int(fields["size"]),
+                         entries=int(fields.get("entries", 0)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise IntegrityError(f"named root {name!r}: stored record is invalid: {e}") from e
+
+
 class EmbeddedDirectoryService(DirectoryService):
     """Directories by digest in LMDB; a closure is committed in one transaction.
 
@@ -111,20 +172,11 @@ class EmbeddedDirectoryService(DirectoryService):
         self.path = path
         self.options = options or StoreOptions()
         self.compression: Compression = compression
-        self._engine: _DirectoryRecords | None = None
-        self._closed = False
+        self._handle = Handle(path, self.options, _DirectoryRecords, "embedded directory service")
 
     def _store(self) -> _DirectoryRecords:
-        if self._engine is None:
-            if self._closed:
-                raise ClosedError("embedded directory service is closed")
-            env = acquire(self.path, self.options)
-            try:
-                self._engine = _DirectoryRecords(env)
-            except BaseException:
-                release(env)
-                raise
-        return self._engine
+        """The directory records, opening the environment if needed (blocks; tests and threads)."""
+        return self._handle.get_blocking()
 
     async def check_connectivity(self) -> str:
         """Open the store's environment (in a thread) and read from it once."""
@@ -137,7 +189,7 @@ class EmbeddedDirectoryService(DirectoryService):
         return f"embedded store {self.path}: open"
 
     async def get(self, digest: B3Digest) -> Directory | None:
-        raw = self._store().get_directory_bytes(digest)
+        raw = (await self._handle.get()).get_directory_bytes(digest)
         if raw is None:
             return None
         try:
@@ -147,15 +199,16 @@ class EmbeddedDirectoryService(DirectoryService):
 
     async def put(self, directory: Directory) -> B3Digest:
         digest = directory.digest
-        self._store().put_directories([(digest, directory.encode())], self.compression)
+        await (await self._handle.get()).put_directories([(digest, directory.encode())], self.compression)
         return digest
 
     async def _store_closure(self, root: B3Digest, directories: list[Directory]) -> None:
-        self._store().put_directories([(d.digest, d.encode()) for d in directories], self.compression)
+        records = await self._handle.get()
+        await records.put_directories([(d.digest, d.encode()) for d in directories], self.compression)
 
     async def directory_digests(self) -> AsyncIterator[B3Digest]:
         """Every stored directory, in pages read in a thread (no transaction spans a yield)."""
-        store = self._store()
+        store = await self._handle.get()
         after: bytes | None = None
         while True:
             page = await asyncio.to_thread(store.digests_after, after, 1024)
@@ -167,14 +220,32 @@ class EmbeddedDirectoryService(DirectoryService):
 
     async def fsck(self) -> FsckReport:
         """Verify that every stored directory hashes to its key and is valid."""
-        store = self._store()
+        store = await self._handle.get()
         return await asyncio.to_thread(store.fsck)
 
+    # -- named roots and prune (castore_di.roots) -----------------------------------------
+
+    async def set_root(self, root: NamedRoot) -> NamedRoot | None:
+        old = self._store().put_root(root.name.encode(), _encode_root(root))
+        return None if old is None else _decode_root(root.name.encode(), old)
+
+    async def list_roots(self) -> list[NamedRoot]:
+        return [_decode_root(name, value) for name, value in self._store().roots()]
+
+    async def forget_root(self, name: str) -> NamedRoot | None:
+        old = self._store().delete_root(name.encode())
+        return None if old is None else _decode_root(name.encode(), old)
+
+    def exclusive_use(self, wait: float | None = None) -> AbstractAsyncContextManager[None]:
+        return exclusive_use(self._store().env, wait)
+
+    async def prune(self, keep: set[B3Digest], *, dry_run: bool) -> tuple[int, int]:
+        """Delete every directory not in ``keep``."""
+        store = self._store()
+        return await asyncio.to_thread(store.env.sweep, store.dirs_db, cast(set[bytes], keep), dry_run=dry_run)
+
     async def close(self) -> None:
-        self._closed = True
-        engine, self._engine = self._engine, None
-        if engine is not None:
-            release(engine.env)
+        await self._handle.close()
 
 
 @attrs.frozen(kw_only=True)
@@ -192,4 +263,4 @@ class EmbeddedDirectoryServiceConfig(EmbeddedStoreFields, DirectoryServiceConfig
         parameters ``map_size``, ``durability``, ``sync_interval``, ``max_readers`` and
         ``compression``.
         """
-        return cls(**url_fields(url, ("map_size", "durability", "sync_interval", "max_readers", "compression")))
+        return config_from_url(cls, url)

@@ -30,7 +30,14 @@ from castore_di.composition.config import DirectoryServiceConfig
 from castore_di.digests import B3Digest, blake3_digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.directoryservice.closure import RootToLeaves
-from castore_di.errors import ClosureError, IntegrityError, StorageError, UnsupportedOperationError, ValidationError
+from castore_di.errors import (
+    ClosureError,
+    IntegrityError,
+    StorageError,
+    UnsupportedOperationError,
+    ValidationError,
+    map_errors,
+)
 from castore_di.nodes import Directory
 from castore_di._objectstore.config import ObjectStoreFields, parse_objectstore_url
 from castore_di._objectstore.store import (
@@ -80,7 +87,11 @@ def _encode_batch(directories: list[Directory]) -> bytes:
 def _frames(root: B3Digest, compressed: bytes) -> Iterator[bytes]:
     """The raw frames of a stored batch; damage raises IntegrityError."""
     what = f"directory batch {root}"
-    try:
+
+    def damaged(e: BaseException) -> IntegrityError:
+        return IntegrityError(f"{what}: cannot decompress stored data: {e}")
+
+    with map_errors({zstd_error(): damaged}):
         reader = zstd_stream(compressed)
         while True:
             header = read_exactly(reader, 4)
@@ -95,8 +106,7 @@ def _frames(root: B3Digest, compressed: bytes) -> Iterator[bytes]:
             if len(frame) < length:
                 raise IntegrityError(f"{what}: truncated frame")
             yield frame
-    except zstd_error() as e:
-        raise IntegrityError(f"{what}: cannot decompress stored data: {e}") from e
+
 
 
 class ObjectStoreDirectoryService(DirectoryService):

@@ -12,7 +12,7 @@ import grpc.aio
 
 from castore_di._grpc.wire import error_details
 from castore_di.digests import B3_LEN, B3Digest
-from castore_di.errors import CastoreError, DigestError, ValidationError
+from castore_di.errors import CastoreError, DigestError, ValidationError, map_errors
 
 __all__ = [
     "Context",
@@ -173,10 +173,8 @@ class SendWatch:
 
 def parse_message(msg_cls: Any, raw: bytes, what: str) -> Any:
     """Decode a request; undecodable bytes are a :class:`ValidationError` (INVALID_ARGUMENT)."""
-    try:
+    with map_errors({Exception: ValidationError}, f"cannot decode {what}"):  # protobuf's DecodeError
         return msg_cls.FromString(raw)
-    except Exception as e:  # protobuf's DecodeError
-        raise ValidationError(f"cannot decode {what}: {e}") from e
 
 
 def parse_digest(raw: bytes) -> B3Digest:

@@ -56,12 +56,15 @@ class ConfigError(CastoreError, ValueError):
     """A configuration or composition problem.
 
     ``path`` names the offending place (``blobservices.default.remote``) where one is known;
-    the message always starts with it.
+    the message always starts with it. Secrets in the message (URL query values, option
+    values named like keys or tokens) are masked.
     """
 
     def __init__(self, message: str, path: str | None = None) -> None:
+        from castore_di._redact import redact_text
+
         self.path = path
-        self.detail = message
+        self.detail = message = redact_text(message)
         super().__init__(f"{path}: {message}" if path else message)
 
 

@@ -307,9 +307,16 @@ class _Writer:
     async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def _advance(self, nbytes: int, files: int) -> None:
+    def _advance(self, nbytes: int) -> None:
+        """One file of ``nbytes`` is done."""
         if self._progress is not None:
-            self._progress.advance(nbytes, files)
+            self._progress.advance(nbytes)
+
+    def _partial(self, key: object, nbytes: int) -> None:
+        """``nbytes`` of the large file ``key`` are written (``0``: forget it)."""
+        partial = getattr(self._progress, "partial", None)
+        if partial is not None:
+            partial(key, nbytes)
 
     async def run(self, concurrency: int) -> None:
         jobs: list[list[int]] = []
@@ -380,7 +387,8 @@ class _Writer:
         total = sum(len(c) for c in contents)
         self._stats.files += len(job)
         self._stats.bytes += total
-        self._advance(total, len(job))
+        for data in contents:
+            self._advance(len(data))
 
     def _write_batch(self, job: list[int], contents: list[bytes]) -> None:
         handle: Handle | None = None
@@ -428,7 +436,7 @@ class _Writer:
                         if size >= _BATCH_BYTES:
                             await self._thread(_hash_and_write, hasher, fd, pending)
                             written += size
-                            self._advance(size, 0)
+                            self._partial(i, written)
                             pending, size = [], 0
                     await self._thread(_hash_and_write, hasher, fd, pending)
                     written += size
@@ -443,7 +451,8 @@ class _Writer:
             self._fds.release(handle)
         self._stats.files += 1
         self._stats.bytes += written
-        self._advance(size, 1)
+        self._partial(i, 0)
+        self._advance(written)
 
 
 async def export_directory(

@@ -63,15 +63,16 @@ _O_READ: Final = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEX
 
 
 class ImportProgress(Protocol):
-    """Receives progress: the totals once the walk is done, then bytes and finished files.
+    """Receives progress: the totals once the walk is done, then each finished file.
 
-    ``advance(n, files=0)`` reports bytes within a large file as they are stored;
-    ``advance(n, files=k)`` reports ``k`` finished files (with their remaining bytes).
+    A progress object may also have ``partial(key, nbytes)``: the importer then reports the
+    bytes done inside a large file while it is read (``key`` names the file; ``0`` before
+    its ``advance``). A file read twice (hashed, then uploaded) counts each pass as half.
     """
 
     def start(self, files: int, nbytes: int) -> None: ...
 
-    def advance(self, nbytes: int, files: int = 1) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
 
 
 @attrs.define
@@ -366,7 +367,7 @@ class _Importer:
                 self._fds.release(handle)
         return out
 
-    def _hash_file(self, f: _File) -> tuple[B3Digest, int, bool]:
+    def _hash_file(self, f: _File, key: object) -> tuple[B3Digest, int, bool]:
         fd, st = self._open(f)
         try:
             hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -375,6 +376,7 @@ class _Importer:
                 while block := os.read(fd, 4 * _BLOCK):
                     hasher.update(block)
                     size += len(block)
+                    self._partial(key, size // 2)
             except OSError as e:
                 raise _os_error("read", self._tree.file_path(f), e) from e
         finally:
@@ -392,9 +394,16 @@ class _Importer:
 
     # -- the loop ------------------------------------------------------------------
 
-    def _advance(self, nbytes: int, files: int) -> None:
+    def _advance(self, nbytes: int) -> None:
+        """One file of ``nbytes`` is done."""
         if self._progress is not None:
-            self._progress.advance(nbytes, files)
+            self._progress.advance(nbytes)
+
+    def _partial(self, key: object, nbytes: int) -> None:
+        """``nbytes`` of the large file ``key`` are done (``0``: forget it; any thread)."""
+        partial = getattr(self._progress, "partial", None)
+        if partial is not None:
+            partial(key, nbytes)
 
     def _done(self, i: int, digest: B3Digest, size: int, executable: bool) -> None:
         self._nodes[i] = FileNode(digest, size, executable)
@@ -476,11 +485,10 @@ class _Importer:
                     raise StorageError(f"blob service returned digest {s} for {path}, expected {h}")
             self._stats.uploaded_files += len(todo)
             self._stats.uploaded_bytes += sum(len(d) for _i, d, _h, _x in todo)
-        total = 0
         for i, d, h, x in ready:
             self._done(i, h, len(d), x)
-            total += len(d)
-        self._advance(total, len(ready))
+        for _i, d, _h, _x in ready:
+            self._advance(len(d))
         for i in grown:
             await self._large(i)
 
@@ -488,21 +496,20 @@ class _Importer:
         f = self._tree.files[i]
         # Hashing first (in a thread) is far cheaper than an upload, so a large file
         # already present costs one read and no write.
-        digest, size, executable = await self._thread(self._hash_file, f)
+        digest, size, executable = await self._thread(self._hash_file, f, i)
         try:
             present = await self._blob.has(digest)
         except StorageError as e:
             raise StorageError(f"unable to upload {self._tree.file_path(f)}: {e}") from e
         if not present:
-            stored, size, executable = await self._stream(f)
+            stored, size, executable = await self._stream(f, i)
             if stored != digest:
                 raise StorageError(f"{self._tree.file_path(f)} changed while it was imported")
-            self._advance(0, 1)
-        else:
-            self._advance(size, 1)
+        self._partial(i, 0)
+        self._advance(size)
         self._done(i, digest, size, executable)
 
-    async def _stream(self, f: _File) -> tuple[B3Digest, int, bool]:
+    async def _stream(self, f: _File, key: object) -> tuple[B3Digest, int, bool]:
         fd, st = await self._thread(self._open, f)
         try:
             writer = self._blob.open_write()
@@ -511,7 +518,7 @@ class _Importer:
                 while block := await self._thread(self._read_block, fd, f):
                     size += len(block)
                     await writer.write(block)
-                    self._advance(len(block), 0)
+                    self._partial(key, f.size // 2 + size // 2)
             except BaseException:
                 await writer.abort()
                 raise

@@ -117,10 +117,11 @@ def test_inspect_commands(tmp_path: pathlib.Path, castore: Castore) -> None:
     assert castore("cat", digest, "sub/deeper/big.bin").stdout == big
     assert castore("cat", str(blake3_digest(b"Hello World"))).stdout == b"Hello World"
 
-    [blob_info] = castore.json("stat", "--json", str(blake3_digest(big)))
+    [blob_info] = castore.json("stat", "--json", "--chunks", str(blake3_digest(big)))
     assert blob_info["type"] == "blob" and blob_info["size"] == len(big)
-    chunks = blob_info["chunks"]
-    assert isinstance(chunks, list) and sum(c["size"] for c in chunks) in (0, len(big))
+    chunks = blob_info["chunk_list"]
+    assert isinstance(chunks, list) and sum(c["size"] for c in chunks) == len(big)
+    assert blob_info["chunks"] == len(chunks)
     [dir_info] = castore.json("stat", "--json", digest)
     assert dir_info["type"] == "directory" and dir_info["entries"] == 5 and dir_info["size"] == root["size"]
     assert "directory" in castore("stat", digest).stdout.decode()
@@ -175,9 +176,10 @@ def test_progress_bar_draws_only_when_enabled() -> None:
     shown = io.StringIO()
     p = Progress("importing x", stream=shown, enabled=True)
     p.start(2, 2048)
-    p.advance(2048)
-    p._draw(force=True)
-    assert "1/2 files" in shown.getvalue() and "2.0 KiB/2.0 KiB" in shown.getvalue()
+    p.advance(1024)
+    p.advance(1024)
+    p.finish()
+    assert "2/2 files" in shown.getvalue() and "2.00kB/2.00kB" in shown.getvalue()
 
 
 def test_help_documents_exit_codes() -> None:

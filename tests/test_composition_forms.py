@@ -78,7 +78,8 @@ def test_every_form_is_wired_as_provider_arguments() -> None:
     assert deps["many"][1] is container.blob_service("default.many[1]")
     assert isinstance(deps["many"][1], MemoryBlobService) and deps["many"][1] not in (a, b)
     assert deps["named"]["x"] is container.directory_service("d")
-    assert deps["named"]["y"] is container.directory_service("default.named[y]")
+    # A directory held by a blob instance: the holder's kind is part of its name (unique ids).
+    assert deps["named"]["y"] is container.directory_service("blobservices.default.named[y]")
     assert list(deps["either"]) == ["a", "memory://"] and deps["either"]["a"] is a
     # an absent optional reference and empty collections
     container = load_container({"blobservices": {"a": "memory://", "default": {"type": "everyform", "one": "a"}}},

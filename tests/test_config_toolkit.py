@@ -41,7 +41,7 @@ def test_query_values_are_typed_then_checked_by_the_strict_converter() -> None:
     assert (cfg.sync_interval, cfg.map_size) == (0.5, 4096)  # type: ignore[attr-defined]
     for url, message in [
         ("embedded:///x?map_size=big", "map_size='big' is not a valid int"),
-        ("embedded:///x?map_size=0", "map_size must be positive"),
+        ("embedded:///x?map_size=0", "map_size must be between 1 and"),
         ("embedded:///x?durability=sometimes", "durability: expected one of .process., .full., got str .sometimes."),
         ("embedded:///x?avg_chunk_size=1000", "avg_chunk_size must be between 4096 and 2097152"),
     ]:

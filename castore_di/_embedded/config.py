@@ -11,12 +11,14 @@ import attrs
 
 from castore_di._embedded.codec import Compression
 from castore_di.composition.fields import (
+    between,
     config_from_url_fields,
+    duration,
+    map_size,
     non_blank,
-    non_negative,
     one_of,
     parse_query,
-    positive,
+    path_text,
     query_fields,
 )
 from castore_di.errors import ConfigError
@@ -76,15 +78,15 @@ def parse_embedded_url(url: str) -> tuple[str | None, dict[str, str]]:
 class EmbeddedStoreFields:
     """Config fields of both ``embedded`` kinds (they may share one data directory)."""
 
-    path: str | None = attrs.field(default=None, validator=non_blank)
+    path: str | None = attrs.field(default=None, validator=[non_blank, path_text])
     """Data directory; default ``$XDG_DATA_HOME/castore`` (platformdirs ``user_data_dir``)."""
-    map_size: int = attrs.field(default=DEFAULT_MAP_SIZE, validator=positive)
+    map_size: int = attrs.field(default=DEFAULT_MAP_SIZE, validator=map_size)
     """Largest size the LMDB map may grow to, in bytes (reserved address space, not disk)."""
     durability: Durability = attrs.field(default="process", validator=one_of("process", "full"))
     """``process``: commit per close, fsync every ``sync_interval`` s; ``full``: fsync per commit."""
-    sync_interval: float = attrs.field(default=1.0, validator=non_negative)
+    sync_interval: float = attrs.field(default=1.0, validator=duration())
     """Seconds between fsyncs with ``durability: process``."""
-    max_readers: int = attrs.field(default=126, validator=positive)
+    max_readers: int = attrs.field(default=126, validator=between(1, (1 << 31) - 1, "LMDB's reader table"))
     """Concurrent read transactions across all processes (LMDB's reader table)."""
     compression: Compression = attrs.field(default="auto", validator=one_of("auto", "none"))
     """``auto``: zstd when it saves at least 1/8; ``none``: store raw."""

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import attrs
 
 from castore_di._grpc.wire import MAX_MESSAGE_SIZE, error_from_status
-from castore_di.composition.fields import non_negative, parse_query, positive_or_none
+from castore_di.composition.fields import duration, non_negative, parse_query
 from castore_di.errors import CastoreError, ClosedError, ConfigError, MissingDependencyError, StorageError
 
 if TYPE_CHECKING:
@@ -143,12 +143,12 @@ class GrpcClientConfig:
     cert_file: str | None = None
     key_file: str | None = None
     token_file: str | None = None
-    timeout: float | None = attrs.field(default=30.0, validator=positive_or_none)
-    stream_timeout: float | None = attrs.field(default=None, validator=positive_or_none)
-    connect_timeout: float = attrs.field(default=10.0, validator=non_negative)
+    timeout: float | None = attrs.field(default=30.0, validator=duration(optional=True, positive=True))
+    stream_timeout: float | None = attrs.field(default=None, validator=duration(optional=True, positive=True))
+    connect_timeout: float = attrs.field(default=10.0, validator=duration())
     retries: int = attrs.field(default=5, validator=non_negative)
-    retry_backoff: float = attrs.field(default=0.1, validator=non_negative)
-    retry_backoff_max: float = attrs.field(default=2.0, validator=non_negative)
+    retry_backoff: float = attrs.field(default=0.1, validator=duration())
+    retry_backoff_max: float = attrs.field(default=2.0, validator=duration())
 
     def __attrs_post_init__(self) -> None:
         target = parse_grpc_url(self.url)

@@ -7,7 +7,9 @@ embedded on-disk default under the user's data directory is used.
 
 Exit codes: 0 success; 1 a runtime error (storage, integrity, not found); 2 usage or
 configuration error; 3 nothing checked (``fsck``/``gc`` on a backend without a check);
-130 interrupted.
+130 interrupted; 141 (128 + SIGPIPE, what a shell shows for a program killed by SIGPIPE)
+when the reader of standard output went away, e.g. ``castore cat … | head``: nothing is
+printed then, not even a message.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.abc
+import io
+import os
+import select
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
@@ -23,6 +28,7 @@ from typing import TypeVar
 import click
 
 from castore_di.cli.context import CliContext
+from castore_di._redact import redact_text
 from castore_di.errors import CastoreError, ConfigError, describe
 
 __all__ = ["main", "cli", "run_async", "pass_ctx", "NothingCheckedError"]
@@ -34,6 +40,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NOTHING_CHECKED = 3
 EXIT_INTERRUPTED = 130
+EXIT_CLOSED_STDOUT = 141
 
 pass_ctx = click.make_pass_decorator(CliContext)
 
@@ -51,6 +58,7 @@ Exit codes:
   3    nothing checked: fsck or gc on a backend that has no check (or nothing
        to collect); a script can tell it from "verified"
   130  interrupted
+  141  standard output was closed by its reader (e.g. `| head`), no message
 Errors are one line on stderr; --verbose adds the traceback."""
 
 
@@ -64,7 +72,19 @@ _COMMANDS = {
 }
 
 
+class _StdoutClosed(Exception):
+    """Standard output's reader went away (raised instead of click's own EPIPE handling)."""
+
+
 class _LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as e:
+            if _stdout_closed():
+                raise _StdoutClosed() from e
+            raise
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         _load_commands()
         return super().list_commands(ctx)
@@ -160,8 +180,22 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:
         _import_di_lean()
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    # Text that the output encoding cannot hold is escaped, never a crash (names are quoted
+    # before they get here; this covers everything else under e.g. PYTHONIOENCODING=ascii).
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
-        cli.main(args=argv, prog_name="castore", standalone_mode=False)
+        try:
+            cli.main(args=argv, prog_name="castore", standalone_mode=False)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            if not _stdout_closed():
+                raise
+            raise _StdoutClosed() from None
+    except _StdoutClosed:
+        _silence_stdout()
+        sys.exit(EXIT_CLOSED_STDOUT)
     except click.exceptions.Abort:
         click.echo("castore: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -186,12 +220,34 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(EXIT_OK)
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader is gone (not some other broken pipe)."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True  # no usable stdout at all: nothing to say either
+
+
+def _silence_stdout() -> None:
+    # What is still buffered would fail again at exit ("Exception ignored ..."): point
+    # the descriptor at /dev/null so the final flush succeeds quietly.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
 def _report(e: BaseException, verbose: bool, prefix: str | None = None) -> None:
     if verbose:
         traceback.print_exception(e)
     message = describe(e)
     # One line whatever the message (YAML parser errors span several); --verbose has it all.
-    message = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    message = redact_text(" ".join(part.strip() for part in message.splitlines() if part.strip()))
     click.echo(f"castore: {prefix + ': ' if prefix else ''}{message}", err=True)
 
 

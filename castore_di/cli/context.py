@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from castore_di.errors import ConfigError, CycleError, UnknownTypeError
+
 if TYPE_CHECKING:
     from castore_di.blobservice.base import BlobService
     from castore_di.composition import CastoreContainer
@@ -25,6 +27,41 @@ def default_config() -> dict[str, Any]:
             "directoryservices": {"default": {"type": "embedded"}},
         }
     return {"blobservices": {"default": {"type": "memory"}}, "directoryservices": {"default": {"type": "memory"}}}
+
+
+_OPTIONS = {"blobservices": "--blob-service-addr", "directoryservices": "--directory-service-addr"}
+
+
+def url_schemes(kind: str) -> list[str]:
+    """The type tags of ``kind`` that have a URL form (``memory``, ``grpc`` …)."""
+    from castore_di.composition import default_registry
+    from castore_di.composition.config import ServiceConfig
+
+    registry = default_registry()
+    schemes = []
+    for tag in registry.tags(kind):
+        try:
+            cls = registry.resolve(kind, tag)
+        except ConfigError:
+            continue
+        if cls.from_url.__func__ is not ServiceConfig.from_url.__func__:  # type: ignore[attr-defined]
+            schemes.append(tag)
+    return schemes
+
+
+def _addr_error(e: ConfigError, blob_addr: str | None, directory_addr: str | None) -> ConfigError:
+    """A config error about an ``--…-addr`` URL, named after the option rather than a config path."""
+    kind, _, rest = (e.path or "").partition(".")
+    option = _OPTIONS.get(kind)
+    if option is None:
+        return e
+    where = option + rest.removeprefix("default")
+    url = blob_addr if kind == "blobservices" else directory_addr
+    if isinstance(e, UnknownTypeError):
+        return UnknownTypeError(
+            f"unknown URL scheme in {url!r} (known schemes: {', '.join(url_schemes(kind))}; "
+            "e.g. memory://, grpc+http://HOST:PORT, embedded:///PATH, objectstore+s3://BUCKET/PREFIX)", path=where)
+    return type(e)(e.detail, path=where) if type(e) is not CycleError else e
 
 
 @attrs.define
@@ -54,9 +91,12 @@ class CliContext:
         if self._addr_container is None:
             from castore_di.composition import container_from_addrs
 
-            self._addr_container = container_from_addrs(
-                blob=self.blob_addr, directory=self.directory_addr, metrics=self.metrics
-            )
+            try:
+                self._addr_container = container_from_addrs(
+                    blob=self.blob_addr, directory=self.directory_addr, metrics=self.metrics
+                )
+            except ConfigError as e:
+                raise _addr_error(e, self.blob_addr, self.directory_addr) from None
         return self._addr_container
 
     def blob_service(self) -> BlobService:

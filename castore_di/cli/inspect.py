@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ import click
 from castore_di.blobservice.base import BlobService
 from castore_di.cli import cli, pass_ctx, run_async
 from castore_di.cli.context import CliContext
+from castore_di.cli.output import json_line, quote_name, set_name
 from castore_di.cli.transfer import DIGEST
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
@@ -49,30 +51,33 @@ async def descend(dirs: DirectoryService, root: B3Digest, path: str) -> tuple[No
     return node, directory
 
 
-def format_entry(name: str, node: Node, size_width: int = 10) -> str:
-    """One ``ls -l`` style line: mode, size, digest, name (symlinks: ``name -> target``)."""
+def format_entry(name: bytes | str, node: Node, size_width: int = 10) -> str:
+    """One ``ls -l`` style line: mode, size, digest, name (symlinks: ``name -> target``).
+
+    Names and targets are quoted when they hold control characters, quotes or invalid UTF-8
+    (see :mod:`castore_di.cli.output`).
+    """
+    shown = quote_name(name)
     if type(node) is DirectoryNode:
-        return f"dr-xr-xr-x {node.size:>{size_width}} {node.digest} {name}/"
+        return f"dr-xr-xr-x {node.size:>{size_width}} {node.digest} {shown}/"
     if type(node) is FileNode:
         mode = "-r-xr-xr-x" if node.executable else "-r--r--r--"
-        return f"{mode} {node.size:>{size_width}} {node.digest} {name}"
+        return f"{mode} {node.size:>{size_width}} {node.digest} {shown}"
     assert type(node) is SymlinkNode
-    target = os.fsdecode(node.target)
-    return f"lrwxrwxrwx {len(node.target):>{size_width}} {'-':<48} {name} -> {target}"
+    return f"lrwxrwxrwx {len(node.target):>{size_width}} {'-':<48} {shown} -> {quote_name(node.target)}"
 
 
-def _entries_json(directory: Directory) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for raw, node in directory.items():
-        name = os.fsdecode(raw)
-        if type(node) is SymlinkNode:
-            out.append({"name": name, "type": "symlink", "target": os.fsdecode(node.target)})
-        elif type(node) is FileNode:
-            out.append({"name": name, "type": "file", "digest": str(node.digest), "size": node.size,
-                        "executable": node.executable})
-        else:
-            assert type(node) is DirectoryNode
-            out.append({"name": name, "type": "directory", "digest": str(node.digest), "size": node.size})
+def _entry_json(name: bytes, node: Node, path: bytes) -> dict[str, Any]:
+    out = set_name({}, "path", path)
+    set_name(out, "name", name)
+    if type(node) is SymlinkNode:
+        out["type"] = "symlink"
+        set_name(out, "target", node.target)
+    elif type(node) is FileNode:
+        out.update(type="file", digest=str(node.digest), size=node.size, executable=node.executable)
+    else:
+        assert type(node) is DirectoryNode
+        out.update(type="directory", digest=str(node.digest), size=node.size)
     return out
 
 
@@ -95,35 +100,35 @@ def ls_command(ctx: CliContext, digest: B3Digest, path: str, recursive: bool, as
             raise StorageError(f"{digest} is a blob, not a directory (use castore cat or castore stat)")
         node, directory = await descend(dirs, digest, path)
         if directory is None:
-            name = path.rstrip("/").rsplit("/", 1)[-1]
+            name = os.fsencode(path.rstrip("/").rsplit("/", 1)[-1])
             if as_json:
-                click.echo(json.dumps({"path": path, **_entries_json(Directory({name: node}))[0]}))
+                click.echo(json_line(_entry_json(name, node, os.fsencode(path))))
             else:
                 click.echo(format_entry(name, node))
             return
-        prefix = path.strip("/")
-        queue: list[tuple[str, Directory]] = [(prefix, directory)]
+        prefix = os.fsencode(path.strip("/"))
+        queue: collections.deque[tuple[bytes, Directory]] = collections.deque([(prefix, directory)])
         first = True
         while queue:
-            where, current = queue.pop(0)
+            where, current = queue.popleft()
             if as_json:
-                for entry in _entries_json(current):
-                    entry["path"] = f"{where}/{entry['name']}" if where else entry["name"]
-                    click.echo(json.dumps(entry))
+                for raw, child in current.items():
+                    click.echo(json_line(_entry_json(raw, child, where + b"/" + raw if where else raw)))
             else:
                 if recursive:
-                    click.echo(("" if first else "\n") + f"{where or '.'}:")
+                    click.echo(("" if first else "\n") + f"{quote_name(where or b'.')}:")
                 width = max([len(str(n.size)) for _, n in current.items() if not isinstance(n, SymlinkNode)] +
                             [len(str(len(n.target))) for _, n in current.symlinks()] + [1])
                 for raw, child in current.items():
-                    click.echo(format_entry(os.fsdecode(raw), child, width))
+                    click.echo(format_entry(raw, child, width))
             first = False
             if recursive:
                 for raw, sub in current.directories():
+                    sub_path = where + b"/" + raw if where else raw
                     sub_dir = await dirs.get(sub.digest)
                     if sub_dir is None:
-                        raise StorageError(f"directory {sub.digest} at {where}/{os.fsdecode(raw)} does not exist")
-                    queue.append((f"{where}/{os.fsdecode(raw)}" if where else os.fsdecode(raw), sub_dir))
+                        raise StorageError(f"directory {sub.digest} at {quote_name(sub_path)} does not exist")
+                    queue.append((sub_path, sub_dir))
 
     run_async(ctx, run)
 
@@ -166,11 +171,14 @@ def cat_command(ctx: CliContext, digest: B3Digest, path: str | None) -> None:
 @cli.command("stat")
 @click.argument("digest", type=DIGEST)
 @click.option("--json", "as_json", is_flag=True, help="A JSON object instead of text.")
+@click.option("--chunks", "list_chunks", is_flag=True, help="Also list the blob's chunks (digest and size).")
 @pass_ctx
-def stat_command(ctx: CliContext, digest: B3Digest, as_json: bool) -> None:
-    """Describe DIGEST: a blob (size, chunks) and/or a directory (entries, size).
+def stat_command(ctx: CliContext, digest: B3Digest, as_json: bool, list_chunks: bool) -> None:
+    """Describe DIGEST: a blob (size, chunk count) and/or a directory (entries, size).
 
-    The empty blob and the empty directory share a digest; both are shown when present.
+    The chunk count is fsck's: a blob stored without a chunk list (a small one) is one
+    chunk. --chunks lists them (JSON: "chunk_list"). The empty blob and the empty
+    directory share a digest; both are shown when present.
     """
 
     async def run() -> None:
@@ -191,10 +199,12 @@ def stat_command(ctx: CliContext, digest: B3Digest, as_json: bool) -> None:
                 raise StorageError(f"blob {digest} not found")
             async with reader:
                 size = reader.size
-            found.append({
-                "digest": str(digest), "type": "blob", "size": size,
-                "chunks": [{"digest": str(c.digest), "size": c.size} for c in chunks],
-            })
+            listed = [{"digest": str(c.digest), "size": c.size} for c in chunks] or [{"digest": str(digest),
+                                                                                     "size": size}]
+            info: dict[str, Any] = {"digest": str(digest), "type": "blob", "size": size, "chunks": len(listed)}
+            if list_chunks:
+                info["chunk_list"] = listed
+            found.append(info)
         if not found:
             raise StorageError(f"{digest}: no blob or directory with this digest")
         for info in found:
@@ -207,8 +217,8 @@ def stat_command(ctx: CliContext, digest: B3Digest, as_json: bool) -> None:
                            f"  size: {info['size']} (entries in the whole tree)\n"
                            f"  file bytes: {info['file_bytes']} (files directly inside)")
             else:
-                lines = [f"{info['digest']} blob", f"  size: {info['size']}", f"  chunks: {len(info['chunks'])}"]
-                lines += [f"    {c['digest']} {c['size']}" for c in info["chunks"]]
+                lines = [f"{info['digest']} blob", f"  size: {info['size']}", f"  chunks: {info['chunks']}"]
+                lines += [f"    {c['digest']} {c['size']}" for c in info.get("chunk_list", [])]
                 click.echo("\n".join(lines))
 
     run_async(ctx, run)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
+import threading
 from typing import IO, Any
 
 import click
 
 from castore_di.cli import cli, pass_ctx, run_async
 from castore_di.cli.context import CliContext
+from castore_di.cli.output import json_line, quote_name, set_name
 from castore_di.digests import B3Digest
 from castore_di.errors import DigestError, StorageError
 from castore_di.exporter import export_directory, export_file, export_symlink
@@ -31,91 +31,112 @@ class DigestParam(click.ParamType):  # type: ignore[type-arg]  # generic only in
             return value
         try:
             return B3Digest.parse(str(value))
-        except DigestError as e:
-            self.fail(str(e), param, ctx)
+        except DigestError:
+            text = str(value)
+            shown = repr(text if len(text) <= 60 else text[:57] + "...")
+            self.fail(f"{shown} is not a digest: give the BLAKE3-256 digest as b3: and 44 base64 "
+                      "characters (as castore import prints it), or as 64 hex digits", param, ctx)
 
 
 DIGEST = DigestParam()
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 class Progress:
-    """A one-line progress display on stderr (files, bytes, rate); silent when not a terminal."""
+    """A progress bar on stderr, drawn by tqdm: bytes (within files too), files, rate, ETA.
+
+    tqdm rather than rich: one small dependency-free library that already does what a
+    transfer bar needs (byte units, ETA, terminal width, thread-safe updates, quiet when not
+    a terminal), imported only when a bar is shown. ``partial`` (called from worker threads
+    too) reports bytes done inside a file still in progress; ``advance`` finishes a file.
+    ``finish`` draws the final state, so a completed transfer ends at 100 %.
+    """
 
     def __init__(self, label: str, stream: IO[str] | None = None, enabled: bool | None = None) -> None:
         self._stream = stream if stream is not None else sys.stderr
         self.enabled = self._stream.isatty() if enabled is None else enabled
         self._label = label
-        self._files = self._bytes = 0
-        self._total_files = self._total_bytes = 0
-        self._t0 = time.monotonic()
-        self._last = 0.0
+        self._lock = threading.Lock()
+        self._files = self._total_files = 0
+        self._done = 0  # bytes of finished files
+        self._partial: dict[object, int] = {}
+        self._bar: Any = None
 
     def start(self, files: int, nbytes: int) -> None:
-        self._total_files, self._total_bytes = files, nbytes
-        self._draw(force=True)
-
-    def advance(self, nbytes: int, files: int = 1) -> None:
-        self._files += files
-        self._bytes += nbytes
-        self._draw()
-
-    def _draw(self, force: bool = False) -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
-        if not force and now - self._last < 0.1:
+        from tqdm import tqdm
+
+        self._total_files = files
+        self._bar = tqdm(total=nbytes, desc=self._label, file=self._stream, unit="B", unit_scale=True,
+                         unit_divisor=1024, dynamic_ncols=True, leave=True, mininterval=0.1, miniters=1,
+                         postfix=self._postfix(), bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B"
+                         "{postfix} [{elapsed}<{remaining}, {rate_fmt}]")
+
+    def _postfix(self) -> str:
+        return f"{self._files}/{self._total_files} files"
+
+    def _update(self) -> None:
+        bar = self._bar
+        if bar is None:
             return
-        self._last = now
-        rate = self._bytes / max(now - self._t0, 1e-6)
-        if self._total_bytes:
-            frac = min(1.0, self._bytes / self._total_bytes)
-        else:
-            frac = self._files / self._total_files if self._total_files else 0.0
-        width = 24
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        line = (
-            f"{self._label} [{bar}] {self._files}/{self._total_files} files  "
-            f"{_human_bytes(self._bytes)}/{_human_bytes(self._total_bytes)}  {_human_bytes(rate)}/s"
-        )
-        self._stream.write("\r\x1b[K" + line)
-        self._stream.flush()
+        n = self._done + sum(self._partial.values())
+        if n != bar.n:
+            bar.set_postfix_str(self._postfix(), refresh=False)
+            bar.update(n - bar.n)
+
+    def partial(self, key: object, nbytes: int) -> None:
+        """``nbytes`` of the file ``key`` are done (it is still in progress)."""
+        if self._bar is None:
+            return
+        with self._lock:
+            if nbytes:
+                self._partial[key] = nbytes
+            elif self._partial.pop(key, None) is None:
+                return
+            self._update()
+
+    def advance(self, nbytes: int, key: object = None) -> None:
+        """One file of ``nbytes`` is done."""
+        if self._bar is None:
+            return
+        with self._lock:
+            self._partial.pop(key, None)
+            self._files += 1
+            self._done += nbytes
+            self._update()
 
     def finish(self) -> None:
-        if self.enabled:
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
+        with self._lock:
+            if self._bar is not None:
+                self._bar.set_postfix_str(self._postfix(), refresh=False)
+                self._bar.refresh()
+                self._bar.close()
+                self._bar = None
 
 
-def node_json(path: str, node: Node) -> dict[str, Any]:
-    """The ``--json`` form of a root node."""
+def node_json(path: str | bytes, node: Node) -> dict[str, Any]:
+    """The ``--json`` form of a root node (names as in :mod:`castore_di.cli.output`)."""
+    out = set_name({}, "path", path)
     if type(node) is SymlinkNode:
-        return {"path": path, "type": "symlink", "target": os.fsdecode(node.target)}
+        out["type"] = "symlink"
+        return set_name(out, "target", node.target)
     assert isinstance(node, (FileNode, DirectoryNode))
-    kind = "file" if type(node) is FileNode else "directory"
-    out: dict[str, Any] = {"path": path, "type": kind, "digest": str(node.digest), "size": node.size}
+    out.update(type="file" if type(node) is FileNode else "directory", digest=str(node.digest), size=node.size)
     if type(node) is FileNode:
         out["executable"] = node.executable
     return out
 
 
-def node_line(path: str, node: Node) -> str:
+def node_line(path: str | bytes, node: Node) -> str:
     """The human form: ``<path> <type> <b3:digest> <size>`` (symlinks: ``<path> symlink <target>``)."""
     if type(node) is SymlinkNode:
-        return f"{path} symlink {os.fsdecode(node.target)}"
+        return f"{quote_name(path)} symlink {quote_name(node.target)}"
     assert isinstance(node, (FileNode, DirectoryNode))
     if type(node) is DirectoryNode:
         kind = "directory"
     else:
         kind = "executable" if isinstance(node, FileNode) and node.executable else "file"
-    return f"{path} {kind} {node.digest} {node.size}"
+    return f"{quote_name(path)} {kind} {node.digest} {node.size}"
 
 
 @cli.command("import")
@@ -138,7 +159,9 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, nam
     Text output is one line per PATH: `<path> <type> <b3:digest> <size>` where type is
     directory, file or executable and size is bytes for files and the number of entries
     below for directories; a symlink prints `<path> symlink <target>` (never followed).
-    With --json: {"path", "type", "digest", "size"} per line (symlinks: "target").
+    With --json: {"path", "type", "digest", "size"} per line (symlinks: "target"); a
+    path or target that is not UTF-8 also comes as "path_b64"/"target_b64" (exact bytes).
+    Paths with control characters, quotes or invalid UTF-8 are quoted in text output.
     Fifos, sockets and devices are refused with an error naming the path, or skipped
     with a warning on stderr with --skip-special. --exclude takes gitignore patterns
     (`*.pyc`, `build/`, `/top-only`, `!keep.pyc`), matched below each PATH.
@@ -163,7 +186,7 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, nam
             return
         blob, dirs = ctx.blob_service(), ctx.directory_service()
         for path in paths:
-            bar = Progress(f"importing {path}", enabled=progress)
+            bar = Progress(f"importing {quote_name(path)}", enabled=progress)
             stats = ImportStats()
             try:
                 _name, node = await ingest_path(blob, dirs, path, concurrency=concurrency, progress=bar, stats=stats,
@@ -173,7 +196,7 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, nam
             if name:
                 await record_name(ctx, name, node, stats.bytes)
             if as_json:
-                click.echo(json.dumps(node_json(path, node)))
+                click.echo(json_line(node_json(path, node)))
             else:
                 click.echo(node_line(path, node))
 
@@ -242,7 +265,8 @@ def export_command(ctx: CliContext, source: str, dest: str | None, tar: str | No
     if form == "symlink":
         export_symlink(SymlinkNode(os.fsencode(source)), dest, replace=force)
         return
-    digest = DIGEST.convert(source, None, click.get_current_context())
+    click_ctx = click.get_current_context()
+    digest = DIGEST.convert(source, next(p for p in click_ctx.command.params if p.name == "source"), click_ctx)
     if executable and form not in ("file", None):
         raise click.UsageError("--executable only applies to a file")
 

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from dependency_injector import containers, providers
 
+from castore_di.composition.converter import listing
 from castore_di.composition.graph import CompositionGraph, Instance, InstanceId, Wiring
 from castore_di.errors import ConfigError, InstantiationError, UnknownInstanceError
 
@@ -364,7 +365,7 @@ class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
             return self._slots[instance_id]
         except KeyError:
             raise UnknownInstanceError(
-                f"unknown instance (known: {', '.join(sorted(self._slots)) or 'none'})", path=instance_id
+                f"unknown instance (known: {listing(self._slots)})", path=instance_id
             ) from None
 
     @property

@@ -7,24 +7,36 @@ Unknown keys are rejected; scalars are not coerced (the string ``"false"`` is no
 from __future__ import annotations
 
 import difflib
+import re
+import math
 import pathlib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar, Union
 
 import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from castore_di._redact import is_secret_name
 from castore_di.errors import ConfigError, UnknownFieldError
 
-__all__ = ["converter", "structure_config", "suggest"]
+__all__ = ["converter", "structure_config", "suggest", "listing", "brief"]
 
 T = TypeVar("T")
 
 
+def brief(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters so a message fits on a line."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
+        text = f"<{type(value).__name__} of {value.bit_length()} bits>"
+    return text if len(text) <= limit else f"{text[:limit - 1]}… ({len(text)} characters)"
+
+
 def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {brief(value)}"
 
 
 def _strict(expected: type, *accepted: type) -> Any:
@@ -38,13 +50,39 @@ def _strict(expected: type, *accepted: type) -> Any:
     return hook
 
 
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _int(value: Any, _type: Any) -> int:
+    result: int = _strict(int)(value, int)
+    if not _INT_MIN <= result <= _INT_MAX:
+        raise ConfigError(f"integer out of range (a signed 64-bit number at most), got {_describe(result)}")
+    return result
+
+
+def _float(value: Any, _type: Any) -> float:
+    if type(value) is int:
+        _int(value, int)
+    result: float = _strict(float, float, int)(value, float)
+    if not math.isfinite(result):
+        raise ConfigError(f"expected a finite number, got {result!r}")
+    return result
+
+
+def _str(value: Any, _type: Any) -> str:
+    result: str = _strict(str)(value, str)
+    if "\0" in result:
+        raise ConfigError(f"a NUL character is not allowed, got {brief(result)}")
+    return result
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
-    conv.register_structure_hook(str, _strict(str))
-    conv.register_structure_hook(int, _strict(int))
+    conv.register_structure_hook(str, _str)
+    conv.register_structure_hook(int, _int)
     conv.register_structure_hook(bool, _strict(bool))
-    conv.register_structure_hook(float, _strict(float, float, int))
-    conv.register_structure_hook(pathlib.Path, lambda v, _t: pathlib.Path(_strict(str)(v, str)))
+    conv.register_structure_hook(float, _float)
+    conv.register_structure_hook(pathlib.Path, lambda v, _t: pathlib.Path(_str(v, str)))
     # Reference lists and maps (and string maps such as options): a string is not a list of
     # its characters, a list of pairs is not a mapping.
     conv.register_structure_hook_func(_is_literal, _literal)
@@ -101,10 +139,22 @@ def _string_list_or_map(value: Any, _type: Any) -> tuple[str, ...] | dict[str, s
 converter = _make_converter()
 
 
-def suggest(word: str, known: list[str] | tuple[str, ...] | set[str]) -> str:
+def listing(names: Iterable[str], limit: int = 20) -> str:
+    """``a, b, c`` for a message; past ``limit`` names, ``a, b, … and N more``."""
+    shown = sorted(names)
+    if not shown:
+        return "none"
+    if len(shown) <= limit:
+        return ", ".join(shown)
+    return f"{', '.join(shown[:limit])} … and {len(shown) - limit} more"
+
+
+def suggest(word: str, known: Iterable[str]) -> str:
     """`` (known: a, b)``, plus ``; did you mean 'x'?`` when one is close, to end a message."""
-    text = f" (known: {', '.join(sorted(known)) or 'none'})"
-    close = difflib.get_close_matches(word, list(known), n=1)
+    known = list(known)
+    text = f" (known: {listing(known)})"
+    # difflib is quadratic in the word: skip the hint for long words or huge lists.
+    close = difflib.get_close_matches(word, known, n=1) if len(word) <= 100 and len(known) <= 5000 else []
     if close:
         text += f"; did you mean {close[0]!r}?"
     return text
@@ -130,7 +180,11 @@ def _flatten(exc: BaseException, path: str, cls: type | None, out: list[ConfigEr
     elif isinstance(exc, KeyError):
         out.append(ConfigError("required field missing", path=path))
     elif isinstance(exc, ConfigError):
-        out.append(ConfigError(exc.detail, path=_join(path, exc.path)))
+        full = _join(path, exc.path)
+        detail = exc.detail
+        if is_secret_name(re.split(r"[.\[\]']+", full.rstrip("]'"))[-1]):
+            detail = re.sub(r"(got \w+) .*", r"\1 (the value of a secret is not shown)", detail)
+        out.append(ConfigError(detail, path=full))
     else:
         out.append(ConfigError(str(exc) or type(exc).__name__, path=path))
 

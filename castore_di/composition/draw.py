@@ -2,12 +2,15 @@
 
 Nodes are instances (named ones solid, anonymous URL instances dashed), grouped by kind;
 edges go from an instance to the instances its reference fields name, labelled with the
-field (``members[1]``, ``shards[eu]`` for elements of lists and maps). No config value other than type tags and URLs of anonymous instances is shown,
-so secrets in options never end up in documentation.
+field (``members[1]``, ``shards[eu]`` for elements of lists and maps). No config value other
+than type tags and URLs of anonymous instances is shown, and secrets in those URLs (query
+values named like keys, tokens, passwords, signatures; a password in the user part) are
+masked, so secrets never end up in documentation.
 """
 
 from __future__ import annotations
 
+from castore_di._redact import redact_url
 from castore_di.composition.graph import CompositionGraph, Instance
 
 __all__ = ["to_dot", "to_mermaid", "to_tree", "FORMATS"]
@@ -19,6 +22,10 @@ def _by_kind(graph: CompositionGraph) -> dict[str, list[Instance]]:
         inst = graph.instances[iid]
         out.setdefault(inst.kind, []).append(inst)
     return out
+
+
+def _url(inst: Instance) -> str:
+    return redact_url(inst.url or "")
 
 
 def _dot_quote(text: str) -> str:
@@ -35,7 +42,7 @@ def to_dot(graph: CompositionGraph, name: str = "castore") -> str:
         lines.append(f"  subgraph {_dot_quote('cluster_' + kind)} {{")
         lines.append(f"    label={_dot_quote(kind)};")
         for inst in instances:
-            label = f"{inst.url}\n{inst.type_tag}" if inst.anonymous else f"{inst.name}\n{inst.type_tag}"
+            label = f"{_url(inst)}\n{inst.type_tag}" if inst.anonymous else f"{inst.name}\n{inst.type_tag}"
             style = ", style=dashed" if inst.anonymous else ""
             lines.append(f"    {_dot_quote(inst.id)} [label={_dot_quote(label)}{style}];")
         lines.append("  }")
@@ -59,7 +66,7 @@ def to_mermaid(graph: CompositionGraph) -> str:
             continue
         lines.append(f"  subgraph {kind}")
         for inst in instances:
-            head = (inst.url or "") if inst.anonymous else inst.name
+            head = _url(inst) if inst.anonymous else inst.name
             text = f"{_mermaid_text(head)}<br/>{_mermaid_text(inst.type_tag)}"
             shape = f'(["{text}"])' if inst.anonymous else f'["{text}"]'
             lines.append(f"    {ids[inst.id]}{shape}")
@@ -79,7 +86,7 @@ def to_tree(graph: CompositionGraph) -> str:
         for i, (field, target) in enumerate(refs):
             last = i == len(refs) - 1
             child = graph.instances[target]
-            where = child.url if child.anonymous else child.id
+            where = _url(child) if child.anonymous else child.id
             lines.append(f"{prefix}{'└── ' if last else '├── '}{field} -> {where} ({child.type_tag})")
             walk(child, prefix + ("    " if last else "│   "))
 

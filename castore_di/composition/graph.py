@@ -12,32 +12,42 @@ third-party type needs no code here; the sections are the registry's kinds.
 
 from __future__ import annotations
 
+import functools
 import graphlib
 import keyword
 import re
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any, Union
 
 import attrs
 
-from castore_di.composition.config import Reference, ServiceConfig, reference_specs
-from castore_di.composition.converter import structure_config, suggest
+from castore_di.composition.config import KINDS, Reference, ServiceConfig, reference_specs
+from castore_di.composition.converter import brief, structure_config, suggest
+from castore_di.composition.loader import check_structure
 from castore_di.composition.registry import Registry, default_registry
 from castore_di.errors import ConfigError, CycleError, UnknownInstanceError
 
-__all__ = ["Instance", "CompositionGraph", "build_graph", "InstanceId", "Wiring"]
+__all__ = ["Instance", "CompositionGraph", "build_graph", "InstanceId", "Wiring", "reserved_names"]
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-# Names dependency-injector containers use themselves; a provider by that name would shadow them.
-_RESERVED = {
-    "wire", "unwire", "override", "reset_override", "providers", "overridden", "parent", "container",
-    "declarative_parent", "dependencies", "traverse", "resolve_provider_id", "set_provider",
-    "set_providers", "init_resources", "shutdown_resources", "reset_singletons", "check_dependencies",
-    "from_schema", "from_yaml_schema", "from_json_schema", "apply_container_providers_overridings",
-    "is_async_mode_enabled", "enable_async_mode", "disable_async_mode", "assign_parent", "parent_name",
-    "wiring_config", "load_config", "reset_last_overriding", "override_providers", "provider_type",
-}
+
+
+@functools.cache
+def reserved_names() -> frozenset[str]:
+    """Names an instance cannot have: every public attribute of the dependency-injector
+    classes a lookup such as ``Provide["blobservices.<name>"]`` passes through (the section's
+    ``providers.Container`` and ``DynamicContainer``, and the ``ThreadSafeSingleton`` of an
+    instance), plus the kind names (anonymous instance ids use them)."""
+    from dependency_injector import containers, providers
+
+    names: set[str] = set(KINDS)  # the built-in kinds; build_graph refuses registered ones too
+    for obj in (containers.DynamicContainer, containers.DynamicContainer(), providers.Container,
+                providers.Container(containers.DynamicContainer), providers.ThreadSafeSingleton,
+                providers.ThreadSafeSingleton(object)):
+        names.update(n for n in dir(obj) if _NAME_RE.match(n))
+    return frozenset(names)
+
 
 InstanceId = str  # "<kind>.<name>", e.g. "blobservices.default"
 # What one reference field resolves to, by form: one -> an id; optional -> an id or None;
@@ -91,12 +101,12 @@ class CompositionGraph:
         return [i for i in self.order if i in affected and i != instance_id]
 
 
-def _check_name(kind: str, name: object) -> str:
+def _check_name(kind: str, name: object, kinds: Collection[str] = ()) -> str:
     path = f"{kind}.{name}"
-    if not isinstance(name, str) or not _NAME_RE.match(name) or keyword.iskeyword(name) or name in _RESERVED:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or keyword.iskeyword(name) or name in reserved_names() or name in kinds:
         raise ConfigError(
             "invalid instance name: use letters, digits and '_', starting with a letter, "
-            "and not a Python keyword or a container method name",
+            "and not a Python keyword, a section name or a dependency-injector attribute name",
             path=path,
         )
     return name
@@ -118,8 +128,7 @@ def build_graph(config: Mapping[str, Any], registry: Registry | None = None) -> 
     """Validate a parsed config and return its instance graph. Builds no service."""
     registry = registry or default_registry()
     kinds = registry.kinds()
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"a config must be a mapping of sections, got {type(config).__name__}")
+    check_structure(config)
     for key in config:
         if key not in kinds:
             raise ConfigError(f"unknown section {key!r}{suggest(str(key), kinds)}", path=str(key))
@@ -131,7 +140,7 @@ def build_graph(config: Mapping[str, Any], registry: Registry | None = None) -> 
         if not isinstance(section, Mapping):
             raise ConfigError(f"expected a mapping of instance names, got {type(section).__name__}", path=kind)
         for name, raw in section.items():
-            _check_name(kind, name)
+            _check_name(kind, name, kinds)
             cfg, url = _structure(registry, kind, f"{kind}.{name}", raw)
             pending.append((kind, name, cfg, url, False))
     names = {(kind, name) for kind, name, *_ in pending}
@@ -146,15 +155,16 @@ def build_graph(config: Mapping[str, Any], registry: Registry | None = None) -> 
             path = f"{iid}.{label}"
             if "://" in value:
                 sub_cfg = registry.resolve_url(spec.kind, value, path)
-                pending.append((spec.kind, f"{name}.{label}", sub_cfg, value, True))
-                target = f"{spec.kind}.{name}.{label}"
+                # Named after the field that holds it; crossing kinds adds the holder's kind, so
+                # ids stay unique (kind names are reserved instance names).
+                sub_name = f"{name}.{label}" if spec.kind == kind else f"{kind}.{name}.{label}"
+                pending.append((spec.kind, sub_name, sub_cfg, value, True))
+                target = f"{spec.kind}.{sub_name}"
             elif (spec.kind, value) in names:
                 target = f"{spec.kind}.{value}"
             else:
-                known = sorted(n for k, n in names if k == spec.kind)
-                raise UnknownInstanceError(
-                    f"unknown instance {value!r} (known: {', '.join(known) or 'none'})", path=path
-                )
+                known = [n for k, n in names if k == spec.kind]
+                raise UnknownInstanceError(f"unknown instance {brief(value)}{suggest(value, known)}", path=path)
             refs[label] = target
             return target
 
@@ -173,6 +183,8 @@ def build_graph(config: Mapping[str, Any], registry: Registry | None = None) -> 
                 wiring[field] = {key: resolve(spec, f"{field}[{key}]", v) for key, v in value.items()}
             else:  # a map field given as a list: each element is keyed by its own text
                 wiring[field] = {v: resolve(spec, f"{field}[{i}]", v) for i, v in enumerate(value)}
+        if iid in instances:  # cannot happen (ids follow the config's paths); never replace silently
+            raise ConfigError("two instances with one id", path=iid)
         instances[iid] = Instance(iid, kind, name, cfg, refs, anonymous, url, wiring)
 
     sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()

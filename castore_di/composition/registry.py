@@ -25,7 +25,7 @@ from castore_di.composition.config import (
     check_kind_name,
     url_tag,
 )
-from castore_di.composition.converter import suggest
+from castore_di.composition.converter import brief, suggest
 from castore_di.errors import ConfigError, MissingDependencyError, UnknownTypeError
 
 __all__ = ["Registry", "default_registry", "ENTRY_POINT_GROUP", "KINDS_ENTRY_POINT_GROUP"]
@@ -98,8 +98,8 @@ class Registry:
         """The config class for ``tag``; an unknown tag lists the known ones."""
         known = self._targets[kind]
         if not isinstance(tag, str) or tag not in known:
-            shown = tag if isinstance(tag, str) else repr(tag)
-            raise UnknownTypeError(f"unknown type {shown!r}{suggest(str(tag), list(known))}", path=path)
+            shown = brief(tag) if isinstance(tag, str) else brief(repr(tag))
+            raise UnknownTypeError(f"unknown type {shown}{suggest(str(tag), list(known))}", path=path)
         target = known[tag]
         if isinstance(target, str):
             cls = _import(target, path)

@@ -4,43 +4,62 @@ Semantics follow the reference's filesystem import: symlinks are never followed 
 symlink becomes a :class:`~castore_di.nodes.SymlinkNode`, a root file a
 :class:`~castore_di.nodes.FileNode` without any directory upload), a file is executable
 when its owner-execute bit (``0o100``) is set, and special files (fifos, sockets, devices)
-are refused with :class:`~castore_di.errors.UnsupportedFileTypeError` naming the path.
+are refused with :class:`~castore_di.errors.UnsupportedFileTypeError` naming the path, or
+skipped with a warning when ``skip_special`` is set. ``exclude`` takes gitignore-style
+patterns (``pathspec``'s ``gitwildmatch``), matched against paths relative to the root.
 
-How it is fast: the tree is walked first with ``os.scandir`` (one ``lstat`` per file),
-then a fixed pool of worker coroutines reads and uploads the files (bounded parallelism:
-at most ``concurrency`` files in flight). Small files are read whole and hashed here;
-when the blob is already present (``has``) the upload is skipped, so importing the same
-tree twice stores nothing new. Large files stream in blocks read in worker threads.
-Finally the directories go through one ``put_multiple_start`` putter, leaves first.
+Safety: below the root everything is opened relative to a directory descriptor with
+``O_NOFOLLOW`` (directories also ``O_DIRECTORY``, and checked to be the device and inode
+the walk saw), so no link is followed and paths never grow past ``PATH_MAX`` (any depth
+works: nothing recurses). Files are opened ``O_NONBLOCK`` and checked with ``fstat``
+before reading, so a fifo swapped in after the walk is refused, not waited on.
 
-Measured and not kept: a reader thread handing small files to the loop in batches (to
-overlap ``os.read`` with the store's work) made a stdlib import slower on this 2-core
-machine, 7.1 s against 6.1 s, from GIL hand-offs; LMDB's ``writemap`` gave no gain either.
+Pipeline: the walk runs in a thread; then two reader threads open, read and hash small
+files in batches (blake3 releases the GIL), each batch checked with one ``has_many`` and
+stored with one ``put_many`` (a backend may commit it in one transaction; digests are used
+only once stored), while large files stream through writers, several at once. Directories
+go last through one ``put_multiple_start`` putter, leaves first. ``benches/import_bench.py``
+measures it against restic and b3sum.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import stat
-from collections.abc import Callable
-from typing import Final, Protocol, cast
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol
 
 import attrs
 import blake3
 
+from castore_di._dirfds import O_DIR, DirFds, Handle, open_dir
 from castore_di.blobservice.base import BlobService
-from castore_di.digests import B3Digest, blake3_digest
+from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import CastoreError, StorageError, UnsupportedFileTypeError, ValidationError
 from castore_di.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 
-__all__ = ["ingest_path", "ImportProgress", "ImportStats", "SMALL_FILE", "DEFAULT_CONCURRENCY"]
+__all__ = [
+    "ingest_path",
+    "ImportProgress",
+    "ImportStats",
+    "SMALL_FILE",
+    "DEFAULT_CONCURRENCY",
+    "READ_THREADS",
+]
 
-SMALL_FILE: Final = 1 << 20  # files up to this size are read whole and checked with ``has``
+SMALL_FILE: Final = 1 << 20  # files up to this size are read whole and stored in batches
 DEFAULT_CONCURRENCY: Final = 32
+READ_THREADS: Final = 2  # more only adds GIL hand-offs (measured on 2 cores)
 _BLOCK: Final = 1 << 20
-_O_READ: Final = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_BATCH_FILES: Final = 128
+_BATCH_BYTES: Final = 4 << 20
+_BATCHES_IN_FLIGHT: Final = 4
+_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+_O_READ: Final = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
 
 
 class ImportProgress(Protocol):
@@ -66,26 +85,13 @@ class ImportStats:
     bytes: int = 0
     uploaded_files: int = 0
     uploaded_bytes: int = 0
+    skipped: int = 0
 
 
 def _rewrap(e: StorageError | ValidationError, context: str) -> CastoreError:
     """The same category of error with ``context`` in front of its message."""
     cls = StorageError if isinstance(e, StorageError) else ValidationError
     return cls(f"{context}: {e}")
-
-
-class _File:
-    __slots__ = ("path", "size", "executable")
-
-    def __init__(self, path: str, size: int, executable: bool) -> None:
-        self.path = path
-        self.size = size
-        self.executable = executable
-
-
-# A directory's entries while walking: (name, kind, payload) where kind is "f" (payload:
-# index into the file list), "l" (SymlinkNode) or "d" (index into the directory list).
-_Entry = tuple[bytes, str, "int | SymlinkNode"]
 
 
 def _file_type(mode: int) -> str:
@@ -100,124 +106,337 @@ def _file_type(mode: int) -> str:
     return f"unknown (mode {mode:o})"
 
 
-def _symlink(path: str) -> SymlinkNode:
-    try:
-        target = os.readlink(os.fsencode(path))
-    except OSError as e:
-        raise StorageError(f"unable to read symlink {path}: {e.strerror or e}") from e
-    try:
-        return SymlinkNode(target)
-    except ValidationError as e:
-        raise ValidationError(f"{path}: {e}") from e
+def _os_error(what: str, path: str, e: OSError) -> StorageError:
+    return StorageError(f"unable to {what} {path}: {e.strerror or e}")
 
 
-class _Walk:
-    """The walk's result: files to upload and directories in pre-order."""
+class _Dir:
+    __slots__ = ("parent", "name", "dev", "ino", "entries")
 
-    def __init__(self) -> None:
-        self.files: list[_File] = []
-        self.dirs: list[list[_Entry]] = []  # pre-order: a parent before its children
-        self.dir_paths: list[str] = []
-        self.bytes = 0
-
-    def scan(self, root: str) -> None:
-        stack = [root]
-        self.dirs.append([])
-        self.dir_paths.append(root)
-        indexes = [0]
-        while stack:
-            path = stack.pop()
-            index = indexes.pop()
-            entries = self.dirs[index]
-            try:
-                with os.scandir(path) as it:
-                    found = list(it)
-            except OSError as e:
-                raise StorageError(f"unable to read directory {path}: {e.strerror or e}") from e
-            for entry in found:
-                name = os.fsencode(entry.name)
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError as e:
-                    raise StorageError(f"unable to stat {entry.path}: {e.strerror or e}") from e
-                mode = st.st_mode
-                if stat.S_ISREG(mode):
-                    entries.append((name, "f", len(self.files)))
-                    self.files.append(_File(entry.path, st.st_size, bool(mode & 0o100)))
-                    self.bytes += st.st_size
-                elif stat.S_ISDIR(mode):
-                    entries.append((name, "d", len(self.dirs)))
-                    indexes.append(len(self.dirs))
-                    self.dirs.append([])
-                    self.dir_paths.append(entry.path)
-                    stack.append(entry.path)
-                elif stat.S_ISLNK(mode):
-                    entries.append((name, "l", _symlink(entry.path)))
-                else:
-                    raise UnsupportedFileTypeError(entry.path, _file_type(mode))
+    def __init__(self, parent: int, name: bytes, dev: int, ino: int) -> None:
+        self.parent = parent
+        self.name = name
+        self.dev = dev
+        self.ino = ino
+        # (name, kind, payload): kind "f" -> index into files, "d" -> index into dirs,
+        # "l" -> the SymlinkNode.
+        self.entries: list[tuple[bytes, str, Any]] = []
 
 
-def _hash_fd(fd: int, path: str, report: Callable[[int], None] | None = None) -> tuple[B3Digest, int]:
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    size = 0
-    try:
-        while block := os.read(fd, 4 * _BLOCK):
-            hasher.update(block)
-            size += len(block)
-            if report is not None:
-                report(size)
-    except OSError as e:
-        raise StorageError(f"unable to read {path}: {e.strerror or e}") from e
-    return B3Digest(hasher.digest()), size
+class _File:
+    __slots__ = ("dir", "name", "size")
+
+    def __init__(self, dir_index: int, name: bytes, size: int) -> None:
+        self.dir = dir_index
+        self.name = name
+        self.size = size
 
 
-class _Presence:
-    """Decides when asking ``has`` before an upload is worth it.
+class _Tree:
+    """The walk's result: directories in pre-order (a parent before its children) and files.
 
-    Uploading a present blob is correct (stores dedup by digest) but costs the store's
-    write path; asking ``has`` first costs a hash and a lookup. While lookups keep missing
-    (a fresh store) only every 16th file is checked; one hit resumes checking every file.
+    Display paths are built on demand (a deep tree would otherwise hold O(depth²) text).
     """
 
-    __slots__ = ("_misses", "_count")
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.dirs: list[_Dir] = []
+        self.files: list[_File] = []
+        self.bytes = 0
+        self.skipped = 0
 
-    def __init__(self) -> None:
-        self._misses = 0
-        self._count = 0
+    def dir_path(self, index: int) -> str:
+        parts: list[bytes] = []
+        while index > 0:
+            d = self.dirs[index]
+            parts.append(d.name)
+            index = d.parent
+        return os.path.join(self.root, *(os.fsdecode(p) for p in reversed(parts)))
 
-    def should_check(self) -> bool:
-        self._count += 1
-        return self._misses < 64 or self._count % 16 == 0
+    def file_path(self, f: _File) -> str:
+        if f.dir < 0:
+            return self.root
+        return os.path.join(self.dir_path(f.dir), os.fsdecode(f.name))
 
-    def record(self, present: bool) -> None:
-        self._misses = 0 if present else self._misses + 1
+    def open_dir(self, index: int, parent_fd: int) -> int:
+        """Open directory ``index`` below ``parent_fd``: no link followed, identity checked."""
+        return open_dir(self.dirs[index], parent_fd, lambda: self.dir_path(index))
 
 
-class _Uploader:
-    """Reads files and uploads their contents with at most ``concurrency`` in flight."""
+class _Matcher:
+    """gitignore-style exclusion (``pathspec``'s ``gitignore`` patterns), paths relative to the root.
+
+    As in git the last matching pattern wins, a pattern must match the path itself (a
+    directory is tested with a trailing ``/``), and a directory that is excluded is not
+    entered, so nothing below it can be re-included. ``tests/test_import_trees.py``
+    compares the result with ``git ls-files --others --exclude-from``.
+    """
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        try:
+            import pathspec
+        except ImportError as e:  # pragma: no cover - a core dependency
+            from castore_di.errors import MissingDependencyError
+
+            raise MissingDependencyError("--exclude needs 'pathspec' (pip install castore_di)") from e
+        try:
+            spec = pathspec.PathSpec.from_lines("gitignore", patterns)
+        except Exception as e:  # pathspec raises its own ValueError subclasses
+            raise ValidationError(f"invalid exclude pattern: {e}") from e
+        self._rules: list[tuple[bool, Any]] = [
+            (bool(p.include), p.regex) for p in spec.patterns if p.include is not None and p.regex is not None
+        ]
+
+    def excluded(self, rel: str, is_dir: bool) -> bool:
+        path = rel + "/" if is_dir else rel
+        verdict = False
+        for include, regex in self._rules:
+            # pathspec's regexes also match a path below a matching directory; only a match
+            # of the path itself counts here (the walk already judged every parent).
+            if regex.pattern == "." or any(m.end() == len(path) for m in regex.finditer(path)):
+                verdict = include
+        return verdict
+
+
+def _walk(
+    tree: _Tree,
+    root_fd: int,
+    matcher: _Matcher | None,
+    skip_special: bool,
+    warn: Callable[[str], None] | None,
+    warnings: list[str],
+) -> None:
+    """Fill ``tree`` from the directory open at ``root_fd`` (which this closes)."""
+    # Stack of (dir index, the parent's handle or None for the root, relative path).
+    stack: list[tuple[int, Handle | None, str]] = [(0, None, "")]
+    root = Handle(root_fd)
+    try:
+        while stack:
+            index, parent, rel = stack.pop()
+            if parent is None:
+                handle = root
+            else:
+                try:
+                    handle = Handle(tree.open_dir(index, parent.fd))
+                finally:
+                    parent.release()
+            try:
+                try:
+                    with os.scandir(handle.fd) as it:
+                        found = list(it)
+                except OSError as e:
+                    raise _os_error("read directory", tree.dir_path(index), e) from e
+                entries = tree.dirs[index].entries
+                for entry in found:
+                    name = os.fsencode(entry.name)
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError as e:
+                        raise _os_error("stat", os.path.join(tree.dir_path(index), entry.name), e) from e
+                    mode = st.st_mode
+                    is_dir = stat.S_ISDIR(mode)
+                    child_rel = f"{rel}/{entry.name}" if rel else entry.name
+                    if matcher is not None and matcher.excluded(child_rel, is_dir):
+                        continue
+                    if stat.S_ISREG(mode):
+                        entries.append((name, "f", len(tree.files)))
+                        tree.files.append(_File(index, name, st.st_size))
+                        tree.bytes += st.st_size
+                    elif is_dir:
+                        entries.append((name, "d", len(tree.dirs)))
+                        handle.refs += 1
+                        stack.append((len(tree.dirs), handle, child_rel if matcher is not None else ""))
+                        tree.dirs.append(_Dir(index, name, st.st_dev, st.st_ino))
+                    elif stat.S_ISLNK(mode):
+                        path_shown = os.path.join(tree.dir_path(index), entry.name)
+                        try:
+                            target = os.readlink(name, dir_fd=handle.fd)
+                        except OSError as e:
+                            raise _os_error("read symlink", path_shown, e) from e
+                        try:
+                            entries.append((name, "l", SymlinkNode(target)))
+                        except ValidationError as e:
+                            raise ValidationError(f"{path_shown}: {e}") from e
+                    else:
+                        path_shown = os.path.join(tree.dir_path(index), entry.name)
+                        if not skip_special:
+                            raise UnsupportedFileTypeError(path_shown, _file_type(mode))
+                        tree.skipped += 1
+                        message = f"skipping {path_shown}: {_file_type(mode)}"
+                        warnings.append(message)
+                        if warn is not None:
+                            warn(message)
+            finally:
+                handle.release()
+    except BaseException:
+        for _index, parent, _rel in stack:
+            if parent is not None:
+                parent.release()
+        raise
+
+
+class _Importer:
+    """Reads the walked files and stores them (see the module docstring)."""
 
     def __init__(
-        self, blob: BlobService, concurrency: int, stats: ImportStats, advance: Callable[[int], None] | None,
-        partial: Callable[[object, int], None] | None = None,
+        self,
+        blob: BlobService,
+        tree: _Tree,
+        fds: DirFds | None,
+        concurrency: int,
+        stats: ImportStats,
+        progress: ImportProgress | None,
     ) -> None:
         self._blob = blob
+        self._tree = tree
+        self._fds = fds
         self._concurrency = max(1, concurrency)
         self._stats = stats
-        self._advance = advance
-        self._partial: Callable[[object, int], None] | None = partial
-        self._presence = _Presence()
+        self._progress = progress
+        self._nodes: list[FileNode | None] = [None] * len(tree.files)
+        self._pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="castore-import")
+        self._misses = 0  # consecutive batches with nothing present
+        self._batches = 0
+        # Batches of small files in flight: enough to keep the readers and the store's
+        # threads busy; a remote store sees at most this many put_many calls at once.
+        self._batch_slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
 
-    async def upload_all(self, files: list[_File]) -> list[FileNode]:
-        nodes: list[FileNode | None] = [None] * len(files)
-        # Big files first: they take longest, so they overlap with the many small ones.
-        order = sorted(range(len(files)), key=lambda i: files[i].size, reverse=True)
-        it = iter(order)
+    # -- threads -------------------------------------------------------------------
+
+    def _open(self, f: _File, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
+        """Open a walked file for reading: no link followed, never blocks, regular files only.
+
+        ``dir_fd``: the file's directory when the caller holds it open.
+        """
+        try:
+            if f.dir < 0:
+                fd = os.open(self._tree.root, _O_READ)
+            elif dir_fd is not None:
+                fd = os.open(f.name, _O_READ, dir_fd=dir_fd)
+            else:
+                assert self._fds is not None
+                handle = self._fds.acquire(f.dir)
+                try:
+                    fd = os.open(f.name, _O_READ, dir_fd=handle.fd)
+                finally:
+                    self._fds.release(handle)
+        except OSError as e:
+            raise _os_error("open", self._tree.file_path(f), e) from e
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            os.close(fd)
+            raise _os_error("stat", self._tree.file_path(f), e) from e
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise UnsupportedFileTypeError(self._tree.file_path(f), _file_type(st.st_mode))
+        return fd, st
+
+    def _read_batch(self, indexes: list[int]) -> list[tuple[int, bytes, B3Digest, bool] | tuple[int, None, None, bool]]:
+        """Read and hash small files; ``None`` data for a file that grew past ``SMALL_FILE``."""
+        out: list[tuple[int, bytes, B3Digest, bool] | tuple[int, None, None, bool]] = []
+        handle: Handle | None = None
+        current = -1
+        try:
+            for i in indexes:
+                f = self._tree.files[i]
+                if self._fds is not None and f.dir >= 0 and (handle is None or f.dir != current):
+                    if handle is not None:
+                        self._fds.release(handle)
+                        handle = None
+                    handle = self._fds.acquire(f.dir)
+                    current = f.dir
+                fd, st = self._open(f, None if handle is None else handle.fd)
+                try:
+                    executable = bool(st.st_mode & 0o100)
+                    try:
+                        data = os.read(fd, max(st.st_size, f.size) + 1)
+                        if len(data) > st.st_size:
+                            while len(data) <= SMALL_FILE and (more := os.read(fd, SMALL_FILE)):
+                                data += more
+                    except OSError as e:
+                        raise _os_error("read", self._tree.file_path(f), e) from e
+                finally:
+                    os.close(fd)
+                if len(data) > SMALL_FILE:
+                    out.append((i, None, None, executable))
+                else:
+                    out.append((i, data, B3Digest(blake3.blake3(data).digest()), executable))
+        finally:
+            if handle is not None and self._fds is not None:
+                self._fds.release(handle)
+        return out
+
+    def _hash_file(self, f: _File, key: object) -> tuple[B3Digest, int, bool]:
+        fd, st = self._open(f)
+        try:
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            size = 0
+            try:
+                while block := os.read(fd, 4 * _BLOCK):
+                    hasher.update(block)
+                    size += len(block)
+                    self._partial(key, size // 2)
+            except OSError as e:
+                raise _os_error("read", self._tree.file_path(f), e) from e
+        finally:
+            os.close(fd)
+        return B3Digest(hasher.digest()), size, bool(st.st_mode & 0o100)
+
+    def _read_block(self, fd: int, f: _File) -> bytes:
+        try:
+            return os.read(fd, _BLOCK)
+        except OSError as e:
+            raise _os_error("read", self._tree.file_path(f), e) from e
+
+    async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _advance(self, nbytes: int) -> None:
+        """One file of ``nbytes`` is done."""
+        if self._progress is not None:
+            self._progress.advance(nbytes)
+
+    def _partial(self, key: object, nbytes: int) -> None:
+        """``nbytes`` of the large file ``key`` are done (``0``: forget it; any thread)."""
+        partial = getattr(self._progress, "partial", None)
+        if partial is not None:
+            partial(key, nbytes)
+
+    def _done(self, i: int, digest: B3Digest, size: int, executable: bool) -> None:
+        self._nodes[i] = FileNode(digest, size, executable)
+        self._stats.files += 1
+        self._stats.bytes += size
+
+    async def run(self) -> list[FileNode]:
+        files = self._tree.files
+        large = sorted((i for i, f in enumerate(files) if f.size > SMALL_FILE), key=lambda i: -files[i].size)
+        jobs: list[tuple[str, list[int]]] = [("large", [i]) for i in large]
+        batch: list[int] = []
+        nbytes = 0
+        for i, f in enumerate(files):
+            if f.size > SMALL_FILE:
+                continue
+            batch.append(i)
+            nbytes += f.size
+            if len(batch) >= _BATCH_FILES or nbytes >= _BATCH_BYTES:
+                jobs.append(("small", batch))
+                batch, nbytes = [], 0
+        if batch:
+            jobs.append(("small", batch))
+        # Large files first: they take longest, so they overlap with the many small ones.
+        it = iter(jobs)
 
         async def worker() -> None:
-            for i in it:
-                nodes[i] = await self.upload(files[i])
+            for kind, indexes in it:
+                if kind == "small":
+                    await self._small(indexes)
+                else:
+                    await self._large(indexes[0])
 
-        workers = [asyncio.ensure_future(worker()) for _ in range(min(self._concurrency, len(files)))]
+        workers = [asyncio.ensure_future(worker()) for _ in range(min(self._concurrency, len(jobs)))]
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -225,112 +444,93 @@ class _Uploader:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
             raise
-        assert all(n is not None for n in nodes)
-        return nodes  # type: ignore[return-value]
+        finally:
+            # Reader threads may still hold directory descriptors: let them finish first.
+            await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+        assert all(n is not None for n in self._nodes)
+        return self._nodes  # type: ignore[return-value]
 
-    async def upload(self, f: _File) -> FileNode:
+    def _should_check(self) -> bool:
+        # Asking ``has_many`` first costs a lookup per batch; uploading a present blob costs
+        # the store's write path. While lookups keep finding nothing (a fresh store) only
+        # every 8th batch is checked; one hit resumes checking every batch.
+        self._batches += 1
+        return self._misses < 4 or self._batches % 8 == 0
+
+    async def _small(self, indexes: list[int]) -> None:
+        async with self._batch_slots:
+            await self._small_batch(indexes)
+
+    async def _small_batch(self, indexes: list[int]) -> None:
+        read = await self._thread(self._read_batch, indexes)
+        ready = [(i, d, h, x) for i, d, h, x in read if d is not None]
+        grown = [i for i, d, _h, _x in read if d is None]
+        todo = ready
+        if ready and self._should_check():
+            try:
+                present = await self._blob.has_many([h for _i, _d, h, _x in ready])
+            except StorageError as e:
+                raise StorageError(f"unable to check blobs below {self._tree.root}: {e}") from e
+            self._misses = 0 if any(present) else self._misses + 1
+            todo = [r for r, p in zip(ready, present) if not p]
+        if todo:
+            try:
+                stored = await self._blob.put_many([d for _i, d, _h, _x in todo])
+            except StorageError as e:
+                first = self._tree.file_path(self._tree.files[todo[0][0]])
+                raise StorageError(f"unable to upload {first} (and {len(todo) - 1} more): {e}") from e
+            for (i, _d, h, _x), s in zip(todo, stored):
+                if s != h:  # a backend that hashes differently is broken
+                    path = self._tree.file_path(self._tree.files[i])
+                    raise StorageError(f"blob service returned digest {s} for {path}, expected {h}")
+            self._stats.uploaded_files += len(todo)
+            self._stats.uploaded_bytes += sum(len(d) for _i, d, _h, _x in todo)
+        for i, d, h, x in ready:
+            self._done(i, h, len(d), x)
+        for _i, d, _h, _x in ready:
+            self._advance(len(d))
+        for i in grown:
+            await self._large(i)
+
+    async def _large(self, i: int) -> None:
+        f = self._tree.files[i]
+        # Hashing first (in a thread) is far cheaper than an upload, so a large file
+        # already present costs one read and no write.
+        digest, size, executable = await self._thread(self._hash_file, f, i)
         try:
-            fd = os.open(f.path, _O_READ)
-        except OSError as e:
-            raise StorageError(f"unable to open {f.path}: {e.strerror or e}") from e
+            present = await self._blob.has(digest)
+        except StorageError as e:
+            raise StorageError(f"unable to upload {self._tree.file_path(f)}: {e}") from e
+        if not present:
+            stored, size, executable = await self._stream(f, i)
+            if stored != digest:
+                raise StorageError(f"{self._tree.file_path(f)} changed while it was imported")
+        self._partial(i, 0)
+        self._advance(size)
+        self._done(i, digest, size, executable)
+
+    async def _stream(self, f: _File, key: object) -> tuple[B3Digest, int, bool]:
+        fd, st = await self._thread(self._open, f)
         try:
-            if f.size <= SMALL_FILE:
-                data = self._read_small(fd, f)
-                if data is not None:
-                    digest = await self._put_small(data, f)
-                    size = len(data)
-                else:
-                    digest, size = await self._stream(fd, f)
-            else:
-                digest, size = await self._put_large(fd, f)
+            writer = self._blob.open_write()
+            size = 0
+            try:
+                while block := await self._thread(self._read_block, fd, f):
+                    size += len(block)
+                    await writer.write(block)
+                    self._partial(key, f.size // 2 + size // 2)
+            except BaseException:
+                await writer.abort()
+                raise
+            try:
+                digest = await writer.close()
+            except StorageError as e:
+                raise StorageError(f"unable to finalize blob {self._tree.file_path(f)}: {e}") from e
         finally:
             os.close(fd)
-        self._stats.files += 1
-        self._stats.bytes += size
-        if self._partial is not None:
-            self._partial(f.path, 0)
-        if self._advance is not None:
-            self._advance(size)
-        return FileNode(digest, size, f.executable)
-
-    @staticmethod
-    def _read_small(fd: int, f: _File) -> bytes | None:
-        """The whole file, or ``None`` when it grew past the small-file limit meanwhile."""
-        try:
-            data = os.read(fd, f.size + 1)
-            if len(data) <= f.size:
-                return data  # a short read of a regular file is its end
-            rest = os.read(fd, SMALL_FILE)
-            if len(data) + len(rest) > SMALL_FILE:
-                os.lseek(fd, 0, os.SEEK_SET)
-                return None
-            while rest:
-                data += rest
-                rest = os.read(fd, SMALL_FILE)
-            return data
-        except OSError as e:
-            raise StorageError(f"unable to read {f.path}: {e.strerror or e}") from e
-
-    async def _put_small(self, data: bytes, f: _File) -> B3Digest:
-        check = self._presence.should_check()
-        digest = blake3_digest(data) if check else None
-        try:
-            if digest is not None:
-                present = await self._blob.has(digest)
-                self._presence.record(present)
-                if present:
-                    return digest
-            stored = await self._blob.put(data)
-        except StorageError as e:
-            raise StorageError(f"unable to upload {f.path}: {e}") from e
-        if digest is not None and stored != digest:  # a backend that hashes differently is broken
-            raise StorageError(f"blob service returned digest {stored} for {f.path}, expected {digest}")
-        self._stats.uploaded_files += 1
-        self._stats.uploaded_bytes += len(data)
-        return stored
-
-    async def _put_large(self, fd: int, f: _File) -> tuple[B3Digest, int]:
-        # Hashing in a worker thread (blake3 releases the GIL) is far cheaper than an
-        # upload, so a large file already present costs one read and no write.
-        partial = self._partial
-        report = (lambda n: partial(f.path, n // 2)) if partial is not None else None
-        digest, size = await asyncio.to_thread(_hash_fd, fd, f.path, report)
-        try:
-            if await self._blob.has(digest):
-                return digest, size
-        except StorageError as e:
-            raise StorageError(f"unable to upload {f.path}: {e}") from e
-        os.lseek(fd, 0, os.SEEK_SET)
-        stored, size = await self._stream(fd, f, halves=True)
-        if stored != digest:
-            raise StorageError(f"{f.path} changed while it was imported")
-        return stored, size
-
-    async def _stream(self, fd: int, f: _File, halves: bool = False) -> tuple[B3Digest, int]:
-        writer = self._blob.open_write()
-        size = 0
-        try:
-            while True:
-                try:
-                    block = await asyncio.to_thread(os.read, fd, _BLOCK)
-                except OSError as e:
-                    raise StorageError(f"unable to read {f.path}: {e.strerror or e}") from e
-                if not block:
-                    break
-                size += len(block)
-                await writer.write(block)
-                if self._partial is not None:
-                    self._partial(f.path, f.size // 2 + size // 2 if halves else size)
-        except BaseException:
-            await writer.abort()
-            raise
-        try:
-            digest = await writer.close()
-        except StorageError as e:
-            raise StorageError(f"unable to finalize blob {f.path}: {e}") from e
         self._stats.uploaded_files += 1
         self._stats.uploaded_bytes += size
-        return digest, size
+        return digest, size, bool(st.st_mode & 0o100)
 
 
 async def ingest_path(
@@ -341,70 +541,105 @@ async def ingest_path(
     concurrency: int = DEFAULT_CONCURRENCY,
     progress: ImportProgress | None = None,
     stats: ImportStats | None = None,
+    exclude: Sequence[str] = (),
+    skip_special: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[bytes, Node]:
     """Import ``path`` and return its name (the basename, as bytes) and its root node.
 
     Args:
         blob: where file contents go.
         dirs: where directories go (one closure, leaves first).
-        path: a directory, a regular file or a symlink (not followed).
-        concurrency: the most files read and uploaded at once.
-        progress: told the totals after the walk and each finished file.
+        path: a directory, a regular file or a symlink (not followed; the path's own
+            parent directories may be symlinks).
+        concurrency: the most blob writes in flight (a batch of small files counts once).
+        progress: told the totals after the walk, then bytes and finished files.
         stats: filled in with counts as the import runs.
+        exclude: gitignore-style patterns of paths (relative to ``path``) to leave out.
+        skip_special: skip fifos, sockets and devices (each reported to ``warn``)
+            instead of failing.
+        warn: receives one message per skipped file.
 
     Raises:
-        UnsupportedFileTypeError: a fifo, socket or device in the tree.
+        UnsupportedFileTypeError: a fifo, socket or device in the tree (without ``skip_special``).
         StorageError: a file cannot be read or a service fails.
     """
     root = os.fspath(path)
     stats = stats if stats is not None else ImportStats()
     name = os.fsencode(os.path.basename(os.path.normpath(root)))
+    matcher = _Matcher(exclude) if exclude else None
     try:
         st = os.lstat(root)
     except OSError as e:
-        raise StorageError(f"unable to stat {root}: {e.strerror or e}") from e
-    advance = progress.advance if progress is not None else None
-    uploader = _Uploader(blob, concurrency, stats, advance, getattr(progress, "partial", None))
+        raise _os_error("stat", root, e) from e
+    tree = _Tree(root)
 
     if stat.S_ISLNK(st.st_mode):
         stats.symlinks += 1
-        return name, _symlink(root)
+        try:
+            target = os.readlink(os.fsencode(root))
+        except OSError as e:
+            raise _os_error("read symlink", root, e) from e
+        try:
+            return name, SymlinkNode(target)
+        except ValidationError as e:
+            raise ValidationError(f"{root}: {e}") from e
     if stat.S_ISREG(st.st_mode):
+        tree.files.append(_File(-1, name, st.st_size))
         if progress is not None:
             progress.start(1, st.st_size)
-        return name, await uploader.upload(_File(root, st.st_size, bool(st.st_mode & 0o100)))
+        nodes = await _Importer(blob, tree, None, concurrency, stats, progress).run()
+        return name, nodes[0]
     if not stat.S_ISDIR(st.st_mode):
         raise UnsupportedFileTypeError(root, _file_type(st.st_mode))
 
-    walk = _Walk()
-    walk.scan(root)
+    def open_root() -> int:
+        try:
+            fd = os.open(root, O_DIR)
+            opened = os.fstat(fd)
+        except OSError as e:
+            raise _os_error("open directory", root, e) from e
+        if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            raise StorageError(f"{root} was replaced while it was imported")
+        return fd
+
+    tree.dirs.append(_Dir(-1, b"", st.st_dev, st.st_ino))
+    warnings: list[str] = []
+    await asyncio.to_thread(lambda: _walk(tree, open_root(), matcher, skip_special, warn, warnings))
+    stats.skipped = tree.skipped
     if progress is not None:
-        progress.start(len(walk.files), walk.bytes)
-    file_nodes = await uploader.upload_all(walk.files)
+        progress.start(len(tree.files), tree.bytes)
+    fds = DirFds(tree.dirs, await asyncio.to_thread(open_root), tree.dir_path)
+    try:
+        file_nodes = await _Importer(blob, tree, fds, concurrency, stats, progress).run()
+    finally:
+        fds.close()
 
     # Reversed pre-order puts every directory after all of its descendants.
-    built: list[DirectoryNode | None] = [None] * len(walk.dirs)
+    built: list[DirectoryNode | None] = [None] * len(tree.dirs)
     putter = dirs.put_multiple_start()
-    for index in range(len(walk.dirs) - 1, -1, -1):
+    for index in range(len(tree.dirs) - 1, -1, -1):
         pairs: list[tuple[bytes, Node]] = []
-        for entry_name, kind, payload in walk.dirs[index]:
+        for entry_name, kind, payload in tree.dirs[index].entries:
             if kind == "f":
-                pairs.append((entry_name, file_nodes[cast(int, payload)]))
+                pairs.append((entry_name, file_nodes[payload]))
             elif kind == "d":
-                child = built[cast(int, payload)]
+                child = built[payload]
                 assert child is not None
                 pairs.append((entry_name, child))
             else:
-                pairs.append((entry_name, cast(SymlinkNode, payload)))
+                pairs.append((entry_name, payload))
                 stats.symlinks += 1
+        tree.dirs[index].entries = []  # free as we go
         try:
             directory = Directory(pairs)
         except ValidationError as e:
-            raise ValidationError(f"cannot import directory {walk.dir_paths[index]}: {e}") from e
+            raise ValidationError(f"cannot import directory {tree.dir_path(index)}: {e}") from e
         try:
             await putter.put(directory)
         except (StorageError, ValidationError) as e:
-            raise _rewrap(e, f"failed to upload directory at {walk.dir_paths[index]}") from e
+            raise _rewrap(e, f"failed to upload directory at {tree.dir_path(index)}") from e
         built[index] = directory.as_node()
         stats.directories += 1
     try:

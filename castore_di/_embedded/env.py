@@ -50,6 +50,7 @@ __all__ = [
 T = TypeVar("T")
 
 _MAX_DBS = 8
+_LOW_SPACE = 64 << 20  # an I/O error with less free space than this is taken for a full disk
 _USERS_LOCK = "users.lock"  # every process with the environment open holds a shared flock
 _SWEEP_BATCH = 4096  # keys examined per sweep write transaction (keeps each one short)
 
@@ -75,10 +76,13 @@ class Environment:
         self.options = options
         self._closed = False
         self._last_sync = time.monotonic()
+        self._dirty = False  # commits since the last sync
         self._sync_lock = threading.Lock()
         self._dbs: dict[bytes, Any] = {}
         self._dbs_lock = threading.Lock()
         self._table: ErrorTable = {self._lmdb.MapFullError: self._full, self._lmdb.Error: StorageError}
+        # Commits and syncs: a full disk is named as such (see _write_error).
+        self._write_table: ErrorTable = {self._lmdb.MapFullError: self._full, self._lmdb.Error: self._write_error}
         self.writer = Writer(self)
         full = options.durability == "full"
         self._users = _hold_users_lock(path)
@@ -152,13 +156,29 @@ class Environment:
         ``durability`` asks. Blocks: the writer thread and tests use it, services use
         :meth:`transact`."""
         self._check_open()
-        with self.lmdb_errors(), self.env.begin(write=True, buffers=True) as txn:
+        with map_errors(self._write_table), self.env.begin(write=True, buffers=True) as txn:
             yield txn
         self._after_commit()
+
+    def _write_error(self, e: BaseException) -> StorageError:
+        """A failed commit or sync; a full disk says so (LMDB reports a short write as EIO)."""
+        text = str(e)
+        full = "No space left" in text
+        if not full and ("Input/output error" in text or isinstance(e, self._lmdb.DiskError)):
+            try:
+                st = os.statvfs(self.path)
+                full = st.f_bavail * st.f_frsize < _LOW_SPACE
+            except OSError:
+                pass
+        if full:
+            return StorageError(f"embedded store {self.path}: no space left on device ({text}); "
+                                "the failed transaction was not applied")
+        return StorageError(f"embedded store {self.path}: {text}")
 
     def _after_commit(self) -> None:
         if self.options.durability == "full":
             return  # LMDB synced the commit itself
+        self._dirty = True
         if time.monotonic() - self._last_sync >= self.options.sync_interval:
             self.sync()
 
@@ -166,8 +186,9 @@ class Environment:
         """Flush committed transactions to disk (fsync)."""
         with self._sync_lock:
             self._last_sync = time.monotonic()
+            self._dirty = False
             if not self._closed:
-                with self.lmdb_errors("sync failed"):
+                with map_errors(self._write_table, "sync failed"):
                     self.env.sync(True)
 
     def _check_open(self) -> None:
@@ -180,7 +201,8 @@ class Environment:
             return
         try:
             self.writer.stop()
-            self.sync()
+            if self._dirty:  # a read-only session (castore ls, cat) does not wait for an fsync
+                self.sync()
         finally:
             self._closed = True
             self.env.close()

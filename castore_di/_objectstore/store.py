@@ -7,6 +7,7 @@ are imported only when a store is built or data is (de)compressed.
 from __future__ import annotations
 
 import io
+import threading
 import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -183,8 +184,14 @@ def zstd_error() -> type[Exception]:
     return error
 
 
+_compressors = threading.local()
+
+
 def zstd_compress(data: bytes) -> bytes:
-    result: bytes = _zstd().ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+    compressor = getattr(_compressors, "c", None)
+    if compressor is None:  # one per thread: a context is not thread-safe, and costly to make per chunk
+        compressor = _compressors.c = _zstd().ZstdCompressor(level=ZSTD_LEVEL)
+    result: bytes = compressor.compress(data)
     return result
 
 

@@ -416,6 +416,9 @@ class HashingWriter(BlobWriter):
         return B3Digest(self._hasher.digest())
 
 
+_MANY_AT_ONCE = 8  # calls in flight for the default has_many/put_many
+
+
 class BlobService(abc.ABC):
     """A content-addressed store of blobs (see the module docstring for the contract)."""
 
@@ -449,6 +452,32 @@ class BlobService(abc.ABC):
             await writer.abort()
             raise
         return await writer.close()
+
+    async def has_many(self, digests: Sequence[B3Digest]) -> list[bool]:
+        """``has`` for each digest, in order (backends may answer in one lookup)."""
+        out: list[bool] = []
+        for i in range(0, len(digests), _MANY_AT_ONCE):
+            out += await asyncio.gather(*(self.has(d) for d in digests[i : i + _MANY_AT_ONCE]))
+        return out
+
+    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        """Store several (small) blobs; their digests in order, each returned only once stored.
+
+        Backends may commit them together (one transaction); the default puts a few at a time.
+        """
+        out: list[B3Digest] = []
+        for i in range(0, len(blobs), _MANY_AT_ONCE):
+            out += await asyncio.gather(*(self.put(b) for b in blobs[i : i + _MANY_AT_ONCE]))
+        return out
+
+    async def read_many(self, digests: Sequence[B3Digest], *, verify: bool = True) -> list[bytes | None]:
+        """Several (small) whole blobs; ``None`` for an absent one.
+
+        Backends may read them in one go; the default reads them one by one. With
+        ``verify=False`` the caller checks each blob against its digest itself, and a
+        backend may skip its own check (so each byte is hashed once).
+        """
+        return [await self.read_bytes(d) for d in digests]
 
     async def read_bytes(self, digest: B3Digest) -> bytes | None:
         """The whole blob in memory (verified), or ``None`` when absent."""

@@ -48,6 +48,9 @@ Chunks of a large blob are committed in batches of at most ``BATCH_BYTES`` so no
 transaction is long. Every write (and the compression of the chunks it stores) runs as an
 operation on the environment's writer thread (:meth:`Environment.transact`), group-committed
 with the writes of other writers; ``close()`` returns the digest only after the commit.
+``put_many`` stores a batch of small blobs as one writer operation, hashed and compressed
+in a worker thread before it is queued; ``has_many`` and ``read_many`` answer from one read
+transaction in a thread (``benches/import_bench.py``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -230,6 +234,12 @@ class _BlobRecords:
             elif lease is not None and txn.get(digest, db=self.loose_db) is not None:
                 txn.put(lease.token + digest, b"", db=self.inflight_db)
 
+    def put_encoded(self, txn: lmdb.Transaction, values: list[tuple[B3Digest, bytes]]) -> None:
+        """Store already encoded one-chunk blobs not yet present."""
+        for digest, value in values:
+            if txn.get(digest, db=self.chunks_db) is None:
+                txn.put(digest, value, db=self.chunks_db, dupdata=False)
+
     def claim_chunks(self, txn: lmdb.Transaction, digests: list[B3Digest]) -> None:
         """Mark chunks as needed for good: a committed index or a one-chunk blob names them."""
         for digest in digests:
@@ -270,6 +280,13 @@ class _BlobRecords:
         with self.env.read() as txn:
             return self._is_blob_chunk(txn, digest) or txn.get(digest, db=self.blobs_db) is not None
 
+    def has_blobs(self, digests: Sequence[B3Digest]) -> list[bool]:
+        """``has_blob`` for each digest, in one read transaction."""
+        with self.env.read() as txn:
+            return [
+                self._is_blob_chunk(txn, d) or txn.get(d, db=self.blobs_db) is not None for d in digests
+            ]
+
     def get_chunk_unverified(self, digest: B3Digest, blob: B3Digest) -> bytes | None:
         """A chunk's decoded bytes; the caller verifies (``ChunkedReader`` does)."""
         with self.env.read() as txn:
@@ -290,6 +307,26 @@ class _BlobRecords:
         if blake3_digest(data) != digest:
             raise IntegrityError(f"blob {digest}: chunk {digest} is corrupted")
         return data, None
+
+    def read_blobs(
+        self, digests: Sequence[B3Digest], verify: bool = True
+    ) -> list[tuple[bytes | None, list[tuple[B3Digest, int]] | None]]:
+        """:meth:`read_blob` for each digest, in one read transaction (``verify=False``: the
+        caller checks one-chunk blobs itself)."""
+        dec = codec()
+        out: list[tuple[bytes | None, list[tuple[B3Digest, int]] | None]] = []
+        with self.env.read() as txn:
+            for digest in digests:
+                raw = txn.get(digest, db=self.chunks_db)
+                if raw is None or txn.get(digest, db=self.loose_db) is not None:
+                    index = txn.get(digest, db=self.blobs_db)
+                    out.append((None, None if index is None else decode_index(index, digest)))
+                    continue
+                data = dec.decode(raw, _chunk_name(digest, None))
+                if verify and blake3_digest(data) != digest:
+                    raise IntegrityError(f"blob {digest}: chunk {digest} is corrupted")
+                out.append((data, None))
+        return out
 
     def lookup_blob(self, digest: B3Digest) -> tuple[bool, list[tuple[B3Digest, int]] | None]:
         """``(is_a_chunk, chunk_list_or_None)`` in one read transaction."""
@@ -532,6 +569,46 @@ class EmbeddedBlobService(BlobService):
     async def has(self, digest: B3Digest) -> bool:
         return (await self._handle.get()).has_blob(digest)
 
+    async def has_many(self, digests: Sequence[B3Digest]) -> list[bool]:
+        store = await self._handle.get()
+        return await asyncio.to_thread(store.has_blobs, digests)
+
+    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        """Blobs of one chunk are hashed and compressed in a thread, then committed as one
+        writer operation; longer ones (and every blob of a bounded store) go through writers."""
+        if self.max_bytes is not None:  # each blob's commit tracks and evicts on its own
+            return await super().put_many(blobs)
+        small = [i for i, b in enumerate(blobs) if len(b) <= self.min_chunk_size]
+        out: list[B3Digest | None] = [None] * len(blobs)
+        if small:
+            store = await self._handle.get()
+            digests, values = await asyncio.to_thread(self._encode_small, store, [blobs[i] for i in small])
+
+            def commit(txn: lmdb.Transaction) -> None:
+                store.put_encoded(txn, values)
+                # A chunk stored ahead of a large blob's index may already hold these bytes:
+                # as a blob of its own it is needed for good.
+                store.claim_chunks(txn, digests)
+
+            await store.env.transact(commit)
+            for i, d in zip(small, digests):
+                out[i] = d
+        rest = [i for i, d in enumerate(out) if d is None]
+        if rest:
+            for i, d in zip(rest, await asyncio.gather(*(self.put(blobs[i]) for i in rest))):
+                out[i] = d
+        return [d for d in out if d is not None]
+
+    def _encode_small(
+        self, store: _BlobRecords, blobs: list[bytes]
+    ) -> tuple[list[B3Digest], list[tuple[B3Digest, bytes]]]:
+        """Digests of ``blobs`` and the encoded values of those not stored yet (in a thread)."""
+        digests = [blake3_digest(b) for b in blobs]
+        present = store.has_blobs(digests)
+        enc = codec()
+        values = [(d, enc.encode(b, self.compression)) for d, b, p in zip(digests, blobs, present) if not p]
+        return digests, values
+
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         store = await self._handle.get()
         data, index = store.read_blob(digest)
@@ -546,6 +623,19 @@ class EmbeddedBlobService(BlobService):
             return store.get_chunk_unverified(chunk, digest)
 
         return ChunkedReader(digest, [ChunkMeta(d, size) for d, size in index], fetch)
+
+    async def read_many(self, digests: Sequence[B3Digest], *, verify: bool = True) -> list[bytes | None]:
+        """One-chunk blobs are read, decompressed (and verified) in a thread; others one by one."""
+        store = await self._handle.get()
+        found = await asyncio.to_thread(store.read_blobs, digests, verify)
+        out: list[bytes | None] = []
+        for digest, (data, index) in zip(digests, found):
+            if data is None and index is not None:
+                data = await self.read_bytes(digest)
+            elif data is not None:
+                self._touch(digest)
+            out.append(data)
+        return out
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         is_chunk, index = (await self._handle.get()).lookup_blob(digest)

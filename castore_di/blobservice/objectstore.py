@@ -293,7 +293,9 @@ class _ObjectStoreBlobWriter(BlobWriter):
         # last is final, since FastCDC decides a cut from at most max_size bytes after it.
         self._threshold = avg * 8
         self._chunker: FastCDC | None = None
-        self._hasher: Any = blake3.blake3()
+        # The whole-blob hash may use several threads (blake3 releases the GIL); the next
+        # cut runs while earlier chunks compress and upload (benches/objectstore_ingest.py).
+        self._hasher: Any = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self._buf = bytearray()
         self._chunks: list[ChunkMeta] = []
         self._slots = asyncio.Semaphore(service.max_in_flight)

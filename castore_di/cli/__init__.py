@@ -15,6 +15,8 @@ printed then, not even a message.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.abc
 import io
 import os
 import select
@@ -60,11 +62,21 @@ Exit codes:
 Errors are one line on stderr; --verbose adds the traceback."""
 
 
+# Where each command lives, so a command imports only its own module (``castore ls`` does
+# not load the server or the config checker). A name missing here is found by loading
+# every module in ``_load_commands``.
+_COMMANDS = {
+    "cat": "inspect", "check": "check", "export": "transfer", "fsck": "maintain", "gc": "maintain",
+    "forget": "roots", "graph": "check", "import": "transfer", "ls": "inspect", "mount": "mount",
+    "prune": "roots", "roots": "roots", "schema": "check", "serve": "serve", "stat": "inspect",
+}
+
+
 class _StdoutClosed(Exception):
     """Standard output's reader went away (raised instead of click's own EPIPE handling)."""
 
 
-class _Group(click.Group):
+class _LazyGroup(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
@@ -73,8 +85,21 @@ class _Group(click.Group):
                 raise _StdoutClosed() from e
             raise
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _load_commands()
+        return super().list_commands(ctx)
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CASTORE"},
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            module = _COMMANDS.get(cmd_name)
+            if module is not None:
+                importlib.import_module(f"castore_di.cli.{module}")
+            if cmd_name not in self.commands:
+                _load_commands()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CASTORE"},
              epilog=_EPILOG)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="CASTORE_CONFIG",
               help="Config file (YAML, JSON or TOML). Env: CASTORE_CONFIG.")
@@ -112,8 +137,6 @@ def run_async(ctx: CliContext, fn: Callable[[], Awaitable[T]]) -> T:
 
 def _load_commands() -> None:
     # Each command lives in its own module and registers itself on ``cli``.
-    import importlib
-
     for name in ("check", "serve", "transfer", "inspect", "maintain", "mount", "roots"):
         try:
             importlib.import_module(f"castore_di.cli.{name}")
@@ -122,9 +145,40 @@ def _load_commands() -> None:
                 raise
 
 
+# Optional integrations dependency-injector imports when they are installed (FastAPI,
+# Flask/werkzeug, pydantic settings: ~0.4 s together). The CLI uses none of them.
+_DI_OPTIONAL = frozenset({"fastapi", "fast_depends", "starlette", "werkzeug", "flask", "pydantic", "pydantic_settings"})
+
+
+class _SkipOptional(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: object, target: object = None) -> None:
+        if name.partition(".")[0] in _DI_OPTIONAL:
+            raise ModuleNotFoundError(f"{name} is not loaded by the castore command", name=name)
+        return None
+
+
+def _import_di_lean() -> None:
+    """Import dependency-injector without its optional web-framework integrations.
+
+    Only for the console script's own process: a program that imports castore_di as a
+    library keeps dependency-injector's integrations. ``benches/container_bench.py``
+    measures the start-up this saves.
+    """
+    if "dependency_injector" in sys.modules or any(m in sys.modules for m in _DI_OPTIONAL):
+        return
+    finder = _SkipOptional()
+    sys.meta_path.insert(0, finder)
+    try:
+        import dependency_injector.containers  # noqa: F401
+        import dependency_injector.providers  # noqa: F401
+    finally:
+        sys.meta_path.remove(finder)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``castore`` console script."""
-    _load_commands()
+    if argv is None:
+        _import_di_lean()
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
     # Text that the output encoding cannot hold is escaped, never a crash (names are quoted
     # before they get here; this covers everything else under e.g. PYTHONIOENCODING=ascii).

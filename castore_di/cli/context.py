@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from castore_di.blobservice.base import BlobService
-from castore_di.composition import CastoreContainer, container_from_addrs, default_registry, load_container
-from castore_di.composition.config import ServiceConfig
-from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import ConfigError, CycleError, UnknownTypeError
+
+if TYPE_CHECKING:
+    from castore_di.blobservice.base import BlobService
+    from castore_di.composition import CastoreContainer
+    from castore_di.directoryservice.base import DirectoryService
 
 __all__ = ["CliContext", "default_config"]
 
 
 def default_config() -> dict[str, Any]:
     """The config used when none is given: the embedded on-disk store (memory if unavailable)."""
+    from castore_di.composition import default_registry
+
     registry = default_registry()
     if "embedded" in registry.tags("blobservices") and "embedded" in registry.tags("directoryservices"):
         return {
@@ -31,6 +34,9 @@ _OPTIONS = {"blobservices": "--blob-service-addr", "directoryservices": "--direc
 
 def url_schemes(kind: str) -> list[str]:
     """The type tags of ``kind`` that have a URL form (``memory``, ``grpc`` …)."""
+    from castore_di.composition import default_registry
+    from castore_di.composition.config import ServiceConfig
+
     registry = default_registry()
     schemes = []
     for tag in registry.tags(kind):
@@ -74,6 +80,8 @@ class CliContext:
     def container(self) -> CastoreContainer:
         """The container from ``--config``/``CASTORE_CONFIG``, else the default config."""
         if self._container is None:
+            from castore_di.composition import load_container
+
             self._container = load_container(
                 self.config_path if self.config_path else default_config(), metrics=self.metrics
             )
@@ -81,6 +89,8 @@ class CliContext:
 
     def _addrs(self) -> CastoreContainer:
         if self._addr_container is None:
+            from castore_di.composition import container_from_addrs
+
             try:
                 self._addr_container = container_from_addrs(
                     blob=self.blob_addr, directory=self.directory_addr, metrics=self.metrics

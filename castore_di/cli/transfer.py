@@ -147,9 +147,13 @@ def node_line(path: str | bytes, node: Node) -> str:
 @click.option("-j", "--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_CONCURRENCY, show_default=True,
               help="Files read and uploaded at once.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when it is a terminal).")
+@click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
+              help="Leave out paths matching this gitignore-style pattern (relative to each PATH; repeatable).")
+@click.option("--skip-special", is_flag=True,
+              help="Skip fifos, sockets and devices with a warning each instead of failing.")
 @pass_ctx
 def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, name: str | None, as_json: bool,
-                   concurrency: int, progress: bool | None) -> None:
+                   concurrency: int, progress: bool | None, excludes: tuple[str, ...], skip_special: bool) -> None:
     """Import files, directories and symlinks; print the root node of each PATH.
 
     Text output is one line per PATH: `<path> <type> <b3:digest> <size>` where type is
@@ -158,7 +162,9 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, nam
     With --json: {"path", "type", "digest", "size"} per line (symlinks: "target"); a
     path or target that is not UTF-8 also comes as "path_b64"/"target_b64" (exact bytes).
     Paths with control characters, quotes or invalid UTF-8 are quoted in text output.
-    Fifos, sockets and devices are refused with an error naming the path.
+    Fifos, sockets and devices are refused with an error naming the path, or skipped
+    with a warning on stderr with --skip-special. --exclude takes gitignore patterns
+    (`*.pyc`, `build/`, `/top-only`, `!keep.pyc`), matched below each PATH.
     With --tar FILE (- for standard input): the archive's one top-level directory.
     """
     if bool(tar) == bool(paths):
@@ -166,6 +172,9 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, nam
     from castore_di.cli.roots import check_name, record_name
 
     check_name(name, 1 if tar else len(paths))
+
+    def warn(message: str) -> None:
+        click.echo(f"castore: warning: {message}", err=True)
 
     async def run() -> None:
         if tar:
@@ -180,7 +189,8 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, nam
             bar = Progress(f"importing {quote_name(path)}", enabled=progress)
             stats = ImportStats()
             try:
-                _name, node = await ingest_path(blob, dirs, path, concurrency=concurrency, progress=bar, stats=stats)
+                _name, node = await ingest_path(blob, dirs, path, concurrency=concurrency, progress=bar, stats=stats,
+                                                exclude=excludes, skip_special=skip_special, warn=warn)
             finally:
                 bar.finish()
             if name:

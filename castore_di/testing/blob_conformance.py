@@ -167,6 +167,17 @@ class BlobServiceConformance:
         for b, d in zip(blobs, digests):
             assert await blob_service.read_bytes(d) == b
 
+    async def test_batches(self, blob_service: BlobService) -> None:
+        """``put_many``/``has_many``/``read_many`` keep order, store each blob, report absence."""
+        blobs = [_data(n, 200 + n % 7) for n in (0, 1, 700, 5000, 70_000, 300_000)] + [b"same", b"same"]
+        digests = await blob_service.put_many(blobs)
+        assert digests == [blake3_digest(b) for b in blobs]
+        absent = blake3_digest(b"never stored in the batch test")
+        assert await blob_service.has_many([absent, *digests]) == [False] + [True] * len(blobs)
+        assert await blob_service.read_many([*digests, absent]) == [*blobs, None]
+        assert await blob_service.read_many([*digests, absent], verify=False) == [*blobs, None]
+        assert await blob_service.put_many(blobs) == digests
+
     async def test_corruption_is_detected(self, blob_service: BlobService, backdoor: BlobBackdoor | None) -> None:
         if backdoor is None:
             pytest.skip("this backend offers no way to reach storage behind the API")
@@ -180,3 +191,5 @@ class BlobServiceConformance:
             return
         with pytest.raises(IntegrityError):
             await blob_service.read_bytes(digest)
+        with pytest.raises(IntegrityError):
+            await blob_service.read_many([digest])

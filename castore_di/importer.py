@@ -35,7 +35,7 @@ import attrs
 import blake3
 
 from castore_di._dirfds import O_DIR, DirFds, Handle, open_dir
-from castore_di.blobservice.base import BlobService
+from castore_di.blobservice.base import BlobService, PreparedBlob
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import CastoreError, StorageError, UnsupportedFileTypeError, ValidationError
@@ -332,9 +332,12 @@ class _Importer:
             raise UnsupportedFileTypeError(self._tree.file_path(f), _file_type(st.st_mode))
         return fd, st
 
-    def _read_batch(self, indexes: list[int]) -> list[tuple[int, bytes, B3Digest, bool] | tuple[int, None, None, bool]]:
-        """Read and hash small files; ``None`` data for a file that grew past ``SMALL_FILE``."""
-        out: list[tuple[int, bytes, B3Digest, bool] | tuple[int, None, None, bool]] = []
+    def _read_batch(self, indexes: list[int]) -> tuple[list[tuple[int, PreparedBlob, bool]], list[int]]:
+        """Read small files and prepare them for storing (:meth:`BlobService.prepare_many`:
+        hashed, and for the embedded store compressed, here in the reader thread); also the
+        files that grew past ``SMALL_FILE``."""
+        read: list[tuple[int, bytes, bool]] = []
+        grown: list[int] = []
         handle: Handle | None = None
         current = -1
         try:
@@ -359,13 +362,14 @@ class _Importer:
                 finally:
                     os.close(fd)
                 if len(data) > SMALL_FILE:
-                    out.append((i, None, None, executable))
+                    grown.append(i)
                 else:
-                    out.append((i, data, B3Digest(blake3.blake3(data).digest()), executable))
+                    read.append((i, data, executable))
         finally:
             if handle is not None and self._fds is not None:
                 self._fds.release(handle)
-        return out
+        prepared = self._blob.prepare_many([d for _i, d, _x in read]) if read else []
+        return [(i, p, x) for (i, _d, x), p in zip(read, prepared)], grown
 
     def _hash_file(self, f: _File, key: object) -> tuple[B3Digest, int, bool]:
         fd, st = self._open(f)
@@ -462,33 +466,30 @@ class _Importer:
             await self._small_batch(indexes)
 
     async def _small_batch(self, indexes: list[int]) -> None:
-        read = await self._thread(self._read_batch, indexes)
-        ready = [(i, d, h, x) for i, d, h, x in read if d is not None]
-        grown = [i for i, d, _h, _x in read if d is None]
-        todo = ready
-        if ready and self._should_check():
+        ready, grown = await self._thread(self._read_batch, indexes)
+        unknown = [p for _i, p, _x in ready if p.present is None]
+        if unknown and self._should_check():
             try:
-                present = await self._blob.has_many([h for _i, _d, h, _x in ready])
+                present = await self._blob.has_many([p.digest for p in unknown])
             except StorageError as e:
                 raise StorageError(f"unable to check blobs below {self._tree.root}: {e}") from e
             self._misses = 0 if any(present) else self._misses + 1
-            todo = [r for r, p in zip(ready, present) if not p]
+            for p, found in zip(unknown, present):
+                p.present = found
+        todo = [(i, p) for i, p, _x in ready if not p.present]
         if todo:
             try:
-                stored = await self._blob.put_many([d for _i, d, _h, _x in todo])
+                # Returns once committed: only then are the digests used.
+                await self._blob.put_prepared([p for _i, p in todo])
             except StorageError as e:
                 first = self._tree.file_path(self._tree.files[todo[0][0]])
                 raise StorageError(f"unable to upload {first} (and {len(todo) - 1} more): {e}") from e
-            for (i, _d, h, _x), s in zip(todo, stored):
-                if s != h:  # a backend that hashes differently is broken
-                    path = self._tree.file_path(self._tree.files[i])
-                    raise StorageError(f"blob service returned digest {s} for {path}, expected {h}")
             self._stats.uploaded_files += len(todo)
-            self._stats.uploaded_bytes += sum(len(d) for _i, d, _h, _x in todo)
-        for i, d, h, x in ready:
-            self._done(i, h, len(d), x)
-        for _i, d, _h, _x in ready:
-            self._advance(len(d))
+            self._stats.uploaded_bytes += sum(p.size for _i, p in todo)
+        for i, p, x in ready:
+            self._done(i, p.digest, p.size, x)
+        for _i, p, _x in ready:
+            self._advance(p.size)
         for i in grown:
             await self._large(i)
 

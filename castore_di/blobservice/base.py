@@ -42,6 +42,7 @@ __all__ = [
     "ChunkedReader",
     "ChunkMeta",
     "HashingWriter",
+    "PreparedBlob",
     "PositionedReader",
     "READ_BLOCK",
     "DEFAULT_AVG_CHUNK_SIZE",
@@ -419,6 +420,20 @@ class HashingWriter(BlobWriter):
 _MANY_AT_ONCE = 8  # calls in flight for the default has_many/put_many
 
 
+class PreparedBlob:
+    """A blob readied for :meth:`BlobService.put_prepared` by the same service's
+    :meth:`~BlobService.prepare_many`: its digest and size, whether the service found it
+    present (``None``: not checked), and the service's own encoding of it (``payload``)."""
+
+    __slots__ = ("digest", "size", "present", "payload")
+
+    def __init__(self, digest: B3Digest, size: int, present: bool | None, payload: Any) -> None:
+        self.digest = digest
+        self.size = size
+        self.present = present
+        self.payload = payload
+
+
 class BlobService(abc.ABC):
     """A content-addressed store of blobs (see the module docstring for the contract)."""
 
@@ -469,6 +484,25 @@ class BlobService(abc.ABC):
         for i in range(0, len(blobs), _MANY_AT_ONCE):
             out += await asyncio.gather(*(self.put(b) for b in blobs[i : i + _MANY_AT_ONCE]))
         return out
+
+    def prepare_many(self, blobs: Sequence[bytes]) -> list[PreparedBlob]:
+        """Hash (and, where a backend can, check and encode) blobs for :meth:`put_prepared`.
+
+        Blocking and CPU-bound: call it in a worker thread (several threads may call it at
+        once), which lets a caller such as the importer do this work on every core. The
+        digests are computed here, by this process; nothing is stored. The default hashes.
+        """
+        return [PreparedBlob(blake3_digest(b), len(b), None, b) for b in blobs]
+
+    async def put_prepared(self, blobs: Sequence[PreparedBlob]) -> None:
+        """Store blobs from this service's :meth:`prepare_many`; returns once they are stored.
+
+        The default stores each payload with :meth:`put_many` and checks the digests agree.
+        """
+        stored = await self.put_many([p.payload for p in blobs])
+        for p, digest in zip(blobs, stored):
+            if digest != p.digest:
+                raise StorageError(f"blob service stored digest {digest} for a blob hashed as {p.digest}")
 
     async def read_many(self, digests: Sequence[B3Digest], *, verify: bool = True) -> list[bytes | None]:
         """Several (small) whole blobs; ``None`` for an absent one.

@@ -237,6 +237,9 @@ class _BlobRecords:
         With ``lease`` (chunks stored ahead of their blob's index) new chunks are marked
         loose and every loose chunk among them is claimed for the lease's writer.
         """
+        if lease is None:  # one call for all: stores each value whose key is absent
+            txn.cursor(db=self.chunks_db).putmulti(chunks, dupdata=False, overwrite=False)
+            return
         for digest, value in chunks:
             if txn.get(digest, db=self.chunks_db) is None:
                 txn.put(digest, value, db=self.chunks_db, dupdata=False)
@@ -647,14 +650,18 @@ class EmbeddedBlobService(BlobService):
 
         def commit(txn: lmdb.Transaction) -> None:
             claims: list[B3Digest] = []
+            values: list[tuple[B3Digest, bytes]] = []
             for p in todo:
                 encoded: _Encoded = p.payload
-                store.put_chunks(txn, encoded.values)
+                values += encoded.values
                 if encoded.index is None:
                     claims.append(p.digest)
                 else:
                     claims.extend(d for d, _ in encoded.index)
-                    store.put_index(txn, p.digest, encoded.index)
+            store.put_chunks(txn, values)
+            for p in todo:  # indexes after their chunks
+                if p.payload.index is not None:
+                    store.put_index(txn, p.digest, p.payload.index)
             # A chunk stored ahead of a large blob's index may already hold these bytes:
             # as (part of) a blob of its own it is needed for good.
             store.claim_chunks(txn, claims)

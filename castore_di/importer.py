@@ -56,7 +56,8 @@ READ_THREADS: Final = min(8, (os.cpu_count() or 1) + 1)  # reader threads compre
 _BLOCK: Final = 1 << 20
 _BATCH_FILES: Final = 128
 _BATCH_BYTES: Final = 4 << 20
-_BATCHES_IN_FLIGHT: Final = 4
+_BATCHES_IN_FLIGHT: Final = 4  # batches of small files being read or stored at once
+_STREAM_BLOCK: Final = 4 << 20  # read size while a large file streams into a writer
 _CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _O_READ: Final = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
@@ -297,9 +298,6 @@ class _Importer:
         self._pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="castore-import")
         self._misses = 0  # consecutive batches with nothing present
         self._batches = 0
-        # Batches of small files in flight: enough to keep the readers and the store's
-        # threads busy; a remote store sees at most this many put_many calls at once.
-        self._batch_slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
 
     # -- threads -------------------------------------------------------------------
 
@@ -389,7 +387,7 @@ class _Importer:
 
     def _read_block(self, fd: int, f: _File) -> bytes:
         try:
-            return os.read(fd, _BLOCK)
+            return os.read(fd, _STREAM_BLOCK)
         except OSError as e:
             raise _os_error("read", self._tree.file_path(f), e) from e
 
@@ -414,33 +412,43 @@ class _Importer:
         self._stats.files += 1
         self._stats.bytes += size
 
-    async def run(self) -> list[FileNode]:
+    async def run(self, indexes: Sequence[int] | None = None) -> list[FileNode]:
+        """Store the files (all, or those at ``indexes`` in the tree's file list) and return
+        the tree's file nodes: filled in for the files stored, ``None`` for the others."""
         files = self._tree.files
-        large = sorted((i for i, f in enumerate(files) if f.size > SMALL_FILE), key=lambda i: -files[i].size)
-        jobs: list[tuple[str, list[int]]] = [("large", [i]) for i in large]
+        todo = range(len(files)) if indexes is None else indexes
+        large = sorted((i for i in todo if files[i].size > SMALL_FILE), key=lambda i: -files[i].size)
+        batches: list[list[int]] = []
         batch: list[int] = []
         nbytes = 0
-        for i, f in enumerate(files):
-            if f.size > SMALL_FILE:
+        for i in todo:
+            size = files[i].size
+            if size > SMALL_FILE:
                 continue
             batch.append(i)
-            nbytes += f.size
+            nbytes += size
             if len(batch) >= _BATCH_FILES or nbytes >= _BATCH_BYTES:
-                jobs.append(("small", batch))
+                batches.append(batch)
                 batch, nbytes = [], 0
         if batch:
-            jobs.append(("small", batch))
-        # Large files first: they take longest, so they overlap with the many small ones.
-        it = iter(jobs)
+            batches.append(batch)
+        # Two lanes: large files (largest first, so none is left alone at the end) stream
+        # through writers; batches of small files go through the reader threads. Neither
+        # waits behind the other.
+        large_it, small_it = iter(large), iter(batches)
 
-        async def worker() -> None:
-            for kind, indexes in it:
-                if kind == "small":
-                    await self._small(indexes)
-                else:
-                    await self._large(indexes[0])
+        async def large_lane() -> None:
+            for i in large_it:
+                await self._large(i)
 
-        workers = [asyncio.ensure_future(worker()) for _ in range(min(self._concurrency, len(jobs)))]
+        async def small_lane() -> None:
+            for b in small_it:
+                await self._small_batch(b)
+
+        n_large = min(len(large), max(1, self._concurrency // 4))
+        n_small = min(len(batches), _BATCHES_IN_FLIGHT)
+        workers = [asyncio.ensure_future(large_lane()) for _ in range(n_large)]
+        workers += [asyncio.ensure_future(small_lane()) for _ in range(n_small)]
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -451,7 +459,7 @@ class _Importer:
         finally:
             # Reader threads may still hold directory descriptors: let them finish first.
             await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
-        assert all(n is not None for n in self._nodes)
+        assert all(self._nodes[i] is not None for i in todo)
         return self._nodes  # type: ignore[return-value]
 
     def _should_check(self) -> bool:
@@ -460,10 +468,6 @@ class _Importer:
         # every 8th batch is checked; one hit resumes checking every batch.
         self._batches += 1
         return self._misses < 4 or self._batches % 8 == 0
-
-    async def _small(self, indexes: list[int]) -> None:
-        async with self._batch_slots:
-            await self._small_batch(indexes)
 
     async def _small_batch(self, indexes: list[int]) -> None:
         ready, grown = await self._thread(self._read_batch, indexes)
@@ -497,7 +501,7 @@ class _Importer:
         f = self._tree.files[i]
         # Hashing first (in a thread) is far cheaper than an upload, so a large file
         # already present costs one read and no write.
-        digest, size, executable = await self._thread(self._hash_file, f, i)
+        digest, size, executable = await asyncio.to_thread(self._hash_file, f, i)
         try:
             present = await self._blob.has(digest)
         except StorageError as e:
@@ -511,12 +515,12 @@ class _Importer:
         self._done(i, digest, size, executable)
 
     async def _stream(self, f: _File, key: object) -> tuple[B3Digest, int, bool]:
-        fd, st = await self._thread(self._open, f)
+        fd, st = await asyncio.to_thread(self._open, f)
         try:
             writer = self._blob.open_write()
             size = 0
             try:
-                while block := await self._thread(self._read_block, fd, f):
+                while block := await asyncio.to_thread(self._read_block, fd, f):
                     size += len(block)
                     await writer.write(block)
                     self._partial(key, f.size // 2 + size // 2)

@@ -14,11 +14,15 @@ the walk saw), so no link is followed and paths never grow past ``PATH_MAX`` (an
 works: nothing recurses). Files are opened ``O_NONBLOCK`` and checked with ``fstat``
 before reading, so a fifo swapped in after the walk is refused, not waited on.
 
-Pipeline: the walk runs in a thread; then two reader threads open, read and hash small
-files in batches (blake3 releases the GIL), each batch checked with one ``has_many`` and
-stored with one ``put_many`` (a backend may commit it in one transaction; digests are used
-only once stored), while large files stream through writers, several at once. Directories
-go last through one ``put_multiple_start`` putter, leaves first. ``benches/import_bench.py``
+Pipeline: the walk runs in a thread; then files are stored in two lanes. Small files go in
+batches to reader threads (``READ_THREADS``: one more than the cores) that open, read and
+prepare them (:meth:`BlobService.prepare_many`: each blob hashed once, and for the embedded
+store looked up, cut and compressed right there, as blake3, FastCDC and zstd release the GIL);
+each batch is then stored with one ``put_prepared`` (one writer operation for the embedded
+store), and its digests are used only once that returned, i.e. after the commit. Large files,
+largest first, stream through writers several at once, read in worker threads; the embedded
+writer hashes, cuts and compresses in worker threads too. Directories go last through one
+``put_multiple_start`` putter, leaves first. ``benches/import_bench.py``
 measures it against restic and b3sum.
 """
 

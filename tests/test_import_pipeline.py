@@ -177,3 +177,23 @@ async def test_periodic_sync_runs_on_its_own_thread(tmp_path: Path) -> None:
     assert await again.read_bytes(blake3_digest(_data(1000, 4))) == _data(1000, 4)
     await again.close()
 
+
+
+async def test_fast_compression_is_zstd_read_back_alike(tmp_path: Path) -> None:
+    """``compression: fast`` (zstd level -1) stores zstd frames that read back as any other."""
+    from castore_di.blobservice.embedded import EmbeddedBlobServiceConfig
+
+    assert EmbeddedBlobServiceConfig.from_url("embedded:///x?compression=fast").compression == "fast"
+    text = Path(asyncio.__file__).read_bytes() * 4  # source code: compresses well at any level
+    sizes = {}
+    for mode in ("auto", "fast"):
+        service = EmbeddedBlobService(str(tmp_path / mode), compression=mode)  # type: ignore[arg-type]
+        digest = (await service.put_many([text]))[0]
+        store = service._store()
+        with store.env.read() as txn:
+            stored = bytes(txn.get(digest, db=store.chunks_db) or b"")
+            stored += b"".join(bytes(v) for _k, v in txn.cursor(db=store.chunks_db) if bytes(_k) != digest)
+        assert await service.read_bytes(digest) == text
+        sizes[mode] = len(stored)
+        await service.close()
+    assert sizes["auto"] < sizes["fast"] < len(text) // 2

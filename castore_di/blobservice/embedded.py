@@ -45,12 +45,14 @@ are tracked: blobs stored by an unbounded use of the same directory are never ev
 A bounded store is a cache, not a primary copy.
 
 Chunks of a large blob are committed in batches of at most ``BATCH_BYTES`` so no write
-transaction is long. Every write (and the compression of the chunks it stores) runs as an
-operation on the environment's writer thread (:meth:`Environment.transact`), group-committed
-with the writes of other writers; ``close()`` returns the digest only after the commit.
-``put_many`` stores a batch of small blobs as one writer operation, hashed and compressed
-in a worker thread before it is queued; ``has_many`` and ``read_many`` answer from one read
-transaction in a thread (``benches/import_bench.py``).
+transaction is long. Every write runs as an operation on the environment's writer thread
+(:meth:`Environment.transact`), group-committed with the writes of other writers;
+``close()`` returns the digest only after the commit. The writer thread only stores: a
+writer hashes, cuts and compresses in worker threads before it queues a commit, and
+``prepare_many`` does the same for a batch of blobs in its caller's thread (the importer's
+readers), so ``put_prepared``/``put_many`` queue one short operation per batch.
+``has_many`` and ``read_many`` answer from one read transaction in a thread
+(``benches/import_bench.py``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ prepare them (:meth:`BlobService.prepare_many`: each blob hashed once, and for t
 store looked up, cut and compressed right there, as blake3, FastCDC and zstd release the GIL);
 each batch is then stored with one ``put_prepared`` (one writer operation for the embedded
 store), and its digests are used only once that returned, i.e. after the commit. Large files,
-largest first, stream through writers several at once, read in worker threads; the embedded
+largest first, stream through writers several at once, read in threads of their own; the embedded
 writer hashes, cuts and compresses in worker threads too. Directories go last through one
 ``put_multiple_start`` putter, leaves first. ``benches/import_bench.py``
 measures it against restic and b3sum.
@@ -300,6 +300,10 @@ class _Importer:
         self._progress = progress
         self._nodes: list[FileNode | None] = [None] * len(tree.files)
         self._pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="castore-import")
+        # Large files are opened and read here, not behind the batches in the readers' queue.
+        self._large_pool = concurrent.futures.ThreadPoolExecutor(
+            max(2, min(8, self._concurrency // 4)), thread_name_prefix="castore-import-large"
+        )
         self._misses = 0  # consecutive batches with nothing present
         self._batches = 0
 
@@ -398,6 +402,9 @@ class _Importer:
     async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    async def _large_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._large_pool, fn, *args)
+
     # -- the loop ------------------------------------------------------------------
 
     def _advance(self, nbytes: int) -> None:
@@ -462,7 +469,11 @@ class _Importer:
             raise
         finally:
             # Reader threads may still hold directory descriptors: let them finish first.
-            await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+            def shutdown() -> None:
+                self._pool.shutdown(True)
+                self._large_pool.shutdown(True)
+
+            await asyncio.get_running_loop().run_in_executor(None, shutdown)
         assert all(self._nodes[i] is not None for i in todo)
         return self._nodes  # type: ignore[return-value]
 
@@ -505,7 +516,7 @@ class _Importer:
         f = self._tree.files[i]
         # Hashing first (in a thread) is far cheaper than an upload, so a large file
         # already present costs one read and no write.
-        digest, size, executable = await asyncio.to_thread(self._hash_file, f, i)
+        digest, size, executable = await self._large_thread(self._hash_file, f, i)
         try:
             present = await self._blob.has(digest)
         except StorageError as e:
@@ -519,12 +530,12 @@ class _Importer:
         self._done(i, digest, size, executable)
 
     async def _stream(self, f: _File, key: object) -> tuple[B3Digest, int, bool]:
-        fd, st = await asyncio.to_thread(self._open, f)
+        fd, st = await self._large_thread(self._open, f)
         try:
             writer = self._blob.open_write()
             size = 0
             try:
-                while block := await asyncio.to_thread(self._read_block, fd, f):
+                while block := await self._large_thread(self._read_block, fd, f):
                     size += len(block)
                     await writer.write(block)
                     self._partial(key, f.size // 2 + size // 2)

@@ -28,6 +28,8 @@ import asyncio
 import concurrent.futures
 import os
 import stat
+import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
@@ -39,6 +41,7 @@ from castore_di.blobservice.base import BlobService
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import CastoreError, StorageError, UnsupportedFileTypeError, ValidationError
+from castore_di.importcache import KEY, CacheState, ImportCache
 from castore_di.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 
 __all__ = [
@@ -60,6 +63,7 @@ _BATCHES_IN_FLIGHT: Final = 4
 _CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _O_READ: Final = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
+_U32: Final = struct.Struct("<I")
 
 
 class ImportProgress(Protocol):
@@ -86,6 +90,7 @@ class ImportStats:
     uploaded_files: int = 0
     uploaded_bytes: int = 0
     skipped: int = 0
+    cached_files: int = 0  # files whose digest came from the import cache (not read)
 
 
 def _rewrap(e: StorageError | ValidationError, context: str) -> CastoreError:
@@ -124,12 +129,15 @@ class _Dir:
 
 
 class _File:
-    __slots__ = ("dir", "name", "size")
+    __slots__ = ("dir", "name", "size", "key")
 
-    def __init__(self, dir_index: int, name: bytes, size: int) -> None:
+    def __init__(self, dir_index: int, name: bytes, size: int, key: bytes | None = None) -> None:
         self.dir = dir_index
         self.name = name
         self.size = size
+        # The import cache's key (identity and metadata, see importcache.KEY); None when the
+        # cache is off or the file's timestamps are too recent to be trusted ("racy").
+        self.key = key
 
 
 class _Tree:
@@ -144,6 +152,11 @@ class _Tree:
         self.files: list[_File] = []
         self.bytes = 0
         self.skipped = 0
+        self.symlinks = 0
+        self.racy = 0  # files not keyed for the cache: timestamps too recent
+        # With the cache on: one record per walked entry, the walk's fingerprint (see _walk).
+        self.sig: list[bytes] | None = None
+        self.safe_ns = 0  # files with mtime or ctime at or after this are racy
 
     def dir_path(self, index: int) -> str:
         parts: list[bytes] = []
@@ -206,10 +219,21 @@ def _walk(
     warn: Callable[[str], None] | None,
     warnings: list[str],
 ) -> None:
-    """Fill ``tree`` from the directory open at ``root_fd`` (which this closes)."""
+    """Fill ``tree`` from the directory open at ``root_fd`` (which this closes).
+
+    With ``tree.sig`` set (the import cache is on), each file gets its cache key and every
+    entry adds a record to ``tree.sig``: ``D`` + the directory's index when a directory is
+    listed, then ``f`` name NUL key, ``d`` name NUL child index, or ``l`` name NUL target
+    NUL per entry (names and targets hold no NUL, keys and indexes have fixed sizes, so the
+    records describe the walk unambiguously).
+    """
     # Stack of (dir index, the parent's handle or None for the root, relative path).
     stack: list[tuple[int, Handle | None, str]] = [(0, None, "")]
     root = Handle(root_fd)
+    sig = tree.sig
+    safe_ns = tree.safe_ns
+    pack_key = KEY.pack
+    pack_index = _U32.pack
     try:
         while stack:
             index, parent, rel = stack.pop()
@@ -227,6 +251,8 @@ def _walk(
                 except OSError as e:
                     raise _os_error("read directory", tree.dir_path(index), e) from e
                 entries = tree.dirs[index].entries
+                if sig is not None:
+                    sig.append(b"D" + pack_index(index))
                 for entry in found:
                     name = os.fsencode(entry.name)
                     try:
@@ -235,17 +261,30 @@ def _walk(
                         raise _os_error("stat", os.path.join(tree.dir_path(index), entry.name), e) from e
                     mode = st.st_mode
                     is_dir = stat.S_ISDIR(mode)
-                    child_rel = f"{rel}/{entry.name}" if rel else entry.name
-                    if matcher is not None and matcher.excluded(child_rel, is_dir):
-                        continue
+                    if matcher is not None:
+                        child_rel = f"{rel}/{entry.name}" if rel else entry.name
+                        if matcher.excluded(child_rel, is_dir):
+                            continue
+                    else:
+                        child_rel = ""
                     if stat.S_ISREG(mode):
                         entries.append((name, "f", len(tree.files)))
-                        tree.files.append(_File(index, name, st.st_size))
+                        key: bytes | None = None
+                        if sig is not None:
+                            if st.st_mtime_ns < safe_ns and st.st_ctime_ns < safe_ns:
+                                key = pack_key(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                               (mode >> 6) & 1)
+                                sig.append(b"f%s\0%s" % (name, key))
+                            else:
+                                tree.racy += 1
+                        tree.files.append(_File(index, name, st.st_size, key))
                         tree.bytes += st.st_size
                     elif is_dir:
+                        if sig is not None:
+                            sig.append(b"d%s\0%s" % (name, pack_index(len(tree.dirs))))
                         entries.append((name, "d", len(tree.dirs)))
                         handle.refs += 1
-                        stack.append((len(tree.dirs), handle, child_rel if matcher is not None else ""))
+                        stack.append((len(tree.dirs), handle, child_rel))
                         tree.dirs.append(_Dir(index, name, st.st_dev, st.st_ino))
                     elif stat.S_ISLNK(mode):
                         path_shown = os.path.join(tree.dir_path(index), entry.name)
@@ -257,6 +296,9 @@ def _walk(
                             entries.append((name, "l", SymlinkNode(target)))
                         except ValidationError as e:
                             raise ValidationError(f"{path_shown}: {e}") from e
+                        tree.symlinks += 1
+                        if sig is not None:
+                            sig.append(b"l%s\0%s\0" % (name, target))
                     else:
                         path_shown = os.path.join(tree.dir_path(index), entry.name)
                         if not skip_special:
@@ -410,13 +452,16 @@ class _Importer:
         self._stats.files += 1
         self._stats.bytes += size
 
-    async def run(self) -> list[FileNode]:
+    async def run(self, indexes: Sequence[int] | None = None) -> list[FileNode | None]:
+        """Read and store the files (only ``indexes`` when given: the others stay ``None``)."""
         files = self._tree.files
-        large = sorted((i for i, f in enumerate(files) if f.size > SMALL_FILE), key=lambda i: -files[i].size)
+        todo: Sequence[int] = range(len(files)) if indexes is None else indexes
+        large = sorted((i for i in todo if files[i].size > SMALL_FILE), key=lambda i: -files[i].size)
         jobs: list[tuple[str, list[int]]] = [("large", [i]) for i in large]
         batch: list[int] = []
         nbytes = 0
-        for i, f in enumerate(files):
+        for i in todo:
+            f = files[i]
             if f.size > SMALL_FILE:
                 continue
             batch.append(i)
@@ -447,8 +492,8 @@ class _Importer:
         finally:
             # Reader threads may still hold directory descriptors: let them finish first.
             await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
-        assert all(n is not None for n in self._nodes)
-        return self._nodes  # type: ignore[return-value]
+        assert all(self._nodes[i] is not None for i in todo)
+        return self._nodes
 
     def _should_check(self) -> bool:
         # Asking ``has_many`` first costs a lookup per batch; uploading a present blob costs
@@ -544,6 +589,7 @@ async def ingest_path(
     exclude: Sequence[str] = (),
     skip_special: bool = False,
     warn: Callable[[str], None] | None = None,
+    cache: ImportCache | None = None,
 ) -> tuple[bytes, Node]:
     """Import ``path`` and return its name (the basename, as bytes) and its root node.
 
@@ -558,7 +604,12 @@ async def ingest_path(
         exclude: gitignore-style patterns of paths (relative to ``path``) to leave out.
         skip_special: skip fifos, sockets and devices (each reported to ``warn``)
             instead of failing.
-        warn: receives one message per skipped file.
+        warn: receives one message per skipped file (and about an unusable cache).
+        cache: a stat cache (:mod:`castore_di.importcache`; off by default): files whose
+            identity and metadata match the last import of this root, and whose blobs
+            the blob service confirms it has, are not read; an unchanged tree whose
+            root directory the directory service has is not rebuilt. Recorded again
+            after a successful import.
 
     Raises:
         UnsupportedFileTypeError: a fifo, socket or device in the tree (without ``skip_special``).
@@ -568,11 +619,15 @@ async def ingest_path(
     stats = stats if stats is not None else ImportStats()
     name = os.fsencode(os.path.basename(os.path.normpath(root)))
     matcher = _Matcher(exclude) if exclude else None
+    started = time.time_ns()  # before any file is looked at: see importcache's "racy" rule
     try:
         st = os.lstat(root)
     except OSError as e:
         raise _os_error("stat", root, e) from e
     tree = _Tree(root)
+    if cache is not None:
+        tree.sig = []
+        tree.safe_ns = started - cache.racy_ns
 
     if stat.S_ISLNK(st.st_mode):
         stats.symlinks += 1
@@ -585,10 +640,16 @@ async def ingest_path(
         except ValidationError as e:
             raise ValidationError(f"{root}: {e}") from e
     if stat.S_ISREG(st.st_mode):
-        tree.files.append(_File(-1, name, st.st_size))
+        key = None
+        if cache is not None and st.st_mtime_ns < tree.safe_ns and st.st_ctime_ns < tree.safe_ns:
+            key = KEY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, (st.st_mode >> 6) & 1)
+        tree.files.append(_File(-1, name, st.st_size, key))
         if progress is not None:
             progress.start(1, st.st_size)
-        nodes = await _Importer(blob, tree, None, concurrency, stats, progress).run()
+        state = await asyncio.to_thread(cache.load, root, warn) if cache is not None and key is not None else None
+        nodes = await _import_files(blob, tree, None, concurrency, stats, progress, state)
+        if cache is not None:
+            await _save_cache(cache, root, tree, b"", nodes[0], nodes, warn)
         return name, nodes[0]
     if not stat.S_ISDIR(st.st_mode):
         raise UnsupportedFileTypeError(root, _file_type(st.st_mode))
@@ -604,18 +665,143 @@ async def ingest_path(
             raise StorageError(f"{root} was replaced while it was imported")
         return fd
 
+    def walk() -> tuple[bytes, CacheState | None]:
+        _walk(tree, open_root(), matcher, skip_special, warn, warnings)
+        if cache is None or tree.sig is None:
+            return b"", None
+        # The walk's fingerprint; none when a file was too recent to be keyed.
+        fingerprint = b"" if tree.racy else blake3.blake3(b"".join(tree.sig)).digest()
+        tree.sig = None
+        return fingerprint, cache.load(root, warn)
+
     tree.dirs.append(_Dir(-1, b"", st.st_dev, st.st_ino))
     warnings: list[str] = []
-    await asyncio.to_thread(lambda: _walk(tree, open_root(), matcher, skip_special, warn, warnings))
+    fingerprint, state = await asyncio.to_thread(walk)
     stats.skipped = tree.skipped
     if progress is not None:
         progress.start(len(tree.files), tree.bytes)
+    if state is not None and fingerprint and fingerprint == state.tree:
+        reused = await _reuse_tree(blob, dirs, tree, state, stats, progress)
+        if reused is not None:
+            if cache is not None:
+                await asyncio.to_thread(cache.touch, root)
+            return name, reused
     fds = DirFds(tree.dirs, await asyncio.to_thread(open_root), tree.dir_path)
     try:
-        file_nodes = await _Importer(blob, tree, fds, concurrency, stats, progress).run()
+        file_nodes = await _import_files(blob, tree, fds, concurrency, stats, progress, state)
     finally:
         fds.close()
+    root_node = await _put_directories(dirs, tree, file_nodes, stats)
+    if cache is not None:
+        await _save_cache(cache, root, tree, fingerprint, root_node, file_nodes, warn)
+    return name, root_node
 
+
+def _cached_node(digest: bytes, f: _File) -> FileNode:
+    assert f.key is not None
+    return FileNode(digest, f.size, f.key[-1] == 1)
+
+
+async def _import_files(
+    blob: BlobService,
+    tree: _Tree,
+    fds: DirFds | None,
+    concurrency: int,
+    stats: ImportStats,
+    progress: ImportProgress | None,
+    state: CacheState | None,
+) -> list[FileNode]:
+    """Every walked file's node: from the cache where it vouches for the file, else read."""
+    files = tree.files
+    nodes: list[FileNode | None] = [None] * len(files)
+    if state is not None:
+        known = state.files
+        hits: list[tuple[int, bytes]] = []
+        for i, f in enumerate(files):
+            if f.key is not None and (d := known.get(f.key)) is not None:
+                hits.append((i, d))
+        if hits:
+            unique = list({d for _i, d in hits})
+            try:
+                present = await blob.has_many([B3Digest(d) for d in unique])
+            except StorageError as e:
+                raise StorageError(f"unable to check blobs below {tree.root}: {e}") from e
+            have = {d for d, p in zip(unique, present) if p}
+            for i, d in hits:
+                if d in have:
+                    f = files[i]
+                    nodes[i] = _cached_node(d, f)
+                    stats.files += 1
+                    stats.cached_files += 1
+                    stats.bytes += f.size
+                    if progress is not None:
+                        progress.advance(f.size)
+    rest = [i for i, n in enumerate(nodes) if n is None]
+    if rest:
+        read = await _Importer(blob, tree, fds, concurrency, stats, progress).run(
+            None if len(rest) == len(files) else rest
+        )
+        for i in rest:
+            nodes[i] = read[i]
+    return nodes  # type: ignore[return-value]  # every index is filled
+
+
+async def _reuse_tree(
+    blob: BlobService,
+    dirs: DirectoryService,
+    tree: _Tree,
+    state: CacheState,
+    stats: ImportStats,
+    progress: ImportProgress | None,
+) -> DirectoryNode | None:
+    """The last import's root when the walk matched it and both services still hold it all."""
+    raw = state.digests
+    digests = [B3Digest(raw[i : i + 32]) for i in range(0, len(raw), 32)]
+    try:
+        if digests and not all(await blob.has_many(digests)):
+            return None
+        root = B3Digest(state.root_digest)
+        # Directory services store a closure whole, so holding the root vouches for it.
+        if await dirs.get(root) is None:
+            return None
+    except (StorageError, ValidationError) as e:
+        raise _rewrap(e, f"unable to check the last import of {tree.root}") from e
+    stats.files += len(tree.files)
+    stats.cached_files += len(tree.files)
+    stats.bytes += tree.bytes
+    stats.directories += len(tree.dirs)
+    stats.symlinks += tree.symlinks
+    if progress is not None:
+        for f in tree.files:
+            progress.advance(f.size)
+    return DirectoryNode(root, state.root_size)
+
+
+async def _save_cache(
+    cache: ImportCache,
+    root: str,
+    tree: _Tree,
+    fingerprint: bytes,
+    root_node: Node,
+    file_nodes: list[FileNode],
+    warn: Callable[[str], None] | None,
+) -> None:
+    """Record a successful import; a failure to write the cache is only a warning."""
+    entries = [(f.key, n.digest) for f, n in zip(tree.files, file_nodes) if f.key is not None]
+    root_digest = root_node.digest if isinstance(root_node, DirectoryNode) else b""
+    root_size = root_node.size if isinstance(root_node, DirectoryNode) else 0
+    try:
+        await asyncio.to_thread(cache.save, root, fingerprint if root_digest else b"", root_digest, root_size, entries)
+    except OSError as e:
+        message = f"unable to write the import cache in {cache.directory}: {e.strerror or e}"
+        if warn is not None:
+            warn(message)
+
+
+async def _put_directories(
+    dirs: DirectoryService, tree: _Tree, file_nodes: list[FileNode], stats: ImportStats
+) -> DirectoryNode:
+    """Build every directory leaves first, put them as one closure, return the root's node."""
     # Reversed pre-order puts every directory after all of its descendants.
     built: list[DirectoryNode | None] = [None] * len(tree.dirs)
     putter = dirs.put_multiple_start()
@@ -648,4 +834,4 @@ async def ingest_path(
         raise _rewrap(e, "failed to finalize directory upload") from e
     root_node = built[0]
     assert root_node is not None and root_node.digest == root_digest
-    return name, root_node
+    return root_node

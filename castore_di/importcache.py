@@ -79,14 +79,17 @@ class CacheState:
 
 
 class ImportCache:
-    """Where import caches live (``directory``) and how recent a file may be (``racy_ns``).
+    """Where import caches live (``directory``), how recent a file may be (``racy_ns``),
+    and whether an import may take digests from it (``reuse``; with ``False`` it reads every
+    file and records the result, as ``castore import --rehash`` does).
 
     Methods do blocking file I/O: call them in a thread.
     """
 
-    def __init__(self, directory: str | None = None, *, racy_ns: int = RACY_NS) -> None:
+    def __init__(self, directory: str | None = None, *, racy_ns: int = RACY_NS, reuse: bool = True) -> None:
         self.directory = directory if directory is not None else default_cache_dir()
         self.racy_ns = racy_ns
+        self.reuse = reuse  # False: nothing is taken from the cache (every file is read), it is only written
 
     def path_for(self, root: str) -> str:
         """The cache file of the import root ``root`` (any path: its real path is the key)."""
@@ -95,6 +98,8 @@ class ImportCache:
 
     def load(self, root: str, warn: Callable[[str], None] | None = None) -> CacheState:
         """The state recorded for ``root``; empty when there is none or it is unusable (warned)."""
+        if not self.reuse:
+            return CacheState()
         path = self.path_for(root)
         try:
             with open(path, "rb") as f:

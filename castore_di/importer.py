@@ -40,9 +40,24 @@ from castore_di._dirfds import O_DIR, DirFds, Handle, open_dir
 from castore_di.blobservice.base import BlobService
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
-from castore_di.errors import CastoreError, StorageError, UnsupportedFileTypeError, ValidationError
+from castore_di.errors import (
+    CastoreError,
+    SizeOverflowError,
+    StorageError,
+    UnsupportedFileTypeError,
+    ValidationError,
+)
 from castore_di.importcache import KEY, CacheState, ImportCache
-from castore_di.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
+from castore_di.nodes import (
+    MAX_NAME_LEN,
+    U64_MAX,
+    Directory,
+    DirectoryNode,
+    FileNode,
+    Node,
+    SymlinkNode,
+    validate_name,
+)
 
 __all__ = [
     "ingest_path",
@@ -699,7 +714,12 @@ async def ingest_path(
 
 def _cached_node(digest: bytes, f: _File) -> FileNode:
     assert f.key is not None
-    return FileNode(digest, f.size, f.key[-1] == 1)
+    return _file_node(_b3(digest), f.size, f.key[-1] == 1)
+
+
+def _b3(raw: bytes) -> B3Digest:
+    """A 32-byte digest from the cache (its checksum vouches for the length) as a B3Digest."""
+    return bytes.__new__(B3Digest, raw)
 
 
 async def _import_files(
@@ -723,7 +743,7 @@ async def _import_files(
         if hits:
             unique = list({d for _i, d in hits})
             try:
-                present = await blob.has_many([B3Digest(d) for d in unique])
+                present = await blob.has_many([_b3(d) for d in unique])
             except StorageError as e:
                 raise StorageError(f"unable to check blobs below {tree.root}: {e}") from e
             have = {d for d, p in zip(unique, present) if p}
@@ -756,13 +776,13 @@ async def _reuse_tree(
 ) -> DirectoryNode | None:
     """The last import's root when the walk matched it and both services still hold it all."""
     raw = state.digests
-    digests = [B3Digest(raw[i : i + 32]) for i in range(0, len(raw), 32)]
     try:
-        if digests and not all(await blob.has_many(digests)):
-            return None
         root = B3Digest(state.root_digest)
         # Directory services store a closure whole, so holding the root vouches for it.
         if await dirs.get(root) is None:
+            return None
+        digests = [_b3(raw[i : i + 32]) for i in range(0, len(raw), 32)]
+        if digests and not all(await blob.has_many(digests)):
             return None
     except (StorageError, ValidationError) as e:
         raise _rewrap(e, f"unable to check the last import of {tree.root}") from e
@@ -798,40 +818,125 @@ async def _save_cache(
             warn(message)
 
 
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SMALL_VARINTS: Final = [bytes([i]) for i in range(0x80)]
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _file_node(digest: B3Digest, size: int, executable: bool) -> FileNode:
+    """A FileNode of trusted parts (a 32-byte digest, a size from ``stat``), without attrs' checks."""
+    node: FileNode = _new(FileNode)
+    _set(node, "digest", digest)
+    _set(node, "size", size)
+    _set(node, "executable", executable)
+    return node
+
+
+def _dir_node(digest: B3Digest, size: int) -> DirectoryNode:
+    node: DirectoryNode = _new(DirectoryNode)
+    _set(node, "digest", digest)
+    _set(node, "size", size)
+    return node
+
+
+def _build_directory(
+    tree: _Tree, index: int, file_nodes: list[FileNode], built: list[DirectoryNode | None]
+) -> Directory:
+    """Directory ``index`` from its walked entries, encoded canonically by hand.
+
+    Names come from the filesystem (never empty, ``.``, ``..``, nor holding ``/`` or NUL;
+    only their length is checked), so the encoding of ``tvix.castore.v1.Directory`` is
+    written directly: directories (field 1), files (2), symlinks (3), each list in name
+    order, fields with default values left out, as protobuf's deterministic serialization
+    does (tests/test_import_cache.py compares the bytes with it).
+    """
+    items = tree.dirs[index].entries
+    items.sort()  # names are unique: tuples compare on the name alone
+    entries: list[tuple[bytes, Node]] = []
+    dparts: list[bytes] = []
+    fparts: list[bytes] = []
+    lparts: list[bytes] = []
+    size = len(items)
+    varint = _varint
+    for name, kind, payload in items:
+        if len(name) > MAX_NAME_LEN:
+            validate_name(name)  # raises the usual error
+        if kind == "f":
+            fnode = file_nodes[payload]
+            inner = b"\n" + varint(len(name)) + name + b"\x12\x20" + fnode.digest
+            if fnode.size:
+                inner += b"\x18" + varint(fnode.size)
+            if fnode.executable:
+                inner += b"\x20\x01"
+            fparts.append(b"\x12" + varint(len(inner)) + inner)
+            entries.append((name, fnode))
+        elif kind == "d":
+            dnode = built[payload]
+            assert dnode is not None
+            size += dnode.size
+            inner = b"\n" + varint(len(name)) + name + b"\x12\x20" + dnode.digest
+            if dnode.size:
+                inner += b"\x18" + varint(dnode.size)
+            dparts.append(b"\n" + varint(len(inner)) + inner)
+            entries.append((name, dnode))
+        else:
+            target = payload.target
+            inner = b"\n" + varint(len(name)) + name + b"\x12" + varint(len(target)) + target
+            lparts.append(b"\x1a" + varint(len(inner)) + inner)
+            entries.append((name, payload))
+    if size > U64_MAX:
+        raise SizeOverflowError()
+    dparts += fparts
+    dparts += lparts
+    encoded = b"".join(dparts)
+    return Directory._prebuilt(tuple(entries), size, encoded, B3Digest(blake3.blake3(encoded).digest()))
+
+
+def _build_directories(tree: _Tree, file_nodes: list[FileNode]) -> list[Directory]:
+    """Every directory, leaves first (reversed pre-order puts each after its descendants)."""
+    built: list[DirectoryNode | None] = [None] * len(tree.dirs)
+    out: list[Directory] = []
+    for index in range(len(tree.dirs) - 1, -1, -1):
+        try:
+            directory = _build_directory(tree, index, file_nodes, built)
+        except ValidationError as e:
+            raise ValidationError(f"cannot import directory {tree.dir_path(index)}: {e}") from e
+        tree.dirs[index].entries = []  # free as we go
+        built[index] = _dir_node(directory.digest, directory.size)
+        out.append(directory)
+    return out
+
+
 async def _put_directories(
     dirs: DirectoryService, tree: _Tree, file_nodes: list[FileNode], stats: ImportStats
 ) -> DirectoryNode:
-    """Build every directory leaves first, put them as one closure, return the root's node."""
-    # Reversed pre-order puts every directory after all of its descendants.
-    built: list[DirectoryNode | None] = [None] * len(tree.dirs)
+    """Build every directory (in a thread), put them as one closure, return the root's node."""
+    stats.symlinks += tree.symlinks
+    built = await asyncio.to_thread(_build_directories, tree, file_nodes)
     putter = dirs.put_multiple_start()
-    for index in range(len(tree.dirs) - 1, -1, -1):
-        pairs: list[tuple[bytes, Node]] = []
-        for entry_name, kind, payload in tree.dirs[index].entries:
-            if kind == "f":
-                pairs.append((entry_name, file_nodes[payload]))
-            elif kind == "d":
-                child = built[payload]
-                assert child is not None
-                pairs.append((entry_name, child))
-            else:
-                pairs.append((entry_name, payload))
-                stats.symlinks += 1
-        tree.dirs[index].entries = []  # free as we go
-        try:
-            directory = Directory(pairs)
-        except ValidationError as e:
-            raise ValidationError(f"cannot import directory {tree.dir_path(index)}: {e}") from e
+    # Reversed pre-order: index len - 1 - k for the k-th directory built.
+    last = len(built) - 1
+    for k, directory in enumerate(built):
         try:
             await putter.put(directory)
         except (StorageError, ValidationError) as e:
-            raise _rewrap(e, f"failed to upload directory at {tree.dir_path(index)}") from e
-        built[index] = directory.as_node()
+            raise _rewrap(e, f"failed to upload directory at {tree.dir_path(last - k)}") from e
         stats.directories += 1
     try:
         root_digest = await putter.close()
     except (StorageError, ValidationError) as e:
         raise _rewrap(e, "failed to finalize directory upload") from e
-    root_node = built[0]
-    assert root_node is not None and root_node.digest == root_digest
-    return root_node
+    root = built[-1]
+    assert root.digest == root_digest
+    return _dir_node(root.digest, root.size)

@@ -289,3 +289,35 @@ def test_cli_uses_the_cache_and_rehash_ignores_it(tmp_path: pathlib.Path) -> Non
     proc = castore("import", "--json", str(src))
     assert b"warning: ignoring import cache" in proc.stderr
 
+
+
+async def test_directories_are_encoded_as_protobuf_does(tmp_path: pathlib.Path) -> None:
+    """The importer writes Directory bytes by hand: each must equal protobuf's deterministic encoding."""
+    src = tmp_path / "src"
+    deep = src / "d"
+    (deep / "nested" / "more").mkdir(parents=True)
+    (src / "empty").mkdir()
+    for size in (0, 1, 127, 128, 300, 16383, 16384, 70000):
+        (src / f"size-{size}").write_bytes(b"x" * size)
+    (src / ("long-" + "n" * 240)).write_bytes(b"long name")
+    (src / "caf\u00e9 \U0001f600").write_bytes(b"utf-8 name")
+    (src / "run").write_bytes(b"#!/bin/sh\n")
+    (src / "run").chmod(0o755)
+    (src / "link").symlink_to("t" * 300)
+    (src / "short").symlink_to("x")
+    for i in range(150):  # a directory size over one varint byte
+        (deep / "nested" / f"f{i:03}").write_bytes(str(i).encode())
+    (deep / "nested" / "more" / "z").write_bytes(b"z")
+    blob, dirs = MemoryBlobService(), MemoryDirectoryService()
+    _name, node = await ingest_path(blob, dirs, src)
+    assert isinstance(node, DirectoryNode)
+    todo, seen = [node.digest], 0
+    while todo:
+        digest = todo.pop()
+        d = await dirs.get(digest)
+        assert d is not None
+        rebuilt = Directory(list(d.items()))  # encoded by protobuf
+        assert blake3_digest(rebuilt.to_proto().SerializeToString(deterministic=True)) == digest
+        todo += [child.digest for _n, child in d.directories()]
+        seen += 1
+    assert seen == 5

@@ -321,3 +321,30 @@ async def test_directories_are_encoded_as_protobuf_does(tmp_path: pathlib.Path) 
         todo += [child.digest for _n, child in d.directories()]
         seen += 1
     assert seen == 5
+
+
+async def test_garbage_collector_is_paused_only_while_importing(tmp_path: pathlib.Path, cache: ImportCache) -> None:
+    import gc
+
+    src = _tree(tmp_path / "src")
+    seen: list[bool] = []
+
+    class Probe:
+        def start(self, files: int, nbytes: int) -> None:
+            seen.append(gc.isenabled())
+
+        def advance(self, nbytes: int) -> None:
+            pass
+
+    assert gc.isenabled()
+    await ingest_path(MemoryBlobService(), MemoryDirectoryService(), src, progress=Probe())
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(StorageError):  # a failed import resumes it too
+        await ingest_path(MemoryBlobService(max_bytes=10), MemoryDirectoryService(), src)
+    assert gc.isenabled()
+    gc.disable()
+    try:  # and leaves it off when it was off
+        await ingest_path(MemoryBlobService(), MemoryDirectoryService(), src)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

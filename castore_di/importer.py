@@ -31,6 +31,7 @@ import gc
 import os
 import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -82,6 +83,9 @@ _CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _O_READ: Final = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
 _U32: Final = struct.Struct("<I")
+S_IFREG: Final = stat.S_IFREG
+S_IFDIR: Final = stat.S_IFDIR
+S_IFLNK: Final = stat.S_IFLNK
 
 
 class ImportProgress(Protocol):
@@ -252,6 +256,10 @@ def _walk(
     safe_ns = tree.safe_ns
     pack_key = KEY.pack
     pack_index = _U32.pack
+    files = tree.files
+    add_file = files.append
+    fs_encoding, fs_errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+    nbytes = 0
     try:
         while stack:
             index, parent, rel = stack.pop()
@@ -269,51 +277,54 @@ def _walk(
                 except OSError as e:
                     raise _os_error("read directory", tree.dir_path(index), e) from e
                 entries = tree.dirs[index].entries
+                add = entries.append
                 if sig is not None:
                     sig.append(b"D" + pack_index(index))
                 for entry in found:
-                    name = os.fsencode(entry.name)
+                    name = entry.name.encode(fs_encoding, fs_errors)  # os.fsencode, inlined
                     try:
                         st = entry.stat(follow_symlinks=False)
                     except OSError as e:
                         raise _os_error("stat", os.path.join(tree.dir_path(index), entry.name), e) from e
                     mode = st.st_mode
-                    is_dir = stat.S_ISDIR(mode)
+                    fmt = mode & 0o170000  # stat.S_IFMT, inlined
                     if matcher is not None:
                         child_rel = f"{rel}/{entry.name}" if rel else entry.name
-                        if matcher.excluded(child_rel, is_dir):
+                        if matcher.excluded(child_rel, fmt == S_IFDIR):
                             continue
                     else:
                         child_rel = ""
-                    if stat.S_ISREG(mode):
-                        entries.append((name, "f", len(tree.files)))
+                    if fmt == S_IFREG:
+                        size = st.st_size
+                        add((name, "f", len(files)))
                         key: bytes | None = None
                         if sig is not None:
-                            if st.st_mtime_ns < safe_ns and st.st_ctime_ns < safe_ns:
-                                key = pack_key(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                                               (mode >> 6) & 1)
+                            mtime, ctime = st.st_mtime_ns, st.st_ctime_ns
+                            if mtime < safe_ns and ctime < safe_ns:
+                                key = pack_key(st.st_dev, st.st_ino, size, mtime, ctime, (mode >> 6) & 1)
                                 sig.append(b"f%s\0%s" % (name, key))
                             else:
                                 tree.racy += 1
-                        tree.files.append(_File(index, name, st.st_size, key))
-                        tree.bytes += st.st_size
-                    elif is_dir:
+                        add_file(_File(index, name, size, key))
+                        nbytes += size
+                    elif fmt == S_IFDIR:
+                        child = len(tree.dirs)
                         if sig is not None:
-                            sig.append(b"d%s\0%s" % (name, pack_index(len(tree.dirs))))
-                        entries.append((name, "d", len(tree.dirs)))
+                            sig.append(b"d%s\0%s" % (name, pack_index(child)))
+                        add((name, "d", child))
                         handle.refs += 1
-                        stack.append((len(tree.dirs), handle, child_rel))
+                        stack.append((child, handle, child_rel))
                         tree.dirs.append(_Dir(index, name, st.st_dev, st.st_ino))
-                    elif stat.S_ISLNK(mode):
-                        path_shown = os.path.join(tree.dir_path(index), entry.name)
+                    elif fmt == S_IFLNK:
                         try:
                             target = os.readlink(name, dir_fd=handle.fd)
                         except OSError as e:
-                            raise _os_error("read symlink", path_shown, e) from e
+                            shown = os.path.join(tree.dir_path(index), entry.name)
+                            raise _os_error("read symlink", shown, e) from e
                         try:
-                            entries.append((name, "l", SymlinkNode(target)))
+                            add((name, "l", SymlinkNode(target)))
                         except ValidationError as e:
-                            raise ValidationError(f"{path_shown}: {e}") from e
+                            raise ValidationError(f"{os.path.join(tree.dir_path(index), entry.name)}: {e}") from e
                         tree.symlinks += 1
                         if sig is not None:
                             sig.append(b"l%s\0%s\0" % (name, target))
@@ -333,6 +344,8 @@ def _walk(
             if parent is not None:
                 parent.release()
         raise
+    finally:
+        tree.bytes += nbytes
 
 
 class _Importer:

@@ -32,6 +32,7 @@ import logging
 import marshal
 import os
 import struct
+import time
 from collections.abc import Callable, Iterable
 from typing import Final
 
@@ -174,9 +175,16 @@ class ImportCache:
             pass
 
     def _trim(self, keep: str) -> None:
-        """Remove the least recently written cache files beyond :data:`MAX_FILES`."""
+        """Remove the least recently written cache files beyond :data:`MAX_FILES`, and
+        temporary files an interrupted save left (older than an hour)."""
         try:
-            names = [n for n in os.listdir(self.directory) if n.endswith(".cache")]
+            listed = os.listdir(self.directory)
+            for n in listed:
+                if n.startswith(".tmp-"):
+                    p = os.path.join(self.directory, n)
+                    if os.stat(p).st_mtime < time.time() - 3600:
+                        os.unlink(p)
+            names = [n for n in listed if n.endswith(".cache")]
             if len(names) <= MAX_FILES:
                 return
             paths = [os.path.join(self.directory, n) for n in names]

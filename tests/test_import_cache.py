@@ -348,3 +348,30 @@ async def test_garbage_collector_is_paused_only_while_importing(tmp_path: pathli
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+async def test_cache_is_bounded(tmp_path: pathlib.Path, cache: ImportCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    import castore_di.importcache as importcache
+
+    monkeypatch.setattr(importcache, "MAX_ENTRIES", 2)
+    monkeypatch.setattr(importcache, "MAX_FILES", 2)
+    src = _tree(tmp_path / "src")
+    _settle()
+    blob, dirs = MemoryBlobService(), MemoryDirectoryService()
+    first, _ = await _import(blob, dirs, src, cache)
+    state = cache.load(str(src))
+    assert len(state.files) == 2 and state.tree == b""  # a partial record never vouches for the tree
+    again, stats = await _import(blob, dirs, src, cache)
+    assert again == first and stats.cached_files == 2
+    roots = []
+    for i in range(3):
+        r = tmp_path / f"r{i}"
+        r.mkdir()
+        (r / "f").write_bytes(str(i).encode())
+        roots.append(r)
+    _settle()
+    for r in roots:
+        await _import(blob, dirs, r, cache)
+        time.sleep(0.01)  # distinct write times
+    kept = sorted(p for p in os.listdir(cache.directory) if p.endswith(".cache"))
+    assert kept == sorted(os.path.basename(cache.path_for(str(r))) for r in roots[1:])

@@ -41,7 +41,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, Protocol
 
 import attrs
@@ -248,8 +248,14 @@ def _walk(
     skip_special: bool,
     warn: Callable[[str], None] | None,
     warnings: list[str],
+    notify: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
     """Fill ``tree`` from the directory open at ``root_fd`` (which this closes).
+
+    ``notify`` (when given) is called with the number of files walked so far every
+    ``_BATCH_FILES`` or so files, so they can be read while the walk goes on; once ``stop``
+    is set the walk ends early (the import failed).
 
     With ``tree.sig`` set (the import cache is on), each file gets its cache key and every
     entry adds a record to ``tree.sig``: ``D`` + the directory's index when a directory is
@@ -268,8 +274,17 @@ def _walk(
     add_file = files.append
     fs_encoding, fs_errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
     nbytes = 0
+    notified = 0
     try:
         while stack:
+            if notify is not None:
+                if len(files) - notified >= _BATCH_FILES:
+                    notified = len(files)
+                    tree.bytes += nbytes
+                    nbytes = 0
+                    notify(notified)
+                if stop is not None and stop.is_set():
+                    break
             index, parent, rel = stack.pop()
             if parent is None:
                 handle = root
@@ -347,12 +362,10 @@ def _walk(
                             warn(message)
             finally:
                 handle.release()
-    except BaseException:
-        for _index, parent, _rel in stack:
-            if parent is not None:
-                parent.release()
-        raise
     finally:
+        # Left over after a failure or a stop: drop their references to the parents.
+        for _index, parent, _rel in stack:
+            (root if parent is None else parent).release()  # the root: never listed
         tree.bytes += nbytes
 
 
@@ -501,40 +514,78 @@ class _Importer:
 
     async def run(self, indexes: Sequence[int] | None = None) -> list[FileNode | None]:
         """Read and store the files (only ``indexes`` when given: the others stay ``None``)."""
+        todo: Sequence[int] = range(len(self._tree.files)) if indexes is None else indexes
+
+        async def source(add: Callable[[Sequence[int]], None]) -> None:
+            add(todo)
+
+        return await self._run(source)
+
+    async def run_walking(self, feed: asyncio.Queue[int], walked: Callable[[], Awaitable[None]]) -> list[FileNode]:
+        """Read and store the files while the walk still finds them.
+
+        ``feed`` gives the number of files walked so far, ``-1`` once the walk thread is
+        done; ``walked`` then returns (or raises the walk's error).
+        """
         files = self._tree.files
-        todo: Sequence[int] = range(len(files)) if indexes is None else indexes
-        large = sorted((i for i in todo if files[i].size > SMALL_FILE), key=lambda i: -files[i].size)
-        batches: list[list[int]] = []
+
+        async def source(add: Callable[[Sequence[int]], None]) -> None:
+            done = 0
+            while (n := await feed.get()) >= 0:
+                add(range(done, n))
+                done = n
+            await walked()
+            add(range(done, len(files)))
+
+        return await self._run(source)  # type: ignore[return-value]  # every file is filled
+
+    async def _run(self, source: Callable[[Callable[[Sequence[int]], None]], Awaitable[None]]) -> list[FileNode | None]:
+        # Two lanes: large files (the largest waiting first, so none is left alone at the
+        # end) stream through writers; batches of small files go through the reader
+        # threads. Neither waits behind the other; ``source`` hands out files as they come.
+        small: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        large: asyncio.PriorityQueue[tuple[int, int]] = asyncio.PriorityQueue()
+        n_large = max(1, self._concurrency // 4)
+        files = self._tree.files
+        nodes = self._nodes
         batch: list[int] = []
         nbytes = 0
-        for i in todo:
-            size = files[i].size
-            if size > SMALL_FILE:
-                continue
-            batch.append(i)
-            nbytes += size
-            if len(batch) >= _BATCH_FILES or nbytes >= _BATCH_BYTES:
-                batches.append(batch)
-                batch, nbytes = [], 0
-        if batch:
-            batches.append(batch)
-        # Two lanes: large files (largest first, so none is left alone at the end) stream
-        # through writers; batches of small files go through the reader threads. Neither
-        # waits behind the other.
-        large_it, small_it = iter(large), iter(batches)
+
+        def add(indexes: Sequence[int]) -> None:
+            nonlocal batch, nbytes
+            if len(nodes) < len(files):
+                nodes.extend([None] * (len(files) - len(nodes)))
+            for i in indexes:
+                size = files[i].size
+                if size > SMALL_FILE:
+                    large.put_nowait((-size, i))
+                    continue
+                batch.append(i)
+                nbytes += size
+                if len(batch) >= _BATCH_FILES or nbytes >= _BATCH_BYTES:
+                    small.put_nowait(batch)
+                    batch, nbytes = [], 0
+
+        async def feeder() -> None:
+            await source(add)
+            if batch:
+                small.put_nowait(batch)
+            for _ in range(_BATCHES_IN_FLIGHT):
+                small.put_nowait(None)
+            for _ in range(n_large):
+                large.put_nowait((1, -1))  # after every file (their keys are <= 0)
 
         async def large_lane() -> None:
-            for i in large_it:
-                await self._large(i)
+            while (item := await large.get())[1] >= 0:
+                await self._large(item[1])
 
         async def small_lane() -> None:
-            for b in small_it:
+            while (b := await small.get()) is not None:
                 await self._small_batch(b)
 
-        n_large = min(len(large), max(1, self._concurrency // 4))
-        n_small = min(len(batches), _BATCHES_IN_FLIGHT)
-        workers = [asyncio.ensure_future(large_lane()) for _ in range(n_large)]
-        workers += [asyncio.ensure_future(small_lane()) for _ in range(n_small)]
+        workers = [asyncio.ensure_future(feeder())]
+        workers += [asyncio.ensure_future(large_lane()) for _ in range(n_large)]
+        workers += [asyncio.ensure_future(small_lane()) for _ in range(_BATCHES_IN_FLIGHT)]
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -549,7 +600,6 @@ class _Importer:
                 self._large_pool.shutdown(True)
 
             await asyncio.get_running_loop().run_in_executor(None, shutdown)
-        assert all(self._nodes[i] is not None for i in todo)
         return self._nodes
 
     def _should_check(self) -> bool:
@@ -758,36 +808,126 @@ async def _ingest(
             raise StorageError(f"{root} was replaced while it was imported")
         return fd
 
-    def walk() -> tuple[bytes, CacheState | None]:
-        _walk(tree, open_root(), matcher, skip_special, warn, warnings)
-        if cache is None or tree.sig is None:
-            return b"", None
-        # The walk's fingerprint; none when a file was too recent to be keyed.
-        fingerprint = b"" if tree.racy else blake3.blake3(b"".join(tree.sig)).digest()
+    def fingerprint() -> bytes:
+        """The walk's fingerprint; none when a file was too recent to be keyed (or no cache)."""
+        if tree.sig is None:
+            return b""
+        fp = b"" if tree.racy else blake3.blake3(b"".join(tree.sig)).digest()
         tree.sig = None
-        return fingerprint, cache.load(root, warn)
+        return fp
 
     tree.dirs.append(_Dir(-1, b"", st.st_dev, st.st_ino))
     warnings: list[str] = []
-    fingerprint, state = await asyncio.to_thread(walk)
-    stats.skipped = tree.skipped
-    if progress is not None:
-        progress.start(len(tree.files), tree.bytes)
-    if state is not None and fingerprint and fingerprint == state.tree:
-        reused = await _reuse_tree(blob, dirs, tree, state, stats, progress)
-        if reused is not None:
-            if cache is not None:
-                await asyncio.to_thread(cache.touch, root)
-            return name, reused
-    fds = DirFds(tree.dirs, await asyncio.to_thread(open_root), tree.dir_path)
-    try:
-        file_nodes = await _import_files(blob, tree, fds, concurrency, stats, progress, state)
-    finally:
-        fds.close()
+    state = await asyncio.to_thread(cache.load, root, warn) if cache is not None else None
+    if state is None or not (state.tree or state.files_raw):
+        # Nothing to take from a last import: files are read while the walk goes on.
+        fp, file_nodes = await _walk_and_import(
+            blob, tree, open_root, fingerprint, matcher, skip_special, warn, warnings, concurrency, stats, progress
+        )
+    else:
+
+        def walk() -> bytes:
+            _walk(tree, open_root(), matcher, skip_special, warn, warnings)
+            return fingerprint()
+
+        fp = await asyncio.to_thread(walk)
+        stats.skipped = tree.skipped
+        if progress is not None:
+            progress.start(len(tree.files), tree.bytes)
+        if fp and fp == state.tree:
+            reused = await _reuse_tree(blob, dirs, tree, state, stats, progress)
+            if reused is not None:
+                if cache is not None:
+                    await asyncio.to_thread(cache.touch, root)
+                return name, reused
+        fds = DirFds(tree.dirs, await asyncio.to_thread(open_root), tree.dir_path)
+        try:
+            file_nodes = await _import_files(blob, tree, fds, concurrency, stats, progress, state)
+        finally:
+            fds.close()
     root_node = await _put_directories(dirs, tree, file_nodes, stats)
     if cache is not None:
-        await _save_cache(cache, root, tree, fingerprint, root_node, file_nodes, warn)
+        await _save_cache(cache, root, tree, fp, root_node, file_nodes, warn)
     return name, root_node
+
+
+class _DeferredProgress:
+    """Holds finished files back until the totals are known (the walk runs meanwhile)."""
+
+    def __init__(self, target: ImportProgress) -> None:
+        self._target = target
+        self._partial = getattr(target, "partial", None)
+        self._started = False
+        self._held: list[int] = []
+
+    def start(self, files: int, nbytes: int) -> None:
+        self._target.start(files, nbytes)
+        self._started = True
+        for n in self._held:
+            self._target.advance(n)
+        self._held = []
+
+    def advance(self, nbytes: int) -> None:
+        if self._started:
+            self._target.advance(nbytes)
+        else:
+            self._held.append(nbytes)
+
+    def partial(self, key: object, nbytes: int) -> None:
+        if self._started and self._partial is not None:  # before the totals, no bar to draw
+            self._partial(key, nbytes)
+
+
+async def _walk_and_import(
+    blob: BlobService,
+    tree: _Tree,
+    open_root: Callable[[], int],
+    fingerprint: Callable[[], bytes],
+    matcher: _Matcher | None,
+    skip_special: bool,
+    warn: Callable[[str], None] | None,
+    warnings: list[str],
+    concurrency: int,
+    stats: ImportStats,
+    progress: ImportProgress | None,
+) -> tuple[bytes, list[FileNode]]:
+    """Walk (in a thread) and read the files it finds meanwhile; the fingerprint and every file's node.
+
+    Before it returns, the walk thread has ended and every descriptor is closed, also on failure.
+    """
+    loop = asyncio.get_running_loop()
+    feed: asyncio.Queue[int] = asyncio.Queue()
+    stop = threading.Event()
+    deferred = _DeferredProgress(progress) if progress is not None else None
+
+    def notify(n: int) -> None:
+        loop.call_soon_threadsafe(feed.put_nowait, n)
+
+    def walk() -> bytes:
+        try:
+            _walk(tree, open_root(), matcher, skip_special, warn, warnings, notify, stop)
+        finally:
+            notify(-1)
+        return fingerprint()
+
+    fds = DirFds(tree.dirs, await asyncio.to_thread(open_root), tree.dir_path)
+    walking = loop.run_in_executor(None, walk)
+
+    async def walked() -> None:
+        await asyncio.shield(walking)  # the walk's error, if any
+        stats.skipped = tree.skipped
+        if deferred is not None:
+            deferred.start(len(tree.files), tree.bytes)
+
+    try:
+        nodes = await _Importer(blob, tree, fds, concurrency, stats, deferred).run_walking(feed, walked)
+    finally:
+        stop.set()
+        await asyncio.wait([walking])
+        fds.close()
+        if not walking.cancelled():
+            walking.exception()  # retrieved (raised by walked(), or superseded by the import's error)
+    return walking.result(), nodes
 
 
 def _b3(raw: bytes) -> B3Digest:

@@ -394,6 +394,7 @@ class _Importer:
             max(2, min(8, self._concurrency // 4)), thread_name_prefix="castore-import-large"
         )
         self._misses = 0  # consecutive batches with nothing present
+        self.on_done: Callable[[int], None] | None = None  # told each file index once its node is set
         self._batches = 0
 
     # -- threads -------------------------------------------------------------------
@@ -511,6 +512,8 @@ class _Importer:
         self._nodes[i] = FileNode(digest, size, executable)
         self._stats.files += 1
         self._stats.bytes += size
+        if self.on_done is not None:
+            self.on_done(i)
 
     async def run(self, indexes: Sequence[int] | None = None) -> list[FileNode | None]:
         """Read and store the files (only ``indexes`` when given: the others stay ``None``)."""
@@ -821,8 +824,8 @@ async def _ingest(
     state = await asyncio.to_thread(cache.load, root, warn) if cache is not None else None
     if state is None or not (state.tree or state.files_raw):
         # Nothing to take from a last import: files are read while the walk goes on.
-        fp, file_nodes = await _walk_and_import(
-            blob, tree, open_root, fingerprint, matcher, skip_special, warn, warnings, concurrency, stats, progress
+        fp, file_nodes, root_node = await _walk_and_import(
+            blob, dirs, tree, open_root, fingerprint, matcher, skip_special, warn, warnings, concurrency, stats, progress
         )
     else:
 
@@ -845,7 +848,7 @@ async def _ingest(
             file_nodes = await _import_files(blob, tree, fds, concurrency, stats, progress, state)
         finally:
             fds.close()
-    root_node = await _put_directories(dirs, tree, file_nodes, stats)
+        root_node = await _put_directories(dirs, tree, file_nodes, stats)
     if cache is not None:
         await _save_cache(cache, root, tree, fp, root_node, file_nodes, warn)
     return name, root_node
@@ -880,6 +883,7 @@ class _DeferredProgress:
 
 async def _walk_and_import(
     blob: BlobService,
+    dirs: DirectoryService,
     tree: _Tree,
     open_root: Callable[[], int],
     fingerprint: Callable[[], bytes],
@@ -890,8 +894,9 @@ async def _walk_and_import(
     concurrency: int,
     stats: ImportStats,
     progress: ImportProgress | None,
-) -> tuple[bytes, list[FileNode]]:
-    """Walk (in a thread) and read the files it finds meanwhile; the fingerprint and every file's node.
+) -> tuple[bytes, list[FileNode], DirectoryNode]:
+    """Walk (in a thread) and read the files it finds meanwhile, build and put each directory
+    once its contents are done; the fingerprint, every file's node and the root's node.
 
     Before it returns, the walk thread has ended and every descriptor is closed, also on failure.
     """
@@ -913,21 +918,117 @@ async def _walk_and_import(
     fds = DirFds(tree.dirs, await asyncio.to_thread(open_root), tree.dir_path)
     walking = loop.run_in_executor(None, walk)
 
+    importer = _Importer(blob, tree, fds, concurrency, stats, deferred)
+    built: asyncio.Queue[tuple[int, Directory] | None] = asyncio.Queue()
+    builder = _DirBuilder(tree, importer._nodes, built.put_nowait)
+
     async def walked() -> None:
         await asyncio.shield(walking)  # the walk's error, if any
         stats.skipped = tree.skipped
         if deferred is not None:
             deferred.start(len(tree.files), tree.bytes)
+        builder.start()
+        importer.on_done = builder.file_done
 
+    putting = asyncio.ensure_future(_put_built(dirs, tree, built, stats))
     try:
-        nodes = await _Importer(blob, tree, fds, concurrency, stats, deferred).run_walking(feed, walked)
-    finally:
-        stop.set()
-        await asyncio.wait([walking])
-        fds.close()
-        if not walking.cancelled():
-            walking.exception()  # retrieved (raised by walked(), or superseded by the import's error)
-    return walking.result(), nodes
+        try:
+            nodes = await importer.run_walking(feed, walked)
+        finally:
+            stop.set()
+            await asyncio.wait([walking])
+            fds.close()
+            if not walking.cancelled():
+                walking.exception()  # retrieved (raised by walked(), or superseded by the import's error)
+        built.put_nowait(None)
+        root = await putting
+    except BaseException:
+        putting.cancel()
+        await asyncio.gather(putting, return_exceptions=True)
+        raise
+    return walking.result(), nodes, root
+
+
+class _DirBuilder:
+    """Builds each directory as soon as all its files and subdirectories are done.
+
+    Runs on the event loop once the walk has ended (:meth:`start`); each file whose node was
+    set (after its commit) is reported to :meth:`file_done`. A directory goes to ``emit``
+    only after all its subdirectories, so the putter still receives leaves first.
+    """
+
+    def __init__(self, tree: _Tree, nodes: list[FileNode | None], emit: Callable[[tuple[int, Directory] | None], None]) -> None:
+        self._tree = tree
+        self._nodes = nodes
+        self._emit = emit
+        self._pending: list[int] = []  # per directory: files and subdirectories not done; -1 once built
+        self._built: list[DirectoryNode | None] = []
+
+    def start(self) -> None:
+        tree, nodes = self._tree, self._nodes
+        if len(nodes) < len(tree.files):  # files the lanes have not been handed yet
+            nodes.extend([None] * (len(tree.files) - len(nodes)))
+        pending = [0] * len(tree.dirs)
+        for index, d in enumerate(tree.dirs):
+            n = 0
+            for _name, kind, payload in d.entries:
+                if kind == "d" or (kind == "f" and nodes[payload] is None):
+                    n += 1
+            pending[index] = n
+        self._pending = pending
+        self._built = [None] * len(tree.dirs)
+        for index in range(len(pending) - 1, -1, -1):  # children before parents
+            if pending[index] == 0:
+                self._complete(index)
+
+    def file_done(self, i: int) -> None:
+        d = self._tree.files[i].dir
+        self._pending[d] -= 1
+        if self._pending[d] == 0:
+            self._complete(d)
+
+    def _complete(self, index: int) -> None:
+        """Build ``index``, then each parent this completes (iteratively: any depth)."""
+        tree, pending = self._tree, self._pending
+        while True:
+            try:
+                directory = _build_directory(tree, index, self._nodes, self._built)  # type: ignore[arg-type]
+            except ValidationError as e:
+                raise ValidationError(f"cannot import directory {tree.dir_path(index)}: {e}") from e
+            tree.dirs[index].entries = []  # free as we go
+            self._built[index] = _dir_node(directory.digest, directory.size)
+            pending[index] = -1
+            self._emit((index, directory))
+            parent = tree.dirs[index].parent
+            if parent < 0:
+                return
+            pending[parent] -= 1
+            if pending[parent] != 0:
+                return
+            index = parent
+
+
+async def _put_built(
+    dirs: DirectoryService, tree: _Tree, built: asyncio.Queue[tuple[int, Directory] | None], stats: ImportStats
+) -> DirectoryNode:
+    """Put the directories ``built`` hands out (leaves first, ``None`` after the root); the root's node."""
+    putter = dirs.put_multiple_start()
+    last: Directory | None = None
+    while (item := await built.get()) is not None:
+        index, directory = item
+        try:
+            await putter.put(directory)
+        except (StorageError, ValidationError) as e:
+            raise _rewrap(e, f"failed to upload directory at {tree.dir_path(index)}") from e
+        stats.directories += 1
+        last = directory
+    try:
+        root_digest = await putter.close()
+    except (StorageError, ValidationError) as e:
+        raise _rewrap(e, "failed to finalize directory upload") from e
+    assert last is not None and last.digest == root_digest
+    stats.symlinks += tree.symlinks
+    return _dir_node(last.digest, last.size)
 
 
 def _b3(raw: bytes) -> B3Digest:

@@ -14,16 +14,19 @@ the walk saw), so no link is followed and paths never grow past ``PATH_MAX`` (an
 works: nothing recurses). Files are opened ``O_NONBLOCK`` and checked with ``fstat``
 before reading, so a fifo swapped in after the walk is refused, not waited on.
 
-Pipeline: the walk runs in a thread; then files are stored in two lanes. Small files go in
+Pipeline: the walk runs in a thread and hands out the files it finds every ``_BATCH_FILES``
+or so, so they are read while it goes on (unless the import cache holds a last import of the
+root: that path walks first, to compare the walk with it). Files are stored in two lanes. Small files go in
 batches to reader threads (``READ_THREADS``: one more than the cores) that open, read and
 prepare them (:meth:`BlobService.prepare_many`: each blob hashed once, and for the embedded
 store looked up, cut and compressed right there, as blake3, FastCDC and zstd release the GIL);
 each batch is then stored with one ``put_prepared`` (one writer operation for the embedded
 store), and its digests are used only once that returned, i.e. after the commit. Large files,
 largest first, stream through writers several at once, read in threads of their own; the
-embedded writer hashes, cuts and compresses in worker threads too. Directories go last
-through one ``put_multiple_start`` putter, leaves first, their bytes encoded by hand in a
-thread (no protobuf objects: the tests compare the bytes with protobuf's). With a stat cache
+embedded writer hashes, cuts and compresses in worker threads too. Once the walk has ended,
+each directory is built as soon as all its files (their commits returned) and subdirectories
+are done, and goes to one ``put_multiple_start`` putter, so leaves still come first; its bytes
+are encoded by hand (no protobuf objects: the tests compare the bytes with protobuf's). With a stat cache
 (:mod:`castore_di.importcache`), only files whose metadata changed since the last import of
 the root are read, and an unchanged tree reuses its root directory.
 ``benches/import_bench.py`` measures it against restic and b3sum.
@@ -98,6 +101,9 @@ S_IFLNK: Final = stat.S_IFLNK
 
 class ImportProgress(Protocol):
     """Receives progress: the totals once the walk is done, then each finished file.
+
+    Files may be read while the walk still runs: files finished before the totals are
+    known are reported right after :meth:`start`.
 
     A progress object may also have ``partial(key, nbytes)``: the importer then reports the
     bytes done inside a large file while it is read (``key`` names the file; ``0`` before

@@ -316,7 +316,11 @@ class _Export:
         self._loop = loop
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._room = threading.Semaphore(_QUEUED_JOBS)  # bounds the queued jobs (and their descriptors)
+        # Tokens bounding the queued jobs (and the descriptors they hold); a SimpleQueue is
+        # much cheaper than a Semaphore (written in Python) for one hand-off per job.
+        self._room: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(_QUEUED_JOBS):
+            self._room.put(None)
         self.stop = threading.Event()
         self._error: BaseException | None = None
         self.stats = ExportStats()
@@ -436,7 +440,7 @@ class _Export:
     def _queue(self, index: int, here: _Fd, files: list[tuple[bytes, FileNode]]) -> None:
         with self._lock:
             here.refs += 1
-        self._room.acquire()
+        self._room.get()
         self._jobs.put(_Job(index, here, files))
 
     def _make_subdir(self, index: int, parent_fd: int) -> int:
@@ -460,7 +464,7 @@ class _Export:
         files = nbytes = 0
         try:
             while (job := self._jobs.get()) is not None:
-                self._room.release()
+                self._room.put(None)
                 try:
                     if not self.stop.is_set():
                         if len(job.files) == 1 and job.files[0][1].size > _SMALL:

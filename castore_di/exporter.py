@@ -7,26 +7,35 @@ Writing is defensive whatever the stored data says:
   cannot address anything outside the destination;
 * the whole directory closure is fetched (and validated) before anything is written;
 * everything below the destination is created relative to directory descriptors opened
-  with ``O_NOFOLLOW`` (reopened ones are checked to be the directory created), so no link
-  is followed and any depth works; only the destination's own parent path is the user's
+  with ``O_NOFOLLOW`` right after ``mkdir`` and held until the directory's files are
+  written, so no link is followed and any depth works; only the destination's own parent path is the user's
   and may pass through symlinks;
 * a file is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` straight under its final name
   (one metadata operation; nothing existing is ever replaced) and removed again if its
   blob fails the check, so a failed export leaves no half-written file; with ``merge``
   (``--force``) a file is written under a temporary name and renamed over the old one;
-* every file's size and BLAKE3 digest are checked before the export reports success (small
-  files before they are created; a large one as it is written, removed if the check fails);
-  small files are read with ``read_many(verify=False)``, so each of their bytes is hashed once.
+* every file's size and BLAKE3 digest are checked before the export reports success (a
+  blob read whole before its file is created; a large or chunked one as it is written,
+  the file removed if the check fails); blobs are read unverified, so each byte is hashed
+  once.
 
-Speed: the directories are made in a thread first; file contents are read from the blob
-service on the event loop while two writer threads write them (small files in batches),
-so decompression and writes overlap. ``benches/import_bench.py`` compares it with
-``cp -a`` and ``restic restore``.
+Speed (``benches/import_bench.py`` compares it with ``cp -a`` and ``restic restore``): after
+the closure is fetched, one thread creates the directories and symlinks and hands each
+directory's files, with the directory's open descriptor, to three worker threads in batches;
+a worker reads a batch of blobs, checks and writes each file with one ``open``, one
+``write`` and one ``close`` (the mode is set at open; ``fchmod`` only when the umask takes
+the owner's execute bit). With a backend that offers
+:meth:`~castore_di.blobservice.base.BlobService.blocking_reads` (the embedded store) the
+workers read it themselves, so zstd decompression, BLAKE3 and the writes (which release
+the GIL) run on every core and the event loop only waits; other backends are read on the
+event loop, from up to eight workers. The first failure stops the export (each worker
+finishes or removes its current file) and is raised; so is a cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import queue
@@ -44,7 +53,7 @@ from castore_di.blobservice.base import READ_BLOCK, BlobService, BlockingReads, 
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.directoryservice.closure import leaves_first
-from castore_di.errors import IntegrityError, StorageError, ValidationError
+from castore_di.errors import CastoreError, IntegrityError, StorageError, ValidationError
 from castore_di.expansion import check_export_fits
 from castore_di.importer import ImportProgress
 from castore_di.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode, validate_name
@@ -246,9 +255,28 @@ class _Source:
         self._blob = blob
         self._direct = direct
         self._loop = loop
+        self._lock = threading.Lock()
+        self._waiting: set[concurrent.futures.Future[Any]] = set()
+        self._cancelled = False
 
     def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._lock:
+            if self._cancelled:
+                future.cancel()
+            self._waiting.add(future)
+        try:
+            return future.result()
+        finally:
+            with self._lock:
+                self._waiting.discard(future)
+
+    def cancel(self) -> None:
+        """Cancel the reads threads are waiting for on the loop (and any they start later)."""
+        with self._lock:
+            self._cancelled = True
+            for future in self._waiting:
+                future.cancel()
 
     def blobs(self, digests: list[B3Digest]) -> list[bytes | list[ChunkMeta] | None]:
         """Whole blobs (or, from a direct source, the chunk lists of chunked ones); unverified."""
@@ -305,7 +333,7 @@ class _Export:
     def __init__(self, source: _Source, closure: dict[B3Digest, Directory], root: B3Digest, dest: str,
                  dest_fd: int, merge: bool, workers: int, progress: ImportProgress | None,
                  loop: asyncio.AbstractEventLoop) -> None:
-        self._source = source
+        self.source = source
         self._closure = closure
         self._root = root
         self._plan = _Plan(dest)
@@ -490,7 +518,7 @@ class _Export:
         """Read the job's blobs together, check each before its file is created, write it."""
         files = job.files
         try:
-            found = self._source.blobs([node.digest for _name, node in files])
+            found = self.source.blobs([node.digest for _name, node in files])
         except Exception as e:
             name = files[0][0]
             raise _storage_error(e, f"{self._plan.file_path(job.index, name)} (or one of {len(files) - 1} more)") from e
@@ -575,7 +603,7 @@ class _Export:
         try:
             hasher = blake3.blake3()
             written = reported = 0
-            for block in self._source.blocks(node.digest, chunks):
+            for block in self.source.blocks(node.digest, chunks):
                 if self.stop.is_set():
                     raise _Stopped()
                 written += len(block)
@@ -590,6 +618,10 @@ class _Export:
                 raise IntegrityError(f"{shown}: blob {node.digest} does not match its digest or size")
             ok = True
         except _Stopped:
+            raise
+        except CastoreError as e:
+            if shown not in str(e):
+                e.add_note(shown)  # a chunk's error names the blob; the note names the file
             raise
         except Exception as e:
             raise _storage_error(e, shown) from e
@@ -660,6 +692,7 @@ async def export_directory(
         return await asyncio.shield(running)
     except BaseException:
         export.stop.set()  # cancelled: the threads stop after their current file
+        export.source.cancel()
         await asyncio.wait([running])
         raise
 

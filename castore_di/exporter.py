@@ -56,7 +56,7 @@ from castore_di.directoryservice.closure import leaves_first
 from castore_di.errors import CastoreError, IntegrityError, StorageError, ValidationError
 from castore_di.expansion import check_export_fits
 from castore_di.importer import ImportProgress
-from castore_di.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode, validate_name
+from castore_di.nodes import MAX_NAME_LEN, Directory, DirectoryNode, FileNode, Node, SymlinkNode, validate_name
 
 __all__ = [
     "ExportStats",
@@ -78,6 +78,7 @@ _QUEUED_JOBS: Final = 64  # jobs waiting for a worker (each holds its directory'
 _SMALL: Final = 1 << 20  # files up to this size are read whole, together with their neighbours
 _BATCH_FILES: Final = 64
 _BATCH_BYTES: Final = 4 << 20
+_NODE_TYPES: Final = (FileNode, DirectoryNode, SymlinkNode)
 # The parent of DEST is the user's own path: links on the way to it are followed.
 _O_PARENT: Final = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _O_NEW: Final = (
@@ -113,6 +114,17 @@ def _check_name(name: bytes, where: str) -> bytes:
         return validate_name(name)
     except ValidationError as e:
         raise ValidationError(f"refusing to export {where}: {e}") from e
+
+
+def _check_closure(closure: dict[B3Digest, Directory], root: B3Digest, dest: str, max_size: int | None) -> None:
+    """Before anything is written: every name and node (again), and the size the tree expands to."""
+    for digest, directory in closure.items():
+        for name, node in directory.items():
+            if type(name) is not bytes or not 2 < len(name) <= MAX_NAME_LEN or b"/" in name or b"\0" in name:
+                _check_name(name, f"an entry of directory {digest}")
+            if type(node) not in _NODE_TYPES:
+                raise ValidationError(f"refusing to export {_display(str(digest), name)}: not a node: {node!r}")
+    check_export_fits(closure, root, dest, max_size)
 
 
 def _display(parent: str, name: bytes) -> str:
@@ -417,13 +429,7 @@ class _Export:
                 try:
                     small: list[tuple[bytes, FileNode]] = []
                     nbytes = 0
-                    where: str | None = None
-                    for raw, node in directory.items():
-                        try:
-                            name = validate_name(raw)
-                        except ValidationError as e:
-                            where = plan.dir_path(index)
-                            raise ValidationError(f"refusing to export an entry of {where}: {e}") from e
+                    for name, node in directory.items():  # names checked by _check_closure
                         kind = type(node)
                         if kind is FileNode:
                             assert isinstance(node, FileNode)
@@ -662,7 +668,7 @@ async def export_directory(
     """
     dest = os.fspath(dest)
     closure = await fetch_closure(dirs, root)
-    await asyncio.to_thread(check_export_fits, closure, root, dest, max_size)
+    await asyncio.to_thread(_check_closure, closure, root, dest, max_size)
 
     def prepare() -> int:
         existed = _prepare_dest(dest, merge)

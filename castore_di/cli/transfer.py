@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -280,10 +281,15 @@ def export_command(ctx: CliContext, source: str, dest: str | None, tar: str | No
             if executable:
                 raise click.UsageError("--executable only applies to a file")
             bar = Progress(f"exporting {digest}", enabled=progress)
+            # The closure's ~10 objects per entry live until the export ends and it makes few
+            # garbage cycles: collecting meanwhile would only rescan them (0.1-0.3 s on the
+            # stdlib tree). This process ends after the command.
+            gc.disable()
             try:
                 await export_directory(blob, dirs, digest, dest, merge=force, concurrency=concurrency,
                                        progress=bar if bar.enabled else None, max_size=max_size)
             finally:
+                gc.enable()
                 bar.finish()
             return
         reader = await blob.open_read(digest)

@@ -57,7 +57,12 @@ def _decode(raw: bytes, digest: B3Digest) -> Directory:
 def _decode_verified(raw: bytes, digest: B3Digest) -> Directory:
     if blake3_digest(raw) != digest:
         raise IntegrityError(f"directory {digest}: stored bytes do not match the digest")
-    return _decode(raw, digest)
+    directory = _decode(raw, digest)
+    # The store holds only what ``encode()`` produced (``put`` re-encodes), under its digest,
+    # just checked: keep both, so ``directory.digest`` need not encode the directory again.
+    directory._encoded = raw
+    directory._digest = digest
+    return directory
 
 
 class _DirectoryRecords:

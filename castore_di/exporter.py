@@ -74,7 +74,8 @@ DEFAULT_CONCURRENCY: Final = 32
 _TMP_PREFIX: Final = ".castore-tmp-"
 _THREADS: Final = 3  # worker threads with a backend read in threads (two cores: one more hides the syscalls)
 _LOOP_THREADS: Final = 8  # with a backend read on the event loop (requests in flight)
-_QUEUED_JOBS: Final = 64  # jobs waiting for a worker (each holds its directory's descriptor)
+_QUEUED_JOBS: Final = 16  # jobs waiting for a worker (each holds its directories' descriptors)
+_BATCH_DIRS: Final = 8  # directories a job of small files may span
 _SMALL: Final = 1 << 20  # files up to this size are read whole, together with their neighbours
 _BATCH_FILES: Final = 64
 _BATCH_BYTES: Final = 4 << 20
@@ -326,14 +327,15 @@ class _Source:
 
 
 class _Job:
-    """Files of one directory for one worker: small ones read together, or one large one."""
+    """Files for one worker: small ones of up to ``_BATCH_DIRS`` directories read together, or one large one."""
 
-    __slots__ = ("index", "dir", "files")
+    __slots__ = ("files", "dirs", "nbytes", "large")
 
-    def __init__(self, index: int, directory: _Fd, files: list[tuple[bytes, FileNode]]) -> None:
-        self.index = index
-        self.dir = directory
-        self.files = files
+    def __init__(self, large: bool = False) -> None:
+        self.files: list[tuple[_Fd, int, bytes, FileNode]] = []  # directory, its index, name, node
+        self.dirs: list[_Fd] = []  # each holds one reference for this job
+        self.nbytes = 0
+        self.large = large
 
 
 class _Export:
@@ -361,6 +363,7 @@ class _Export:
         self._room: queue.SimpleQueue[None] = queue.SimpleQueue()
         for _ in range(_QUEUED_JOBS):
             self._room.put(None)
+        self._batch = _Job()
         self.stop = threading.Event()
         self._error: BaseException | None = None
         self.stats = ExportStats()
@@ -415,32 +418,24 @@ class _Export:
     def _make_tree(self) -> None:
         """Create every directory and symlink, queueing each directory's files as it is made."""
         plan, closure, merge = self._plan, self._closure, self._merge
-        stack: list[tuple[int, Directory, _Fd | None]] = [(0, closure[self._root], None)]
+        # Each entry holds a reference to its parent's descriptor (DEST's own for the root).
+        stack: list[tuple[int, Directory, _Fd]] = [(0, closure[self._root], _Fd(self._dest_fd))]
         try:
             while stack and not self.stop.is_set():
                 index, directory, parent = stack.pop()
-                if parent is None:
-                    here = _Fd(self._dest_fd)
+                if index == 0:
+                    here = parent
                 else:
                     try:
                         here = _Fd(self._make_subdir(index, parent.fd))
                     finally:
                         self._release(parent)
                 try:
-                    small: list[tuple[bytes, FileNode]] = []
-                    nbytes = 0
                     for name, node in directory.items():  # names checked by _check_closure
                         kind = type(node)
                         if kind is FileNode:
                             assert isinstance(node, FileNode)
-                            if node.size > _SMALL:
-                                self._queue(index, here, [(name, node)])
-                                continue
-                            small.append((name, node))
-                            nbytes += node.size
-                            if len(small) >= _BATCH_FILES or nbytes >= _BATCH_BYTES:
-                                self._queue(index, here, small)
-                                small, nbytes = [], 0
+                            self._add(here, index, name, node)
                         elif kind is DirectoryNode:
                             assert isinstance(node, DirectoryNode)
                             child = closure.get(node.digest)
@@ -461,21 +456,51 @@ class _Export:
                         else:
                             raise ValidationError(f"refusing to export {plan.file_path(index, name)}: "
                                                   f"not a node: {node!r}")
-                    if small:
-                        self._queue(index, here, small)
                 finally:
                     self._release(here)
+            if not self.stop.is_set():
+                self._flush()
         finally:
             for _i, _d, parent in stack:
-                if parent is not None:
-                    self._release(parent)
+                self._release(parent)
+            for d in self._batch.dirs:  # not queued (a failure)
+                self._release(d)
+            self._batch = _Job()
         self.stats.directories = len(plan.dirs)
 
-    def _queue(self, index: int, here: _Fd, files: list[tuple[bytes, FileNode]]) -> None:
+    def _add(self, here: _Fd, index: int, name: bytes, node: FileNode) -> None:
+        """Add a file to the batch being filled (a large one gets a job of its own)."""
+        if node.size > _SMALL:
+            job = _Job(large=True)
+            self._hold(job, here)
+            job.files.append((here, index, name, node))
+            self._put(job)
+            return
+        batch = self._batch
+        if not batch.dirs or batch.dirs[-1] is not here:
+            if len(batch.dirs) >= _BATCH_DIRS:
+                self._flush()
+                batch = self._batch
+            self._hold(batch, here)
+        batch.files.append((here, index, name, node))
+        batch.nbytes += node.size
+        if len(batch.files) >= _BATCH_FILES or batch.nbytes >= _BATCH_BYTES:
+            self._flush()
+
+    def _hold(self, job: _Job, here: _Fd) -> None:
         with self._lock:
             here.refs += 1
+        job.dirs.append(here)
+
+    def _flush(self) -> None:
+        batch = self._batch
+        if batch.files:
+            self._batch = _Job()
+            self._put(batch)
+
+    def _put(self, job: _Job) -> None:
         self._room.get()
-        self._jobs.put(_Job(index, here, files))
+        self._jobs.put(job)
 
     def _make_subdir(self, index: int, parent_fd: int) -> int:
         record = self._plan.dirs[index]
@@ -501,9 +526,9 @@ class _Export:
                 self._room.put(None)
                 try:
                     if not self.stop.is_set():
-                        if len(job.files) == 1 and job.files[0][1].size > _SMALL:
-                            name, node = job.files[0]
-                            self._write_large(job, name, node, None)
+                        if job.large:
+                            here, index, name, node = job.files[0]
+                            self._write_large(here.fd, index, name, node, None)
                             sizes = [node.size]
                         else:
                             sizes = self._write_small(job)
@@ -514,7 +539,8 @@ class _Export:
                 except BaseException as e:
                     self._fail(e)
                 finally:
-                    self._release(job.dir)
+                    for d in job.dirs:
+                        self._release(d)
         finally:
             with self._lock:
                 self.stats.files += files
@@ -524,28 +550,29 @@ class _Export:
         """Read the job's blobs together, check each before its file is created, write it."""
         files = job.files
         try:
-            found = self.source.blobs([node.digest for _name, node in files])
+            found = self.source.blobs([node.digest for _d, _i, _name, node in files])
         except Exception as e:
-            name = files[0][0]
-            raise _storage_error(e, f"{self._plan.file_path(job.index, name)} (or one of {len(files) - 1} more)") from e
-        dir_fd, merge, chmod_exec = job.dir.fd, self._merge, self._chmod_exec
+            _d, index, name, _node = files[0]
+            raise _storage_error(e, f"{self._plan.file_path(index, name)} (or one of {len(files) - 1} more)") from e
+        merge, chmod_exec, stop = self._merge, self._chmod_exec, self.stop
         sizes: list[int] = []
-        for (name, node), data in zip(files, found):
-            if self.stop.is_set():
+        for (here, index, name, node), data in zip(files, found):
+            if stop.is_set():
                 break
             if type(data) is not bytes:
                 if data is None:
-                    raise StorageError(f"{self._plan.file_path(job.index, name)}: blob {node.digest} not found")
+                    raise StorageError(f"{self._plan.file_path(index, name)}: blob {node.digest} not found")
                 assert isinstance(data, list)
-                self._write_large(job, name, node, data)
+                self._write_large(here.fd, index, name, node, data)
                 sizes.append(node.size)
                 continue
             if len(data) != node.size:
-                raise IntegrityError(f"{self._plan.file_path(job.index, name)}: blob {node.digest} has "
+                raise IntegrityError(f"{self._plan.file_path(index, name)}: blob {node.digest} has "
                                      f"{len(data)} bytes, the node says {node.size}")
             if blake3.blake3(data).digest() != node.digest:
-                raise IntegrityError(f"{self._plan.file_path(job.index, name)}: blob {node.digest} "
+                raise IntegrityError(f"{self._plan.file_path(index, name)}: blob {node.digest} "
                                      "does not match its digest")
+            dir_fd = here.fd
             executable = node.executable
             if merge:
                 try:
@@ -557,7 +584,7 @@ class _Export:
                     finally:
                         _finish(dir_fd, fd, name, tmp, executable and chmod_exec, ok)
                 except OSError as e:
-                    raise _storage_error(e, self._plan.file_path(job.index, name)) from e
+                    raise _storage_error(e, self._plan.file_path(index, name)) from e
                 sizes.append(node.size)
                 continue
             # The common case in as few calls as possible: open (straight under the final
@@ -565,9 +592,9 @@ class _Export:
             try:
                 fd = os.open(name, _O_NEW, 0o777 if executable else 0o666, dir_fd=dir_fd)
             except FileExistsError as e:
-                raise StorageError(f"{self._plan.file_path(job.index, name)} appeared while it was exported") from e
+                raise StorageError(f"{self._plan.file_path(index, name)} appeared while it was exported") from e
             except OSError as e:
-                raise _storage_error(e, self._plan.file_path(job.index, name)) from e
+                raise _storage_error(e, self._plan.file_path(index, name)) from e
             try:
                 if data:
                     n = os.write(fd, data)
@@ -579,13 +606,13 @@ class _Export:
                 os.close(fd)
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=dir_fd)
-                raise _storage_error(e, self._plan.file_path(job.index, name)) from e
+                raise _storage_error(e, self._plan.file_path(index, name)) from e
             try:
                 os.close(fd)
             except OSError as e:
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=dir_fd)
-                raise _storage_error(e, self._plan.file_path(job.index, name)) from e
+                raise _storage_error(e, self._plan.file_path(index, name)) from e
             sizes.append(node.size)
         return sizes
 
@@ -594,10 +621,9 @@ class _Export:
         mode = self._exec_mode
         os.fchmod(fd, mode if mode is not None else os.fstat(fd).st_mode & 0o7777 | 0o100)
 
-    def _write_large(self, job: _Job, name: bytes, node: FileNode, chunks: list[ChunkMeta] | None) -> None:
+    def _write_large(self, dir_fd: int, index: int, name: bytes, node: FileNode, chunks: list[ChunkMeta] | None) -> None:
         """Stream one blob into its file, hashing as it goes; the file is removed if it fails the check."""
-        shown = self._plan.file_path(job.index, name)
-        dir_fd = job.dir.fd
+        shown = self._plan.file_path(index, name)
         try:
             fd, tmp = _create(dir_fd, name, node.executable, self._merge)
         except FileExistsError as e:
@@ -605,7 +631,7 @@ class _Export:
         except OSError as e:
             raise _storage_error(e, shown) from e
         ok = False
-        key = (job.index, name)
+        key = (index, name)
         try:
             hasher = blake3.blake3()
             written = reported = 0

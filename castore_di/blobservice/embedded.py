@@ -318,9 +318,12 @@ class _BlobRecords:
         dec = codec()
         out: list[tuple[bytes | None, list[tuple[B3Digest, int]] | None]] = []
         with self.env.read() as txn:
+            # Loose chunks are rare (a large write in progress or aborted): when there are
+            # none, one lookup per blob (each lookup lets go of the GIL and takes it back)
+            any_loose = txn.stat(self.loose_db)["entries"] > 0
             for digest in digests:
                 raw = txn.get(digest, db=self.chunks_db)
-                if raw is None or txn.get(digest, db=self.loose_db) is not None:
+                if raw is None or (any_loose and txn.get(digest, db=self.loose_db) is not None):
                     index = txn.get(digest, db=self.blobs_db)
                     out.append((None, None if index is None else decode_index(index, digest)))
                     continue

@@ -377,12 +377,18 @@ class _Export:
 
     def run(self) -> ExportStats:
         """Make the tree and write every file (blocking); the first failure is raised."""
-        threads = [threading.Thread(target=self._work, name=f"castore-export-{i}", daemon=True)
-                   for i in range(self._workers)]
-        for t in threads:
-            t.start()
+        threads: list[threading.Thread] = []
         try:
-            self._make_tree()
+            for i in range(self._workers):
+                t = threading.Thread(target=self._work, name=f"castore-export-{i}", daemon=True)
+                t.start()
+                threads.append(t)
+        except BaseException as e:
+            os.close(self._dest_fd)  # _make_tree never took it
+            self._fail(e)
+        try:
+            if self._error is None:
+                self._make_tree()
         except BaseException as e:
             self._fail(e)
         finally:
@@ -726,6 +732,8 @@ async def export_directory(
         export.stop.set()  # cancelled: the threads stop after their current file
         export.source.cancel()
         await asyncio.wait([running])
+        if not running.cancelled():
+            running.exception()  # retrieved: the cancellation is what propagates
         raise
 
 

@@ -283,6 +283,20 @@ class Directory:
         return self
 
     @classmethod
+    def _prebuilt(
+        cls, entries: tuple[tuple[bytes, Node], ...], size: int, encoded: bytes, digest: B3Digest
+    ) -> "Directory":
+        """A directory whose caller already validated and sorted ``entries`` and encoded them
+        canonically (the importer: names from the filesystem; its tests check the bytes)."""
+        self = cls.__new__(cls)
+        self._index = dict(entries)
+        self._entries = entries
+        self._size = size
+        self._encoded = encoded
+        self._digest = digest
+        return self
+
+    @classmethod
     def decode(cls, data: bytes) -> "Directory":
         """Parse and validate protobuf bytes (unknown fields are dropped)."""
         msg = castore_pb2.Directory()

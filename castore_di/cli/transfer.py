@@ -152,9 +152,13 @@ def node_line(path: str | bytes, node: Node) -> str:
               help="Leave out paths matching this gitignore-style pattern (relative to each PATH; repeatable).")
 @click.option("--skip-special", is_flag=True,
               help="Skip fifos, sockets and devices with a warning each instead of failing.")
+@click.option("--rehash", is_flag=True,
+              help="Read every file, trusting no cached digest (the import cache is rewritten).")
+@click.option("--no-cache", is_flag=True, help="Neither use nor write the import cache.")
 @pass_ctx
 def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, name: str | None, as_json: bool,
-                   concurrency: int, progress: bool | None, excludes: tuple[str, ...], skip_special: bool) -> None:
+                   concurrency: int, progress: bool | None, excludes: tuple[str, ...], skip_special: bool,
+                   rehash: bool, no_cache: bool) -> None:
     """Import files, directories and symlinks; print the root node of each PATH.
 
     Text output is one line per PATH: `<path> <type> <b3:digest> <size>` where type is
@@ -167,6 +171,9 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, nam
     with a warning on stderr with --skip-special. --exclude takes gitignore patterns
     (`*.pyc`, `build/`, `/top-only`, `!keep.pyc`), matched below each PATH.
     With --tar FILE (- for standard input): the archive's one top-level directory.
+    A file whose device, inode, size, mtime, ctime and mode are those recorded by the
+    last import of the same PATH (and whose blob the store still has) is not read
+    again (cache in $XDG_CACHE_HOME/castore_di/import); --rehash reads every file.
     """
     if bool(tar) == bool(paths):
         raise click.UsageError("give PATHS or --tar FILE (one of them)")
@@ -185,13 +192,17 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, nam
             if name:
                 await record_name(ctx, name, tree, size)
             return
+        from castore_di.importcache import ImportCache
+
         blob, dirs = ctx.blob_service(), ctx.directory_service()
+        cache = None if no_cache else ImportCache(reuse=not rehash)
         for path in paths:
             bar = Progress(f"importing {quote_name(path)}", enabled=progress)
             stats = ImportStats()
             try:
                 _name, node = await ingest_path(blob, dirs, path, concurrency=concurrency, progress=bar, stats=stats,
-                                                exclude=excludes, skip_special=skip_special, warn=warn)
+                                                exclude=excludes, skip_special=skip_special, warn=warn,
+                                                cache=cache)
             finally:
                 bar.finish()
             if name:

@@ -12,6 +12,7 @@ same (a zstd frame of any level decodes alike).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any, Literal
 
 from castore_di.errors import IntegrityError, MissingDependencyError, map_errors
@@ -49,18 +50,27 @@ class Codec:
                 return b"\x01" + packed
         return b"\x00" + data
 
-    def decode(self, value: bytes | memoryview, what: str) -> bytes:
-        """The stored bytes of ``value``; damage is an :class:`IntegrityError` naming ``what``."""
-        if len(value) == 0:
-            raise IntegrityError(f"{what}: stored value is empty")
-        tag = value[0]
+    def decode(self, value: bytes | memoryview, what: str | Callable[[], str]) -> bytes:
+        """The stored bytes of ``value``; damage is an :class:`IntegrityError` naming ``what``
+        (a string, or a function making it: only called on damage)."""
+        tag = value[0] if len(value) else -1
+        if tag == _TAG_ZSTD:
+            try:
+                out: bytes = self._d.decompress(value[1:])
+            except self._error:
+                # mapped only on damage: building the context costs more than decompressing
+                with map_errors({self._error: IntegrityError}, f"{_name(what)}: stored bytes do not decompress"):
+                    raise
+            return out
         if tag == _TAG_RAW:
             return bytes(value[1:])
-        if tag == _TAG_ZSTD:
-            with map_errors({self._error: IntegrityError}, f"{what}: stored bytes do not decompress"):
-                out: bytes = self._d.decompress(value[1:])
-            return out
-        raise IntegrityError(f"{what}: unknown storage tag {tag}")
+        if tag == -1:
+            raise IntegrityError(f"{_name(what)}: stored value is empty")
+        raise IntegrityError(f"{_name(what)}: unknown storage tag {tag}")
+
+
+def _name(what: str | Callable[[], str]) -> str:
+    return what if isinstance(what, str) else what()
 
 
 _codecs = threading.local()

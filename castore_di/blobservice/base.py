@@ -25,7 +25,7 @@ import bisect
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import blake3
@@ -38,6 +38,7 @@ __all__ = [
     "BlobService",
     "BlobReader",
     "BlobWriter",
+    "BlockingReads",
     "BytesReader",
     "ChunkedReader",
     "ChunkMeta",
@@ -434,6 +435,21 @@ class PreparedBlob:
         self.payload = payload
 
 
+class BlockingReads(Protocol):
+    """Reads a backend answers in the calling thread, without an event loop
+    (:meth:`BlobService.blocking_reads`). Nothing is verified: the caller checks every byte
+    against the digests (and removes what it wrote from a blob that fails)."""
+
+    def blobs(self, digests: Sequence[B3Digest]) -> list[bytes | list[ChunkMeta] | None]:
+        """Per digest: the blob's bytes when it is stored whole, its chunk list when it is
+        chunked (read each with :meth:`chunk`), ``None`` when absent."""
+        ...
+
+    def chunk(self, blob: B3Digest, chunk: B3Digest) -> bytes | None:
+        """The bytes of a chunk from ``blob``'s chunk list; ``None`` when absent."""
+        ...
+
+
 class BlobService(abc.ABC):
     """A content-addressed store of blobs (see the module docstring for the contract)."""
 
@@ -455,6 +471,11 @@ class BlobService(abc.ABC):
 
     async def close(self) -> None:
         """Release connections and files this service opened. Idempotent."""
+
+    async def blocking_reads(self) -> BlockingReads | None:
+        """Unverified reads that worker threads may call directly, for a backend whose reads
+        need no event loop (the embedded store); ``None`` (the default) otherwise."""
+        return None
 
     # -- conveniences built on the primitives ------------------------------------------
 

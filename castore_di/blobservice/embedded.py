@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -84,6 +85,7 @@ from castore_di.blobservice.base import (
     BlobReader,
     BlobService,
     BlobWriter,
+    BlockingReads,
     BytesReader,
     ChunkedReader,
     ChunkingFields,
@@ -312,7 +314,7 @@ class _BlobRecords:
             raw = txn.get(digest, db=self.chunks_db)
             if raw is None:
                 return None
-            return codec().decode(raw, _chunk_name(digest, blob))
+            return codec().decode(raw, lambda: _chunk_name(digest, blob))
 
     def read_blob(self, digest: B3Digest) -> tuple[bytes | None, list[tuple[B3Digest, int]] | None]:
         """``(verified bytes, None)`` for a one-chunk blob, ``(None, chunk list)`` for a chunked one,
@@ -335,13 +337,16 @@ class _BlobRecords:
         dec = codec()
         out: list[tuple[bytes | None, list[tuple[B3Digest, int]] | None]] = []
         with self.env.read() as txn:
+            # Loose chunks are rare (a large write in progress or aborted): when there are
+            # none, one lookup per blob (each lookup lets go of the GIL and takes it back)
+            any_loose = txn.stat(self.loose_db)["entries"] > 0
             for digest in digests:
                 raw = txn.get(digest, db=self.chunks_db)
-                if raw is None or txn.get(digest, db=self.loose_db) is not None:
+                if raw is None or (any_loose and txn.get(digest, db=self.loose_db) is not None):
                     index = txn.get(digest, db=self.blobs_db)
                     out.append((None, None if index is None else decode_index(index, digest)))
                     continue
-                data = dec.decode(raw, _chunk_name(digest, None))
+                data = dec.decode(raw, lambda d=digest: _chunk_name(d, None))  # type: ignore[misc]
                 if verify and blake3_digest(data) != digest:
                     raise IntegrityError(f"blob {digest}: chunk {digest} is corrupted")
                 out.append((data, None))
@@ -520,6 +525,7 @@ class EmbeddedBlobService(BlobService):
         self.path = path
         self.max_bytes = max_bytes
         self._touched: dict[B3Digest, int] = {}  # reads not yet written to the LRU records
+        self._touch_lock = threading.Lock()
         self.options = options or StoreOptions()
         self.avg_chunk_size = avg_chunk_size
         self.min_chunk_size = avg_chunk_size // 2
@@ -564,7 +570,8 @@ class EmbeddedBlobService(BlobService):
 
     def _take_touches(self) -> dict[B3Digest, int]:
         """The read touches not yet written (taken on the event loop, written by the next commit)."""
-        touched, self._touched = self._touched, {}
+        with self._touch_lock:
+            touched, self._touched = self._touched, {}
         return touched
 
     def _bounded_commit(self, txn: lmdb.Transaction, store: _BlobRecords, blob: B3Digest,
@@ -581,9 +588,10 @@ class EmbeddedBlobService(BlobService):
 
     def _touch(self, digest: B3Digest) -> None:
         if self.max_bytes is not None:
-            self._touched[digest] = time.time_ns()
-            if len(self._touched) >= 4096:  # bound the memory; the oldest touch is dropped
-                self._touched.pop(next(iter(self._touched)))
+            with self._touch_lock:  # blocking reads touch from worker threads
+                self._touched[digest] = time.time_ns()
+                if len(self._touched) >= 4096:  # bound the memory; the oldest touch is dropped
+                    self._touched.pop(next(iter(self._touched)))
 
     async def has(self, digest: B3Digest) -> bool:
         return (await self._handle.get()).has_blob(digest)
@@ -698,6 +706,11 @@ class EmbeddedBlobService(BlobService):
             out.append(data)
         return out
 
+    async def blocking_reads(self) -> BlockingReads:
+        """Reads from one LMDB read transaction per call in the calling thread, decompressed
+        but not verified (the exporter's worker threads verify what they write)."""
+        return _BlockingReads(self, await self._handle.get())
+
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         is_chunk, index = (await self._handle.get()).lookup_blob(digest)
         if is_chunk:
@@ -757,6 +770,32 @@ class EmbeddedBlobService(BlobService):
     async def close(self) -> None:
         self._closed = True
         await self._handle.close()
+
+
+class _BlockingReads:
+    """:class:`BlockingReads` of one embedded store (safe in any thread: LMDB reads need no lock)."""
+
+    def __init__(self, service: EmbeddedBlobService, store: _BlobRecords) -> None:
+        self._svc = service
+        self._store = store
+
+    def blobs(self, digests: Sequence[B3Digest]) -> list[bytes | list[ChunkMeta] | None]:
+        out: list[bytes | list[ChunkMeta] | None] = []
+        touch = self._svc._touch if self._svc.max_bytes is not None else None
+        for digest, (data, index) in zip(digests, self._store.read_blobs(digests, verify=False)):
+            if data is not None:
+                out.append(data)
+            elif index is not None:
+                out.append([ChunkMeta(d, size) for d, size in index])
+            else:
+                out.append(None)
+                continue
+            if touch is not None:
+                touch(digest)
+        return out
+
+    def chunk(self, blob: B3Digest, chunk: B3Digest) -> bytes | None:
+        return self._store.get_chunk_unverified(chunk, blob)
 
 
 class _EmbeddedWriter(HashingWriter):

@@ -4,6 +4,7 @@ compressed) in reader threads, committed in batches, reported only once committe
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 from pathlib import Path
@@ -14,7 +15,7 @@ from castore_di.blobservice.embedded import EmbeddedBlobService
 from castore_di.digests import blake3_digest
 from castore_di.directoryservice.embedded import EmbeddedDirectoryService
 from castore_di._embedded import StoreOptions
-from castore_di.errors import StorageError
+from castore_di.errors import StorageError, UnsupportedFileTypeError
 from castore_di.exporter import export_node
 from castore_di.importer import SMALL_FILE, ImportStats, ingest_path
 from castore_di.nodes import DirectoryNode, FileNode
@@ -197,3 +198,60 @@ async def test_fast_compression_is_zstd_read_back_alike(tmp_path: Path) -> None:
         sizes[mode] = len(stored)
         await service.close()
     assert sizes["auto"] < sizes["fast"] < len(text) // 2
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def test_a_walk_error_after_files_were_handed_out_leaves_nothing_open(tmp_path: Path) -> None:
+    # The root's 600 files go to the lanes while the walk goes on into "z", where a fifo
+    # fails it: one error naming the fifo, no thread of the import left, no descriptor open.
+    src = tmp_path / "src"
+    (src / "z" / "deeper").mkdir(parents=True)
+    for i in range(600):
+        (src / f"f{i}").write_bytes(b"%d" % i * (i + 1))
+    os.mkfifo(src / "z" / "deeper" / "fifo")
+    blob, dirs = EmbeddedBlobService(str(tmp_path / "store")), EmbeddedDirectoryService(str(tmp_path / "store"))
+    await blob.has(blake3_digest(b""))  # the store is open before the count
+    before = _open_fds()
+    with pytest.raises(UnsupportedFileTypeError, match="fifo"):
+        await ingest_path(blob, dirs, src)
+    assert not any(t.name.startswith("castore-import") for t in threading.enumerate())
+    assert _open_fds() <= before
+    await blob.close()
+    await dirs.close()
+
+
+async def test_directories_built_as_they_complete_match_a_directory_built_whole(tmp_path: Path) -> None:
+    # Many directories, some finishing early (few small files), one late (a large file):
+    # every directory's bytes are the same as when all are built after the files.
+    from castore_di.importer import _build_directories, _Tree, _walk
+
+    src = tmp_path / "src"
+    rng = random.Random(5)
+    for d in range(40):
+        sub = src / f"d{d}" / f"e{d % 3}"
+        sub.mkdir(parents=True)
+        for i in range(rng.randrange(0, 12)):
+            (sub / f"f{i}").write_bytes(rng.randbytes(rng.randrange(0, 3000)))
+        (src / f"d{d}" / "link").symlink_to(f"e{d % 3}")
+    (src / "d7" / "big").write_bytes(rng.randbytes(SMALL_FILE + 12345))
+    blob, dirs = EmbeddedBlobService(str(tmp_path / "store")), EmbeddedDirectoryService(str(tmp_path / "store"))
+    stats = ImportStats()
+    _name, node = await ingest_path(blob, dirs, src, stats=stats)
+    assert stats.directories == 81 and stats.symlinks == 40
+    # The same tree, walked and built whole by the serial helpers, from the stored file nodes.
+    tree = _Tree(str(src))
+    st = os.lstat(src)
+    from castore_di.importer import _Dir
+
+    tree.dirs.append(_Dir(-1, b"", st.st_dev, st.st_ino))
+    _walk(tree, os.open(src, os.O_RDONLY | os.O_DIRECTORY), None, False, None, [])
+    file_nodes = [FileNode(blake3_digest((src / tree.file_path(f)).read_bytes()), f.size, False) for f in tree.files]
+    built = _build_directories(tree, file_nodes)
+    assert isinstance(node, DirectoryNode) and node.digest == built[-1].digest
+    for directory in built:
+        assert await dirs.get(directory.digest) is not None
+    await blob.close()
+    await dirs.close()

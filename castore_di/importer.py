@@ -14,19 +14,16 @@ the walk saw), so no link is followed and paths never grow past ``PATH_MAX`` (an
 works: nothing recurses). Files are opened ``O_NONBLOCK`` and checked with ``fstat``
 before reading, so a fifo swapped in after the walk is refused, not waited on.
 
-Pipeline: the walk runs in a thread and hands out the files it finds every ``_BATCH_FILES``
-or so, so they are read while it goes on (unless the import cache holds a last import of the
-root: that path walks first, to compare the walk with it). Files are stored in two lanes. Small files go in
+Pipeline: the walk runs in a thread; then files are stored in two lanes. Small files go in
 batches to reader threads (``READ_THREADS``: one more than the cores) that open, read and
 prepare them (:meth:`BlobService.prepare_many`: each blob hashed once, and for the embedded
 store looked up, cut and compressed right there, as blake3, FastCDC and zstd release the GIL);
 each batch is then stored with one ``put_prepared`` (one writer operation for the embedded
 store), and its digests are used only once that returned, i.e. after the commit. Large files,
 largest first, stream through writers several at once, read in threads of their own; the
-embedded writer hashes, cuts and compresses in worker threads too. Once the walk has ended,
-each directory is built as soon as all its files (their commits returned) and subdirectories
-are done, and goes to one ``put_multiple_start`` putter, so leaves still come first; its bytes
-are encoded by hand (no protobuf objects: the tests compare the bytes with protobuf's). With a stat cache
+embedded writer hashes, cuts and compresses in worker threads too. Directories go last
+through one ``put_multiple_start`` putter, leaves first, their bytes encoded by hand in a
+thread (no protobuf objects: the tests compare the bytes with protobuf's). With a stat cache
 (:mod:`castore_di.importcache`), only files whose metadata changed since the last import of
 the root are read, and an unchanged tree reuses its root directory.
 ``benches/import_bench.py`` measures it against restic and b3sum.
@@ -44,7 +41,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, Protocol
 
 import attrs
@@ -101,9 +98,6 @@ S_IFLNK: Final = stat.S_IFLNK
 
 class ImportProgress(Protocol):
     """Receives progress: the totals once the walk is done, then each finished file.
-
-    Files may be read while the walk still runs: files finished before the totals are
-    known are reported right after :meth:`start`.
 
     A progress object may also have ``partial(key, nbytes)``: the importer then reports the
     bytes done inside a large file while it is read (``key`` names the file; ``0`` before
@@ -254,14 +248,8 @@ def _walk(
     skip_special: bool,
     warn: Callable[[str], None] | None,
     warnings: list[str],
-    notify: Callable[[int], None] | None = None,
-    stop: threading.Event | None = None,
 ) -> None:
     """Fill ``tree`` from the directory open at ``root_fd`` (which this closes).
-
-    ``notify`` (when given) is called with the number of files walked so far every
-    ``_BATCH_FILES`` or so files, so they can be read while the walk goes on; once ``stop``
-    is set the walk ends early (the import failed).
 
     With ``tree.sig`` set (the import cache is on), each file gets its cache key and every
     entry adds a record to ``tree.sig``: ``D`` + the directory's index when a directory is
@@ -280,17 +268,8 @@ def _walk(
     add_file = files.append
     fs_encoding, fs_errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
     nbytes = 0
-    notified = 0
     try:
         while stack:
-            if notify is not None:
-                if len(files) - notified >= _BATCH_FILES:
-                    notified = len(files)
-                    tree.bytes += nbytes
-                    nbytes = 0
-                    notify(notified)
-                if stop is not None and stop.is_set():
-                    break
             index, parent, rel = stack.pop()
             if parent is None:
                 handle = root
@@ -368,10 +347,12 @@ def _walk(
                             warn(message)
             finally:
                 handle.release()
-    finally:
-        # Left over after a failure or a stop: drop their references to the parents.
+    except BaseException:
         for _index, parent, _rel in stack:
-            (root if parent is None else parent).release()  # the root: never listed
+            if parent is not None:
+                parent.release()
+        raise
+    finally:
         tree.bytes += nbytes
 
 
@@ -400,7 +381,6 @@ class _Importer:
             max(2, min(8, self._concurrency // 4)), thread_name_prefix="castore-import-large"
         )
         self._misses = 0  # consecutive batches with nothing present
-        self.on_done: Callable[[int], None] | None = None  # told each file index once its node is set
         self._batches = 0
 
     # -- threads -------------------------------------------------------------------
@@ -518,83 +498,43 @@ class _Importer:
         self._nodes[i] = FileNode(digest, size, executable)
         self._stats.files += 1
         self._stats.bytes += size
-        if self.on_done is not None:
-            self.on_done(i)
 
     async def run(self, indexes: Sequence[int] | None = None) -> list[FileNode | None]:
         """Read and store the files (only ``indexes`` when given: the others stay ``None``)."""
-        todo: Sequence[int] = range(len(self._tree.files)) if indexes is None else indexes
-
-        async def source(add: Callable[[Sequence[int]], None]) -> None:
-            add(todo)
-
-        return await self._run(source)
-
-    async def run_walking(self, feed: asyncio.Queue[int], walked: Callable[[], Awaitable[None]]) -> list[FileNode]:
-        """Read and store the files while the walk still finds them.
-
-        ``feed`` gives the number of files walked so far, ``-1`` once the walk thread is
-        done; ``walked`` then returns (or raises the walk's error).
-        """
         files = self._tree.files
-
-        async def source(add: Callable[[Sequence[int]], None]) -> None:
-            done = 0
-            while (n := await feed.get()) >= 0:
-                add(range(done, n))
-                done = n
-            await walked()
-            add(range(done, len(files)))
-
-        return await self._run(source)  # type: ignore[return-value]  # every file is filled
-
-    async def _run(self, source: Callable[[Callable[[Sequence[int]], None]], Awaitable[None]]) -> list[FileNode | None]:
-        # Two lanes: large files (the largest waiting first, so none is left alone at the
-        # end) stream through writers; batches of small files go through the reader
-        # threads. Neither waits behind the other; ``source`` hands out files as they come.
-        small: asyncio.Queue[list[int] | None] = asyncio.Queue()
-        large: asyncio.PriorityQueue[tuple[int, int]] = asyncio.PriorityQueue()
-        n_large = max(1, self._concurrency // 4)
-        files = self._tree.files
-        nodes = self._nodes
+        todo: Sequence[int] = range(len(files)) if indexes is None else indexes
+        large = sorted((i for i in todo if files[i].size > SMALL_FILE), key=lambda i: -files[i].size)
+        batches: list[list[int]] = []
         batch: list[int] = []
         nbytes = 0
-
-        def add(indexes: Sequence[int]) -> None:
-            nonlocal batch, nbytes
-            if len(nodes) < len(files):
-                nodes.extend([None] * (len(files) - len(nodes)))
-            for i in indexes:
-                size = files[i].size
-                if size > SMALL_FILE:
-                    large.put_nowait((-size, i))
-                    continue
-                batch.append(i)
-                nbytes += size
-                if len(batch) >= _BATCH_FILES or nbytes >= _BATCH_BYTES:
-                    small.put_nowait(batch)
-                    batch, nbytes = [], 0
-
-        async def feeder() -> None:
-            await source(add)
-            if batch:
-                small.put_nowait(batch)
-            for _ in range(_BATCHES_IN_FLIGHT):
-                small.put_nowait(None)
-            for _ in range(n_large):
-                large.put_nowait((1, -1))  # after every file (their keys are <= 0)
+        for i in todo:
+            size = files[i].size
+            if size > SMALL_FILE:
+                continue
+            batch.append(i)
+            nbytes += size
+            if len(batch) >= _BATCH_FILES or nbytes >= _BATCH_BYTES:
+                batches.append(batch)
+                batch, nbytes = [], 0
+        if batch:
+            batches.append(batch)
+        # Two lanes: large files (largest first, so none is left alone at the end) stream
+        # through writers; batches of small files go through the reader threads. Neither
+        # waits behind the other.
+        large_it, small_it = iter(large), iter(batches)
 
         async def large_lane() -> None:
-            while (item := await large.get())[1] >= 0:
-                await self._large(item[1])
+            for i in large_it:
+                await self._large(i)
 
         async def small_lane() -> None:
-            while (b := await small.get()) is not None:
+            for b in small_it:
                 await self._small_batch(b)
 
-        workers = [asyncio.ensure_future(feeder())]
-        workers += [asyncio.ensure_future(large_lane()) for _ in range(n_large)]
-        workers += [asyncio.ensure_future(small_lane()) for _ in range(_BATCHES_IN_FLIGHT)]
+        n_large = min(len(large), max(1, self._concurrency // 4))
+        n_small = min(len(batches), _BATCHES_IN_FLIGHT)
+        workers = [asyncio.ensure_future(large_lane()) for _ in range(n_large)]
+        workers += [asyncio.ensure_future(small_lane()) for _ in range(n_small)]
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -609,6 +549,7 @@ class _Importer:
                 self._large_pool.shutdown(True)
 
             await asyncio.get_running_loop().run_in_executor(None, shutdown)
+        assert all(self._nodes[i] is not None for i in todo)
         return self._nodes
 
     def _should_check(self) -> bool:
@@ -817,224 +758,36 @@ async def _ingest(
             raise StorageError(f"{root} was replaced while it was imported")
         return fd
 
-    def fingerprint() -> bytes:
-        """The walk's fingerprint; none when a file was too recent to be keyed (or no cache)."""
-        if tree.sig is None:
-            return b""
-        fp = b"" if tree.racy else blake3.blake3(b"".join(tree.sig)).digest()
+    def walk() -> tuple[bytes, CacheState | None]:
+        _walk(tree, open_root(), matcher, skip_special, warn, warnings)
+        if cache is None or tree.sig is None:
+            return b"", None
+        # The walk's fingerprint; none when a file was too recent to be keyed.
+        fingerprint = b"" if tree.racy else blake3.blake3(b"".join(tree.sig)).digest()
         tree.sig = None
-        return fp
+        return fingerprint, cache.load(root, warn)
 
     tree.dirs.append(_Dir(-1, b"", st.st_dev, st.st_ino))
     warnings: list[str] = []
-    state = await asyncio.to_thread(cache.load, root, warn) if cache is not None else None
-    if state is None or not (state.tree or state.files_raw):
-        # Nothing to take from a last import: files are read while the walk goes on.
-        fp, file_nodes, root_node = await _walk_and_import(
-            blob, dirs, tree, open_root, fingerprint, matcher, skip_special, warn, warnings, concurrency, stats, progress
-        )
-    else:
-
-        def walk() -> bytes:
-            _walk(tree, open_root(), matcher, skip_special, warn, warnings)
-            return fingerprint()
-
-        fp = await asyncio.to_thread(walk)
-        stats.skipped = tree.skipped
-        if progress is not None:
-            progress.start(len(tree.files), tree.bytes)
-        if fp and fp == state.tree:
-            reused = await _reuse_tree(blob, dirs, tree, state, stats, progress)
-            if reused is not None:
-                if cache is not None:
-                    await asyncio.to_thread(cache.touch, root)
-                return name, reused
-        fds = DirFds(tree.dirs, await asyncio.to_thread(open_root), tree.dir_path)
-        try:
-            file_nodes = await _import_files(blob, tree, fds, concurrency, stats, progress, state)
-        finally:
-            fds.close()
-        root_node = await _put_directories(dirs, tree, file_nodes, stats)
-    if cache is not None:
-        await _save_cache(cache, root, tree, fp, root_node, file_nodes, warn)
-    return name, root_node
-
-
-class _DeferredProgress:
-    """Holds finished files back until the totals are known (the walk runs meanwhile)."""
-
-    def __init__(self, target: ImportProgress) -> None:
-        self._target = target
-        self._partial = getattr(target, "partial", None)
-        self._started = False
-        self._held: list[int] = []
-
-    def start(self, files: int, nbytes: int) -> None:
-        self._target.start(files, nbytes)
-        self._started = True
-        for n in self._held:
-            self._target.advance(n)
-        self._held = []
-
-    def advance(self, nbytes: int) -> None:
-        if self._started:
-            self._target.advance(nbytes)
-        else:
-            self._held.append(nbytes)
-
-    def partial(self, key: object, nbytes: int) -> None:
-        if self._started and self._partial is not None:  # before the totals, no bar to draw
-            self._partial(key, nbytes)
-
-
-async def _walk_and_import(
-    blob: BlobService,
-    dirs: DirectoryService,
-    tree: _Tree,
-    open_root: Callable[[], int],
-    fingerprint: Callable[[], bytes],
-    matcher: _Matcher | None,
-    skip_special: bool,
-    warn: Callable[[str], None] | None,
-    warnings: list[str],
-    concurrency: int,
-    stats: ImportStats,
-    progress: ImportProgress | None,
-) -> tuple[bytes, list[FileNode], DirectoryNode]:
-    """Walk (in a thread) and read the files it finds meanwhile, build and put each directory
-    once its contents are done; the fingerprint, every file's node and the root's node.
-
-    Before it returns, the walk thread has ended and every descriptor is closed, also on failure.
-    """
-    loop = asyncio.get_running_loop()
-    feed: asyncio.Queue[int] = asyncio.Queue()
-    stop = threading.Event()
-    deferred = _DeferredProgress(progress) if progress is not None else None
-
-    def notify(n: int) -> None:
-        loop.call_soon_threadsafe(feed.put_nowait, n)
-
-    def walk() -> bytes:
-        try:
-            _walk(tree, open_root(), matcher, skip_special, warn, warnings, notify, stop)
-        finally:
-            notify(-1)
-        return fingerprint()
-
+    fingerprint, state = await asyncio.to_thread(walk)
+    stats.skipped = tree.skipped
+    if progress is not None:
+        progress.start(len(tree.files), tree.bytes)
+    if state is not None and fingerprint and fingerprint == state.tree:
+        reused = await _reuse_tree(blob, dirs, tree, state, stats, progress)
+        if reused is not None:
+            if cache is not None:
+                await asyncio.to_thread(cache.touch, root)
+            return name, reused
     fds = DirFds(tree.dirs, await asyncio.to_thread(open_root), tree.dir_path)
-    walking = loop.run_in_executor(None, walk)
-
-    importer = _Importer(blob, tree, fds, concurrency, stats, deferred)
-    built: asyncio.Queue[tuple[int, Directory] | None] = asyncio.Queue()
-    builder = _DirBuilder(tree, importer._nodes, built.put_nowait)
-
-    async def walked() -> None:
-        await asyncio.shield(walking)  # the walk's error, if any
-        stats.skipped = tree.skipped
-        if deferred is not None:
-            deferred.start(len(tree.files), tree.bytes)
-        builder.start()
-        importer.on_done = builder.file_done
-
-    putting = asyncio.ensure_future(_put_built(dirs, tree, built, stats))
     try:
-        try:
-            nodes = await importer.run_walking(feed, walked)
-        finally:
-            stop.set()
-            await asyncio.wait([walking])
-            fds.close()
-            if not walking.cancelled():
-                walking.exception()  # retrieved (raised by walked(), or superseded by the import's error)
-        built.put_nowait(None)
-        root = await putting
-    except BaseException:
-        putting.cancel()
-        await asyncio.gather(putting, return_exceptions=True)
-        raise
-    return walking.result(), nodes, root
-
-
-class _DirBuilder:
-    """Builds each directory as soon as all its files and subdirectories are done.
-
-    Runs on the event loop once the walk has ended (:meth:`start`); each file whose node was
-    set (after its commit) is reported to :meth:`file_done`. A directory goes to ``emit``
-    only after all its subdirectories, so the putter still receives leaves first.
-    """
-
-    def __init__(self, tree: _Tree, nodes: list[FileNode | None], emit: Callable[[tuple[int, Directory] | None], None]) -> None:
-        self._tree = tree
-        self._nodes = nodes
-        self._emit = emit
-        self._pending: list[int] = []  # per directory: files and subdirectories not done; -1 once built
-        self._built: list[DirectoryNode | None] = []
-
-    def start(self) -> None:
-        tree, nodes = self._tree, self._nodes
-        if len(nodes) < len(tree.files):  # files the lanes have not been handed yet
-            nodes.extend([None] * (len(tree.files) - len(nodes)))
-        pending = [0] * len(tree.dirs)
-        for index, d in enumerate(tree.dirs):
-            n = 0
-            for _name, kind, payload in d.entries:
-                if kind == "d" or (kind == "f" and nodes[payload] is None):
-                    n += 1
-            pending[index] = n
-        self._pending = pending
-        self._built = [None] * len(tree.dirs)
-        for index in range(len(pending) - 1, -1, -1):  # children before parents
-            if pending[index] == 0:
-                self._complete(index)
-
-    def file_done(self, i: int) -> None:
-        d = self._tree.files[i].dir
-        self._pending[d] -= 1
-        if self._pending[d] == 0:
-            self._complete(d)
-
-    def _complete(self, index: int) -> None:
-        """Build ``index``, then each parent this completes (iteratively: any depth)."""
-        tree, pending = self._tree, self._pending
-        while True:
-            try:
-                directory = _build_directory(tree, index, self._nodes, self._built)  # type: ignore[arg-type]
-            except ValidationError as e:
-                raise ValidationError(f"cannot import directory {tree.dir_path(index)}: {e}") from e
-            tree.dirs[index].entries = []  # free as we go
-            self._built[index] = _dir_node(directory.digest, directory.size)
-            pending[index] = -1
-            self._emit((index, directory))
-            parent = tree.dirs[index].parent
-            if parent < 0:
-                return
-            pending[parent] -= 1
-            if pending[parent] != 0:
-                return
-            index = parent
-
-
-async def _put_built(
-    dirs: DirectoryService, tree: _Tree, built: asyncio.Queue[tuple[int, Directory] | None], stats: ImportStats
-) -> DirectoryNode:
-    """Put the directories ``built`` hands out (leaves first, ``None`` after the root); the root's node."""
-    putter = dirs.put_multiple_start()
-    last: Directory | None = None
-    while (item := await built.get()) is not None:
-        index, directory = item
-        try:
-            await putter.put(directory)
-        except (StorageError, ValidationError) as e:
-            raise _rewrap(e, f"failed to upload directory at {tree.dir_path(index)}") from e
-        stats.directories += 1
-        last = directory
-    try:
-        root_digest = await putter.close()
-    except (StorageError, ValidationError) as e:
-        raise _rewrap(e, "failed to finalize directory upload") from e
-    assert last is not None and last.digest == root_digest
-    stats.symlinks += tree.symlinks
-    return _dir_node(last.digest, last.size)
+        file_nodes = await _import_files(blob, tree, fds, concurrency, stats, progress, state)
+    finally:
+        fds.close()
+    root_node = await _put_directories(dirs, tree, file_nodes, stats)
+    if cache is not None:
+        await _save_cache(cache, root, tree, fingerprint, root_node, file_nodes, warn)
+    return name, root_node
 
 
 def _b3(raw: bytes) -> B3Digest:

@@ -204,9 +204,9 @@ def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-async def test_a_walk_error_after_files_were_handed_out_leaves_nothing_open(tmp_path: Path) -> None:
-    # The root's 600 files go to the lanes while the walk goes on into "z", where a fifo
-    # fails it: one error naming the fifo, no thread of the import left, no descriptor open.
+async def test_a_walk_error_below_many_files_leaves_nothing_open(tmp_path: Path) -> None:
+    # The root holds 600 files; below "z" a fifo fails the walk: one error naming the fifo,
+    # no thread of the import left, no descriptor open.
     src = tmp_path / "src"
     (src / "z" / "deeper").mkdir(parents=True)
     for i in range(600):
@@ -223,9 +223,9 @@ async def test_a_walk_error_after_files_were_handed_out_leaves_nothing_open(tmp_
     await dirs.close()
 
 
-async def test_directories_built_as_they_complete_match_a_directory_built_whole(tmp_path: Path) -> None:
-    # Many directories, some finishing early (few small files), one late (a large file):
-    # every directory's bytes are the same as when all are built after the files.
+async def test_stored_directories_match_directories_built_from_the_walk(tmp_path: Path) -> None:
+    # Many directories, some with few small files, one with a large file: the import's
+    # root and every directory match those built from a separate walk and file digests.
     from castore_di.importer import _build_directories, _Tree, _walk
 
     src = tmp_path / "src"

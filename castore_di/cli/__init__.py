@@ -14,9 +14,7 @@ printed then, not even a message.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import importlib.abc
 import io
 import os
 import select
@@ -27,7 +25,7 @@ from typing import TypeVar
 
 import click
 
-from castore_di.cli.context import CliContext
+from castore_di.cli.context import CliContext, pause_gc, resume_gc
 from castore_di._redact import redact_text
 from castore_di.errors import CastoreError, ConfigError, describe
 
@@ -125,6 +123,7 @@ def cli(ctx: click.Context, config_path: str | None, blob_service: str, director
 
 def run_async(ctx: CliContext, fn: Callable[[], Awaitable[T]]) -> T:
     """Run a command's coroutine; the container is closed afterwards."""
+    import asyncio  # not at module level: ``castore --help`` does without it
 
     async def runner() -> T:
         try:
@@ -150,7 +149,8 @@ def _load_commands() -> None:
 _DI_OPTIONAL = frozenset({"fastapi", "fast_depends", "starlette", "werkzeug", "flask", "pydantic", "pydantic_settings"})
 
 
-class _SkipOptional(importlib.abc.MetaPathFinder):
+class _SkipOptional:
+    # A meta path finder (structurally: importlib.abc would cost its own import).
     def find_spec(self, name: str, path: object, target: object = None) -> None:
         if name.partition(".")[0] in _DI_OPTIONAL:
             raise ModuleNotFoundError(f"{name} is not loaded by the castore command", name=name)
@@ -177,6 +177,19 @@ def _import_di_lean() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``castore`` console script."""
+    if argv is not None:  # called from a program (tests): its collector is left alone
+        _main(argv)
+        return
+    # The console script's own process: start-up without collections until the command's
+    # services exist (CliContext resumes them), and without dependency-injector's web extras.
+    pause_gc()
+    try:
+        _main(argv)
+    finally:
+        resume_gc()
+
+
+def _main(argv: list[str] | None) -> None:
     if argv is None:
         _import_di_lean()
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])

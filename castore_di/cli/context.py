@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -13,7 +14,31 @@ if TYPE_CHECKING:
     from castore_di.composition import CastoreContainer
     from castore_di.directoryservice.base import DirectoryService
 
-__all__ = ["CliContext", "default_config"]
+__all__ = ["CliContext", "default_config", "pause_gc", "resume_gc"]
+
+_gc_paused = False
+
+
+def pause_gc() -> None:
+    """Start-up: no garbage collection while modules load and the services are built.
+
+    Start-up allocates mostly objects that live as long as the process (modules, classes,
+    functions); collecting among them costs about a tenth of a short command's time and
+    frees next to nothing. :func:`resume_gc` ends the pause.
+    """
+    global _gc_paused
+    if gc.isenabled():
+        gc.disable()
+        _gc_paused = True
+
+
+def resume_gc() -> None:
+    """End of start-up: what exists now is frozen (never scanned again), collections resume."""
+    global _gc_paused
+    if _gc_paused:
+        _gc_paused = False
+        gc.freeze()
+        gc.enable()
 
 
 def default_config() -> dict[str, Any]:
@@ -101,13 +126,19 @@ class CliContext:
 
     def blob_service(self) -> BlobService:
         if self.blob_addr:
-            return self._addrs().blob_service()
-        return self.container().blob_service(self.blob_name)
+            service = self._addrs().blob_service()
+        else:
+            service = self.container().blob_service(self.blob_name)
+        resume_gc()
+        return service
 
     def directory_service(self) -> DirectoryService:
         if self.directory_addr:
-            return self._addrs().directory_service()
-        return self.container().directory_service(self.directory_name)
+            service = self._addrs().directory_service()
+        else:
+            service = self.container().directory_service(self.directory_name)
+        resume_gc()
+        return service
 
     async def aclose(self) -> None:
         for c in (self._addr_container, self._container):

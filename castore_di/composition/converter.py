@@ -6,7 +6,6 @@ Unknown keys are rejected; scalars are not coerced (the string ``"false"`` is no
 
 from __future__ import annotations
 
-import difflib
 import re
 import math
 import pathlib
@@ -153,6 +152,8 @@ def suggest(word: str, known: Iterable[str]) -> str:
     """`` (known: a, b)``, plus ``; did you mean 'x'?`` when one is close, to end a message."""
     known = list(known)
     text = f" (known: {listing(known)})"
+    import difflib  # only when a hint is shown
+
     # difflib is quadratic in the word: skip the hint for long words or huge lists.
     close = difflib.get_close_matches(word, known, n=1) if len(word) <= 100 and len(known) <= 5000 else []
     if close:

@@ -18,7 +18,6 @@ import json
 import os
 import pathlib
 import re
-import tomllib
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -188,6 +187,8 @@ def _parse_file(path: pathlib.Path) -> Any:
         if suffix == ".json":
             return json.loads(text)
         if suffix == ".toml":
+            import tomllib
+
             return tomllib.loads(text)
     except ConfigError as e:
         raise ConfigError(e.detail, path=str(path)) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -153,13 +154,15 @@ class CliContext:
     blob_addr: str | None = None
     directory_addr: str | None = None
     verbose: bool = False
+    config: Mapping[str, Any] | None = None
+    """A config given as a mapping (used when ``config_path`` is not set)."""
     _services: CastoreContainer | DirectInstances | None = None
     _addr_services: CastoreContainer | DirectInstances | None = None
     metrics: Any = None
     """A :class:`castore_di.metrics.Metrics` to record into (set before the services are built)."""
 
     def _config_services(self) -> CastoreContainer | DirectInstances:
-        """The services of ``--config``/``CASTORE_CONFIG``, else of the default config.
+        """The services of ``--config``/``CASTORE_CONFIG`` (or ``config``), else of the default config.
 
         Built without dependency-injector (:mod:`castore_di.composition.direct`) unless a
         build is async; the whole config is validated either way.
@@ -167,7 +170,8 @@ class CliContext:
         if self._services is None:
             from castore_di.composition import load_graph
 
-            self._services = _instances(load_graph(self.config_path or default_config()), self.metrics)
+            source = self.config_path or self.config or default_config()
+            self._services = _instances(load_graph(source), self.metrics)
         return self._services
 
     def _addrs(self) -> CastoreContainer | DirectInstances:

@@ -201,6 +201,20 @@ def _plain_fields(cls: type) -> dict[str, tuple[_Hook, Any, bool]] | None:
     return plan
 
 
+_SCALAR_TYPES = (str, int, float, bool, type(None))
+
+
+def _flat(value: Any) -> bool:
+    """A scalar, or a list or mapping of strings: what a plain field holds when it is valid."""
+    if type(value) in _SCALAR_TYPES:
+        return True
+    if type(value) in (list, tuple):
+        return all(type(item) is str for item in value)
+    if isinstance(value, Mapping):
+        return all(type(k) is str and type(v) is str for k, v in value.items())
+    return False
+
+
 def _structure_plain(data: Mapping[str, Any], cls: type[T]) -> T | None:
     """``cls`` from valid ``data`` with the converter's hooks; None when cattrs must do it."""
     plan = _plain_fields(typing.cast(type, cls))
@@ -210,6 +224,8 @@ def _structure_plain(data: Mapping[str, Any], cls: type[T]) -> T | None:
     try:
         for key, value in data.items():
             hook, tp, _ = plan[key]
+            if not _flat(value):  # a refusal would describe it at length, twice: leave it to cattrs
+                return None
             kwargs[key] = hook(value, tp)
         if any(required and name not in kwargs for name, (_, _, required) in plan.items()):
             return None

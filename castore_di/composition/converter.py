@@ -16,6 +16,7 @@ import functools
 import math
 import pathlib
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -26,7 +27,7 @@ import attrs
 from castore_di._redact import is_secret_name
 from castore_di.errors import ConfigError, UnknownFieldError
 
-__all__ = ["converter", "structure_config", "suggest", "listing", "brief"]
+__all__ = ["converter", "structure_config", "suggest", "listing", "brief", "bounded_repr"]
 
 if TYPE_CHECKING:
     import cattrs
@@ -36,12 +37,33 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def _short_repr() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset, r.maxfrozenset, r.maxdeque = 3, 12, 12, 12, 12, 12, 12
+    r.maxstring = r.maxother = r.maxlong = 200
+    return r
+
+
+_SHORT = _short_repr()
+
+
+def bounded_repr(value: Any) -> str:
+    """``repr(value)``, except that a list, mapping or set shows a few levels and items only
+    (one shared through YAML aliases can stand for billions of nodes), and an int too long to
+    print is described by its size."""
+    try:
+        if isinstance(value, (list, tuple, Mapping, set, frozenset)):
+            return _SHORT.repr(value)
+        return repr(value)
+    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
+        if isinstance(value, int):
+            return f"<{type(value).__name__} of {value.bit_length()} bits>"
+        return f"<{type(value).__name__}>"
+
+
 def brief(value: Any, limit: int = 60) -> str:
     """``repr(value)``, cut to about ``limit`` characters so a message fits on a line."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
-        text = f"<{type(value).__name__} of {value.bit_length()} bits>"
+    text = bounded_repr(value)
     return text if len(text) <= limit else f"{text[:limit - 1]}… ({len(text)} characters)"
 
 
@@ -191,7 +213,10 @@ def _plain_fields(cls: type) -> dict[str, tuple[_Hook, Any, bool]] | None:
     """Field name -> (hook, type, required) when every field of ``cls`` is plain, else None."""
     if not attrs.has(cls):
         return None
-    attrs.resolve_types(cls)  # as cattrs does: the annotations are strings
+    try:
+        attrs.resolve_types(cls)  # as cattrs does: the annotations are strings
+    except Exception:  # an annotation that does not resolve: cattrs reports it as it always did
+        return None
     plan = {}
     for f in attrs.fields(cls):
         hook = _plain_hook(f.type)

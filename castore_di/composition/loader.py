@@ -74,7 +74,9 @@ def interpolate(value: Any, environ: Mapping[str, str] | None = None, path: str 
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
+    from castore_di.composition.converter import bounded_repr
+
+    text = bounded_repr(value)
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 

@@ -13,9 +13,10 @@ Layout (the reference's, so a bucket written by tvix is readable here and back):
   ``StatBlobResponse{chunks}``. A blob of fewer than two chunks has an empty list and is
   read from its chunk object (whose digest is the blob's); the empty blob has only an index.
 
-Writes stream: data is cut as it arrives (buffering a few maximum chunk sizes), chunks that
-already exist are skipped, at most ``max_in_flight`` chunk uploads run at once, and the
-index is written last, so an interrupted write never leaves an index without its chunks.
+Writes stream through a pipeline over every core (see :class:`_ObjectStoreBlobWriter`): data
+is cut as it arrives (in a few reusable buffers), chunks that already exist are skipped, at
+most ``max_in_flight`` chunk puts run at once, and the index is written last, so an
+interrupted write never leaves an index without its chunks.
 Reads verify every chunk against its digest; seeking fetches only the chunk at the target.
 
 Tested against the local filesystem, memory, S3 (moto's server) and Azure Blob (Azurite).
@@ -428,7 +429,11 @@ class _ObjectStoreBlobWriter(BlobWriter):
         if self._cutter is None:  # one segment at most: one job
             self._loop = asyncio.get_running_loop()
             if pieces:
-                await asyncio.wrap_future(worker_pool().submit(self._cut_once, pieces))
+                with self._lock:  # abort waits for it
+                    job = worker_pool().submit(self._cut_once, pieces)
+                    self._jobs.add(job)
+                job.add_done_callback(self._job_done)
+                await asyncio.wrap_future(job)
         else:
             self._inbox.put((pieces, True))
             await asyncio.wrap_future(self._cutter)

@@ -390,6 +390,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
         self._digests: dict[int, B3Digest] = {}
         self._stop = threading.Event()  # set on abort or failure: every stage leaves
         self._failure: BaseException | None = None
+        self._published: B3Digest | None = None
         self.chunks_uploaded = 0
         self.chunks_skipped = 0
 
@@ -440,11 +441,26 @@ class _ObjectStoreBlobWriter(BlobWriter):
         while self._tasks:
             await asyncio.wait(list(self._tasks))
         self._raise_failure()
+        if self._published is not None:  # by the last job, in its thread
+            return self._published
+        digest, index = self._index()
+        # Published last: only now are all chunks it names known to be stored.
+        await self._svc.access.put_new(_blob_key(digest), index)
+        return digest
+
+    def _index(self) -> tuple[B3Digest, bytes]:
+        """The blob's digest and index, once every chunk is stored."""
         digest = B3Digest(self._hasher.digest())
         chunks = [ChunkMeta(self._digests[i], size) for i, size in enumerate(self._sizes)]
-        # Published last: only now are all chunks it names known to be stored.
-        await self._svc.access.put_new(_blob_key(digest), _encode_index(chunks if len(chunks) >= 2 else []))
-        return digest
+        return digest, _encode_index(chunks if len(chunks) >= 2 else [])
+
+    def _publish_sync(self) -> None:
+        """The index of a store in this process, written by the last job once every chunk is
+        stored (saves the event loop a round trip per blob)."""
+        if self._in_process and not self._stop.is_set():
+            digest, index = self._index()
+            self._svc.access.put_new_sync(_blob_key(digest), index)
+            self._published = digest
 
     async def _abort(self) -> None:
         self._pending = []
@@ -557,6 +573,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
             with self._lock:
                 jobs = list(self._jobs)
             concurrent.futures.wait(jobs)
+            self._publish_sync()
         except _Stopped:
             pass
         except BaseException as e:
@@ -571,6 +588,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
         """The whole of a blob of one segment, in one job (stores in this process: inline)."""
         try:
             self._cut(pieces, final=True, inline=True)
+            self._publish_sync()
         except _Stopped:
             pass
         except BaseException as e:

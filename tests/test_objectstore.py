@@ -528,6 +528,29 @@ async def test_failing_store_leaves_no_index(blobs: ObjectStoreBlobService, stor
     assert not await blobs.has(blake3_digest(data))
 
 
+@pytest.mark.parametrize("size", [200_000, 3_000_000])  # one job at close; the cutter thread
+async def test_failing_index_write_is_a_storage_error(blobs: ObjectStoreBlobService, store_dir: Path, size: int) -> None:
+    store_dir.mkdir(parents=True)
+    (store_dir / "blobs").write_bytes(b"a file where the index directory should be")
+    data = _data(size, 21)
+    with pytest.raises(StorageError, match="PUT blobs/"):
+        await blobs.put(data)
+    assert (store_dir / "chunks").is_dir()  # the chunks were stored, the index was not
+    (store_dir / "blobs").unlink()
+    assert not await blobs.has(blake3_digest(data))
+    assert await blobs.read_bytes(await blobs.put(data)) == data
+
+
+@pytest.mark.parametrize("size", [200_000, 3_000_000])
+async def test_failing_store_small_and_large(blobs: ObjectStoreBlobService, store_dir: Path, size: int) -> None:
+    store_dir.mkdir(parents=True)
+    (store_dir / "chunks").write_bytes(b"a file where the chunk directory should be")
+    data = _data(size, 22)
+    with pytest.raises(StorageError, match="chunks/"):
+        await blobs.put(data)
+    assert not (store_dir / "blobs").exists()
+
+
 async def test_write_memory_is_bounded(tmp_path: Path) -> None:
     service = ObjectStoreBlobService(f"file://{tmp_path}/store")  # default 256 KiB chunks
     total = 64 * 1024 * 1024

@@ -484,7 +484,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
         if failure is None:
             return
         if isinstance(failure, StorageError):
-            raise StorageError(f"chunk upload failed: {failure}") from failure
+            raise StorageError(f"blob write failed: {failure}") from failure
         raise failure  # not the store's: a bug or an interruption
 
     def _to_loop(self, fn: Callable[..., Any], *args: Any) -> None:

@@ -309,7 +309,7 @@ class _Buffer:
         self.refs = 1  # the cut
 
 
-_Chunk = tuple[int, memoryview]  # (position in the blob's chunk list, contents)
+_Chunk = tuple[B3Digest, memoryview]  # a chunk's digest and contents
 
 
 def _cutter_main(
@@ -345,13 +345,14 @@ class _ObjectStoreBlobWriter(BlobWriter):
       ``_QUEUED`` segments; it waits only when the cutter is that far behind.
     * The cutter (a thread of this writer, started by its first full segment; a blob of
       one segment is cut in one job at ``close``) copies the previous segment's uncut tail
-      and the new segment into a reusable buffer, cuts it with FastCDC and feeds the
-      whole-blob hash. Every cut but the segment's last is final (FastCDC decides a cut
-      from at most ``max_size`` bytes after the chunk's start); the last waits for more data.
-    * Store jobs hash, check, compress and put the chunks of a segment while the cutter goes
-      on: in the engine's worker threads with blocking requests for stores in this process
-      (memory, local files); as upload tasks on the event loop otherwise (the cutter hashes
-      their chunks). At most ``max_in_flight`` store jobs (resp. puts) run at once.
+      and the new segment into a reusable buffer, cuts it with FastCDC and hashes each
+      chunk, alone (its digest) and into the whole-blob hash, right after cutting it (while
+      it is in cache). Every cut but the segment's last is final (FastCDC decides a cut from
+      at most ``max_size`` bytes after the chunk's start); the last waits for more data.
+    * Store jobs check, compress and put the chunks of a segment while the cutter goes on:
+      in the engine's worker threads with blocking requests for stores in this process
+      (memory, local files); as upload tasks on the event loop otherwise. At most
+      ``max_in_flight`` store jobs (resp. puts) run at once.
 
     Every byte is hashed once as part of the blob and once as part of its chunk. Memory is
     bounded: ``_BUFFERS`` buffers of one segment plus one maximum chunk (4 × 2.5 MiB at the
@@ -387,7 +388,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
         self._free: list[bytearray] = []
         self._buffers_used = 0
         self._jobs: set[concurrent.futures.Future[None]] = set()
-        self._digests: dict[int, B3Digest] = {}
+        self._digests: list[B3Digest] = []
         self._stop = threading.Event()  # set on abort or failure: every stage leaves
         self._failure: BaseException | None = None
         self._published: B3Digest | None = None
@@ -451,7 +452,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
     def _index(self) -> tuple[B3Digest, bytes]:
         """The blob's digest and index, once every chunk is stored."""
         digest = B3Digest(self._hasher.digest())
-        chunks = [ChunkMeta(self._digests[i], size) for i, size in enumerate(self._sizes)]
+        chunks = [ChunkMeta(digest, size) for digest, size in zip(self._digests, self._sizes, strict=True)]
         return digest, _encode_index(chunks if len(chunks) >= 2 else [])
 
     def _publish_sync(self) -> None:
@@ -494,16 +495,14 @@ class _ObjectStoreBlobWriter(BlobWriter):
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass
 
-    def _start_uploads(self, chunks: list[tuple[int, B3Digest, memoryview]], buffer: _Buffer | None) -> None:
-        for i, digest, _chunk in chunks:
-            self._digests[i] = digest
+    def _start_uploads(self, chunks: list[_Chunk], buffer: _Buffer | None) -> None:
         task = asyncio.ensure_future(self._upload_all(chunks, buffer))
         self._tasks.add(task)
         task.add_done_callback(self._upload_done)
 
-    async def _upload_all(self, chunks: list[tuple[int, B3Digest, memoryview]], buffer: _Buffer | None) -> None:
+    async def _upload_all(self, chunks: list[_Chunk], buffer: _Buffer | None) -> None:
         try:
-            outcomes = await asyncio.gather(*(self._upload(d, v) for _i, d, v in chunks), return_exceptions=True)
+            outcomes = await asyncio.gather(*(self._upload(d, v) for d, v in chunks), return_exceptions=True)
             for outcome in outcomes:  # all finished: the buffer is no longer read
                 if isinstance(outcome, BaseException):
                     raise outcome
@@ -627,20 +626,23 @@ class _ObjectStoreBlobWriter(BlobWriter):
             self._to_loop(self._room.release)
         if self._chunker is None:
             self._chunker = _new_chunker(self._svc.avg_chunk_size)
-        cuts = [(c.offset, c.length) for c in self._chunker.cut_buf(segment)]
-        if not final and cuts:
-            cuts.pop()  # may end only because the segment ends: cut it again with more data
-        consumed = cuts[-1][0] + cuts[-1][1] if cuts else 0
-        self._hasher.update(segment[:consumed])
+        # Each chunk is hashed (alone and as part of the blob) right after the chunker read
+        # it, while it is in the core's cache, as a one-thread cut-hash-compress loop would.
+        chunks: list[_Chunk] = []
+        consumed = 0
+        held: tuple[int, int] | None = None  # the last cut: final only if another follows
+        for cut in self._chunker.cut_buf(segment):
+            if held is not None:
+                consumed = self._hash_chunk(segment, held, chunks)
+            held = (cut.offset, cut.length)
+        if held is not None and final:
+            consumed = self._hash_chunk(segment, held, chunks)
         if not final and consumed < len(segment):
             self._tail = segment[consumed:]
             self._tail_buffer = buffer
             if buffer is not None:
                 with self._lock:
                     buffer.refs += 1
-        first = len(self._sizes)
-        self._sizes += [n for _o, n in cuts]
-        chunks = [(first + i, segment[o : o + n]) for i, (o, n) in enumerate(cuts)]
         if chunks:
             if buffer is not None:
                 with self._lock:
@@ -648,10 +650,20 @@ class _ObjectStoreBlobWriter(BlobWriter):
             self._store(chunks, buffer, inline)
         self._release(buffer)  # the cut's reference
 
+    def _hash_chunk(self, segment: memoryview, cut: tuple[int, int], chunks: list[_Chunk]) -> int:
+        """Hash one chunk into its digest and the blob's hash; the end of the chunk."""
+        offset, length = cut
+        view = segment[offset : offset + length]
+        self._hasher.update(view)
+        digest = blake3_digest(view)
+        self._digests.append(digest)
+        chunks.append((digest, view))
+        self._sizes.append(length)
+        return offset + length
+
     def _store(self, chunks: list[_Chunk], buffer: _Buffer | None, inline: bool) -> None:
         if not self._in_process:
-            hashed = [(i, blake3_digest(view), view) for i, view in chunks]
-            self._to_loop(self._start_uploads, hashed, buffer)
+            self._to_loop(self._start_uploads, chunks, buffer)
         elif inline:
             self._store_job(chunks, buffer)
         else:
@@ -680,17 +692,14 @@ class _ObjectStoreBlobWriter(BlobWriter):
     # -- store jobs (worker threads) -----------------------------------------------------------
 
     def _store_job(self, chunks: list[_Chunk], buffer: _Buffer | None) -> None:
-        """Hash, check, compress and put chunks with blocking requests."""
+        """Check, compress and put chunks with blocking requests."""
         access = self._svc.access
         try:
-            for i, chunk in chunks:
+            for digest, chunk in chunks:
                 if self._stop.is_set():
                     return
-                digest = blake3_digest(chunk)
                 key = _chunk_key(digest)
                 uploaded = not access.exists_sync(key) and access.put_new_sync(key, zstd_compress(chunk))
-                with self._lock:
-                    self._digests[i] = digest
                 self._count(uploaded)
         except BaseException as e:
             self._fail(e)

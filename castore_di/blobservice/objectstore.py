@@ -26,6 +26,7 @@ GCS is tested for config and URL handling only: no local emulator accepts obstor
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import queue
@@ -345,10 +346,11 @@ class _ObjectStoreBlobWriter(BlobWriter):
       ``_QUEUED`` segments; it waits only when the cutter is that far behind.
     * The cutter (a thread of this writer, started by its first full segment; a blob of
       one segment is cut in one job at ``close``) copies the previous segment's uncut tail
-      and the new segment into a reusable buffer, cuts it with FastCDC and hashes each
-      chunk, alone (its digest) and into the whole-blob hash, right after cutting it (while
-      it is in cache). Every cut but the segment's last is final (FastCDC decides a cut from
-      at most ``max_size`` bytes after the chunk's start); the last waits for more data.
+      and the new segment into a reusable buffer, cuts it with FastCDC and hashes each chunk
+      right after cutting it (while it is in cache). Every cut but the segment's last is
+      final (FastCDC decides a cut from at most ``max_size`` bytes after the chunk's start);
+      the last waits for more data. The cut part feeds the whole-blob hash in a worker
+      thread, in order, beside the cutter (:meth:`_hash_later`).
     * Store jobs check, compress and put the chunks of a segment while the cutter goes on:
       in the engine's worker threads with blocking requests for stores in this process
       (memory, local files); as upload tasks on the event loop otherwise. At most
@@ -388,6 +390,9 @@ class _ObjectStoreBlobWriter(BlobWriter):
         self._free: list[bytearray] = []
         self._buffers_used = 0
         self._jobs: set[concurrent.futures.Future[None]] = set()
+        self._store_jobs = 0
+        self._to_hash: collections.deque[tuple[memoryview, _Buffer | None]] = collections.deque()
+        self._hashing = False
         self._digests: list[B3Digest] = []
         self._stop = threading.Event()  # set on abort or failure: every stage leaves
         self._failure: BaseException | None = None
@@ -637,6 +642,10 @@ class _ObjectStoreBlobWriter(BlobWriter):
             held = (cut.offset, cut.length)
         if held is not None and final:
             consumed = self._hash_chunk(segment, held, chunks)
+        if inline:
+            self._hasher.update(segment[:consumed])
+        elif consumed:
+            self._hash_later(segment[:consumed], buffer)
         if not final and consumed < len(segment):
             self._tail = segment[consumed:]
             self._tail_buffer = buffer
@@ -650,11 +659,38 @@ class _ObjectStoreBlobWriter(BlobWriter):
             self._store(chunks, buffer, inline)
         self._release(buffer)  # the cut's reference
 
+    def _hash_later(self, view: memoryview, buffer: _Buffer | None) -> None:
+        """Feed ``view`` to the blob's hash beside the cutter, in order: one job at a time
+        takes every segment queued (the cutter's own work stays short)."""
+        with self._lock:
+            if buffer is not None:
+                buffer.refs += 1
+            self._to_hash.append((view, buffer))
+            if self._hashing:
+                return
+            self._hashing = True
+            job = worker_pool().submit(self._hash_job)
+            self._jobs.add(job)
+        job.add_done_callback(self._job_done)
+
+    def _hash_job(self) -> None:
+        while True:
+            with self._lock:
+                if not self._to_hash or self._stop.is_set():
+                    self._hashing = False
+                    return
+                view, buffer = self._to_hash.popleft()
+            try:
+                self._hasher.update(view)
+            except BaseException as e:
+                self._fail(e)
+            finally:
+                self._release(buffer)
+
     def _hash_chunk(self, segment: memoryview, cut: tuple[int, int], chunks: list[_Chunk]) -> int:
-        """Hash one chunk into its digest and the blob's hash; the end of the chunk."""
+        """Hash one chunk (its digest); the end of the chunk."""
         offset, length = cut
         view = segment[offset : offset + length]
-        self._hasher.update(view)
         digest = blake3_digest(view)
         self._digests.append(digest)
         chunks.append((digest, view))
@@ -668,14 +704,15 @@ class _ObjectStoreBlobWriter(BlobWriter):
             self._store_job(chunks, buffer)
         else:
             with self._lock:
-                while len(self._jobs) >= self._max_in_flight and not self._stop.is_set():
+                while self._store_jobs >= self._max_in_flight and not self._stop.is_set():
                     self._lock.wait()
                 if self._stop.is_set():
                     self._release_locked(buffer)
                     raise _Stopped
                 job = worker_pool().submit(self._store_job, chunks, buffer)
                 self._jobs.add(job)
-            job.add_done_callback(self._job_done)
+                self._store_jobs += 1
+            job.add_done_callback(self._store_job_done)
 
     def _release_locked(self, buffer: _Buffer | None) -> None:
         if buffer is not None:
@@ -688,6 +725,11 @@ class _ObjectStoreBlobWriter(BlobWriter):
         with self._lock:
             self._jobs.discard(job)
             self._lock.notify_all()
+
+    def _store_job_done(self, job: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            self._store_jobs -= 1
+            self._job_done(job)
 
     # -- store jobs (worker threads) -----------------------------------------------------------
 

@@ -457,7 +457,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
     def _index(self) -> tuple[B3Digest, bytes]:
         """The blob's digest and index, once every chunk is stored."""
         digest = B3Digest(self._hasher.digest())
-        chunks = [ChunkMeta(digest, size) for digest, size in zip(self._digests, self._sizes, strict=True)]
+        chunks = [ChunkMeta(d, n) for d, n in zip(self._digests, self._sizes, strict=True)]
         return digest, _encode_index(chunks if len(chunks) >= 2 else [])
 
     def _publish_sync(self) -> None:

@@ -551,6 +551,23 @@ async def test_failing_store_small_and_large(blobs: ObjectStoreBlobService, stor
     assert not (store_dir / "blobs").exists()
 
 
+async def test_a_dropped_writer_ends_its_cutter_thread(blobs: ObjectStoreBlobService, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from castore_di.blobservice import objectstore
+
+    monkeypatch.setattr(objectstore, "_CUTTER_POLL", 0.05)
+    before = set(threading.enumerate())
+    writer = blobs.open_write()
+    await writer.write(_data(3_000_000, 23))  # more than a segment: the cutter thread starts
+    cutters = [t for t in set(threading.enumerate()) - before if t.name == "castore-objectstore-cut"]
+    assert len(cutters) == 1
+    del writer  # neither closed nor aborted
+    gc.collect()
+    cutters[0].join(30)
+    assert not cutters[0].is_alive()
+
+
 async def test_write_memory_is_bounded(tmp_path: Path) -> None:
     service = ObjectStoreBlobService(f"file://{tmp_path}/store")  # default 256 KiB chunks
     total = 64 * 1024 * 1024

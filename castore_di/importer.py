@@ -14,32 +14,61 @@ the walk saw), so no link is followed and paths never grow past ``PATH_MAX`` (an
 works: nothing recurses). Files are opened ``O_NONBLOCK`` and checked with ``fstat``
 before reading, so a fifo swapped in after the walk is refused, not waited on.
 
-Pipeline: the walk runs in a thread; then two reader threads open, read and hash small
-files in batches (blake3 releases the GIL), each batch checked with one ``has_many`` and
-stored with one ``put_many`` (a backend may commit it in one transaction; digests are used
-only once stored), while large files stream through writers, several at once. Directories
-go last through one ``put_multiple_start`` putter, leaves first. ``benches/import_bench.py``
-measures it against restic and b3sum.
+Pipeline: the walk runs in a thread; then files are stored in two lanes. Small files go in
+batches to reader threads (``READ_THREADS``: one more than the cores) that open, read and
+prepare them (:meth:`BlobService.prepare_many`: each blob hashed once, and for the embedded
+store looked up, cut and compressed right there, as blake3, FastCDC and zstd release the GIL);
+each batch is then stored with one ``put_prepared`` (one writer operation for the embedded
+store), and its digests are used only once that returned, i.e. after the commit. Large files,
+largest first, stream through writers several at once, read in threads of their own; the
+embedded writer hashes, cuts and compresses in worker threads too. Directories go last
+through one ``put_multiple_start`` putter, leaves first, their bytes encoded by hand in a
+thread (no protobuf objects: the tests compare the bytes with protobuf's). With a stat cache
+(:mod:`castore_di.importcache`), only files whose metadata changed since the last import of
+the root are read, and an unchanged tree reuses its root directory.
+``benches/import_bench.py`` measures it against restic and b3sum.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import gc
 import os
 import stat
-from collections.abc import Callable, Sequence
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, Protocol
 
 import attrs
 import blake3
 
 from castore_di._dirfds import O_DIR, DirFds, Handle, open_dir
-from castore_di.blobservice.base import BlobService
+from castore_di.blobservice.base import BlobService, PreparedBlob
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
-from castore_di.errors import CastoreError, StorageError, UnsupportedFileTypeError, ValidationError
-from castore_di.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
+from castore_di.errors import (
+    CastoreError,
+    SizeOverflowError,
+    StorageError,
+    UnsupportedFileTypeError,
+    ValidationError,
+)
+from castore_di.importcache import KEY, CacheState, ImportCache
+from castore_di.nodes import (
+    MAX_NAME_LEN,
+    U64_MAX,
+    Directory,
+    DirectoryNode,
+    FileNode,
+    Node,
+    SymlinkNode,
+    validate_name,
+)
 
 __all__ = [
     "ingest_path",
@@ -52,14 +81,19 @@ __all__ = [
 
 SMALL_FILE: Final = 1 << 20  # files up to this size are read whole and stored in batches
 DEFAULT_CONCURRENCY: Final = 32
-READ_THREADS: Final = 2  # more only adds GIL hand-offs (measured on 2 cores)
+READ_THREADS: Final = min(8, (os.cpu_count() or 1) + 1)  # reader threads compress too (GIL released)
 _BLOCK: Final = 1 << 20
 _BATCH_FILES: Final = 128
 _BATCH_BYTES: Final = 4 << 20
-_BATCHES_IN_FLIGHT: Final = 4
+_BATCHES_IN_FLIGHT: Final = 4  # batches of small files being read or stored at once
+_STREAM_BLOCK: Final = 4 << 20  # read size while a large file streams into a writer
 _CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _O_READ: Final = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
+_U32: Final = struct.Struct("<I")
+S_IFREG: Final = stat.S_IFREG
+S_IFDIR: Final = stat.S_IFDIR
+S_IFLNK: Final = stat.S_IFLNK
 
 
 class ImportProgress(Protocol):
@@ -86,6 +120,7 @@ class ImportStats:
     uploaded_files: int = 0
     uploaded_bytes: int = 0
     skipped: int = 0
+    cached_files: int = 0  # files whose digest came from the import cache (not read)
 
 
 def _rewrap(e: StorageError | ValidationError, context: str) -> CastoreError:
@@ -124,12 +159,15 @@ class _Dir:
 
 
 class _File:
-    __slots__ = ("dir", "name", "size")
+    __slots__ = ("dir", "name", "size", "key")
 
-    def __init__(self, dir_index: int, name: bytes, size: int) -> None:
+    def __init__(self, dir_index: int, name: bytes, size: int, key: bytes | None = None) -> None:
         self.dir = dir_index
         self.name = name
         self.size = size
+        # The import cache's key (identity and metadata, see importcache.KEY); None when the
+        # cache is off or the file's timestamps are too recent to be trusted ("racy").
+        self.key = key
 
 
 class _Tree:
@@ -144,6 +182,11 @@ class _Tree:
         self.files: list[_File] = []
         self.bytes = 0
         self.skipped = 0
+        self.symlinks = 0
+        self.racy = 0  # files not keyed for the cache: timestamps too recent
+        # With the cache on: one record per walked entry, the walk's fingerprint (see _walk).
+        self.sig: list[bytes] | None = None
+        self.safe_ns = 0  # files with mtime or ctime at or after this are racy
 
     def dir_path(self, index: int) -> str:
         parts: list[bytes] = []
@@ -206,10 +249,25 @@ def _walk(
     warn: Callable[[str], None] | None,
     warnings: list[str],
 ) -> None:
-    """Fill ``tree`` from the directory open at ``root_fd`` (which this closes)."""
+    """Fill ``tree`` from the directory open at ``root_fd`` (which this closes).
+
+    With ``tree.sig`` set (the import cache is on), each file gets its cache key and every
+    entry adds a record to ``tree.sig``: ``D`` + the directory's index when a directory is
+    listed, then ``f`` name NUL key, ``d`` name NUL child index, or ``l`` name NUL target
+    NUL per entry (names and targets hold no NUL, keys and indexes have fixed sizes, so the
+    records describe the walk unambiguously).
+    """
     # Stack of (dir index, the parent's handle or None for the root, relative path).
     stack: list[tuple[int, Handle | None, str]] = [(0, None, "")]
     root = Handle(root_fd)
+    sig = tree.sig
+    safe_ns = tree.safe_ns
+    pack_key = KEY.pack
+    pack_index = _U32.pack
+    files = tree.files
+    add_file = files.append
+    fs_encoding, fs_errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+    nbytes = 0
     try:
         while stack:
             index, parent, rel = stack.pop()
@@ -227,36 +285,57 @@ def _walk(
                 except OSError as e:
                     raise _os_error("read directory", tree.dir_path(index), e) from e
                 entries = tree.dirs[index].entries
+                add = entries.append
+                if sig is not None:
+                    sig.append(b"D" + pack_index(index))
                 for entry in found:
-                    name = os.fsencode(entry.name)
+                    name = entry.name.encode(fs_encoding, fs_errors)  # os.fsencode, inlined
                     try:
                         st = entry.stat(follow_symlinks=False)
                     except OSError as e:
                         raise _os_error("stat", os.path.join(tree.dir_path(index), entry.name), e) from e
                     mode = st.st_mode
-                    is_dir = stat.S_ISDIR(mode)
-                    child_rel = f"{rel}/{entry.name}" if rel else entry.name
-                    if matcher is not None and matcher.excluded(child_rel, is_dir):
-                        continue
-                    if stat.S_ISREG(mode):
-                        entries.append((name, "f", len(tree.files)))
-                        tree.files.append(_File(index, name, st.st_size))
-                        tree.bytes += st.st_size
-                    elif is_dir:
-                        entries.append((name, "d", len(tree.dirs)))
+                    fmt = mode & 0o170000  # stat.S_IFMT, inlined
+                    if matcher is not None:
+                        child_rel = f"{rel}/{entry.name}" if rel else entry.name
+                        if matcher.excluded(child_rel, fmt == S_IFDIR):
+                            continue
+                    else:
+                        child_rel = ""
+                    if fmt == S_IFREG:
+                        size = st.st_size
+                        add((name, "f", len(files)))
+                        key: bytes | None = None
+                        if sig is not None:
+                            mtime, ctime = st.st_mtime_ns, st.st_ctime_ns
+                            if mtime < safe_ns and ctime < safe_ns:
+                                key = pack_key(st.st_dev, st.st_ino, size, mtime, ctime, (mode >> 6) & 1)
+                                sig.append(b"f%s\0%s" % (name, key))
+                            else:
+                                tree.racy += 1
+                        add_file(_File(index, name, size, key))
+                        nbytes += size
+                    elif fmt == S_IFDIR:
+                        child = len(tree.dirs)
+                        if sig is not None:
+                            sig.append(b"d%s\0%s" % (name, pack_index(child)))
+                        add((name, "d", child))
                         handle.refs += 1
-                        stack.append((len(tree.dirs), handle, child_rel if matcher is not None else ""))
+                        stack.append((child, handle, child_rel))
                         tree.dirs.append(_Dir(index, name, st.st_dev, st.st_ino))
-                    elif stat.S_ISLNK(mode):
-                        path_shown = os.path.join(tree.dir_path(index), entry.name)
+                    elif fmt == S_IFLNK:
                         try:
                             target = os.readlink(name, dir_fd=handle.fd)
                         except OSError as e:
-                            raise _os_error("read symlink", path_shown, e) from e
+                            shown = os.path.join(tree.dir_path(index), entry.name)
+                            raise _os_error("read symlink", shown, e) from e
                         try:
-                            entries.append((name, "l", SymlinkNode(target)))
+                            add((name, "l", SymlinkNode(target)))
                         except ValidationError as e:
-                            raise ValidationError(f"{path_shown}: {e}") from e
+                            raise ValidationError(f"{os.path.join(tree.dir_path(index), entry.name)}: {e}") from e
+                        tree.symlinks += 1
+                        if sig is not None:
+                            sig.append(b"l%s\0%s\0" % (name, target))
                     else:
                         path_shown = os.path.join(tree.dir_path(index), entry.name)
                         if not skip_special:
@@ -273,6 +352,8 @@ def _walk(
             if parent is not None:
                 parent.release()
         raise
+    finally:
+        tree.bytes += nbytes
 
 
 class _Importer:
@@ -295,11 +376,12 @@ class _Importer:
         self._progress = progress
         self._nodes: list[FileNode | None] = [None] * len(tree.files)
         self._pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="castore-import")
+        # Large files are opened and read here, not behind the batches in the readers' queue.
+        self._large_pool = concurrent.futures.ThreadPoolExecutor(
+            max(2, min(8, self._concurrency // 4)), thread_name_prefix="castore-import-large"
+        )
         self._misses = 0  # consecutive batches with nothing present
         self._batches = 0
-        # Batches of small files in flight: enough to keep the readers and the store's
-        # threads busy; a remote store sees at most this many put_many calls at once.
-        self._batch_slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
 
     # -- threads -------------------------------------------------------------------
 
@@ -332,9 +414,12 @@ class _Importer:
             raise UnsupportedFileTypeError(self._tree.file_path(f), _file_type(st.st_mode))
         return fd, st
 
-    def _read_batch(self, indexes: list[int]) -> list[tuple[int, bytes, B3Digest, bool] | tuple[int, None, None, bool]]:
-        """Read and hash small files; ``None`` data for a file that grew past ``SMALL_FILE``."""
-        out: list[tuple[int, bytes, B3Digest, bool] | tuple[int, None, None, bool]] = []
+    def _read_batch(self, indexes: list[int]) -> tuple[list[tuple[int, PreparedBlob, bool]], list[int]]:
+        """Read small files and prepare them for storing (:meth:`BlobService.prepare_many`:
+        hashed, and for the embedded store compressed, here in the reader thread); also the
+        files that grew past ``SMALL_FILE``."""
+        read: list[tuple[int, bytes, bool]] = []
+        grown: list[int] = []
         handle: Handle | None = None
         current = -1
         try:
@@ -359,13 +444,14 @@ class _Importer:
                 finally:
                     os.close(fd)
                 if len(data) > SMALL_FILE:
-                    out.append((i, None, None, executable))
+                    grown.append(i)
                 else:
-                    out.append((i, data, B3Digest(blake3.blake3(data).digest()), executable))
+                    read.append((i, data, executable))
         finally:
             if handle is not None and self._fds is not None:
                 self._fds.release(handle)
-        return out
+        prepared = self._blob.prepare_many([d for _i, d, _x in read]) if read else []
+        return [(i, p, x) for (i, _d, x), p in zip(read, prepared)], grown
 
     def _hash_file(self, f: _File, key: object) -> tuple[B3Digest, int, bool]:
         fd, st = self._open(f)
@@ -385,12 +471,15 @@ class _Importer:
 
     def _read_block(self, fd: int, f: _File) -> bytes:
         try:
-            return os.read(fd, _BLOCK)
+            return os.read(fd, _STREAM_BLOCK)
         except OSError as e:
             raise _os_error("read", self._tree.file_path(f), e) from e
 
     async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _large_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._large_pool, fn, *args)
 
     # -- the loop ------------------------------------------------------------------
 
@@ -410,33 +499,42 @@ class _Importer:
         self._stats.files += 1
         self._stats.bytes += size
 
-    async def run(self) -> list[FileNode]:
+    async def run(self, indexes: Sequence[int] | None = None) -> list[FileNode | None]:
+        """Read and store the files (only ``indexes`` when given: the others stay ``None``)."""
         files = self._tree.files
-        large = sorted((i for i, f in enumerate(files) if f.size > SMALL_FILE), key=lambda i: -files[i].size)
-        jobs: list[tuple[str, list[int]]] = [("large", [i]) for i in large]
+        todo: Sequence[int] = range(len(files)) if indexes is None else indexes
+        large = sorted((i for i in todo if files[i].size > SMALL_FILE), key=lambda i: -files[i].size)
+        batches: list[list[int]] = []
         batch: list[int] = []
         nbytes = 0
-        for i, f in enumerate(files):
-            if f.size > SMALL_FILE:
+        for i in todo:
+            size = files[i].size
+            if size > SMALL_FILE:
                 continue
             batch.append(i)
-            nbytes += f.size
+            nbytes += size
             if len(batch) >= _BATCH_FILES or nbytes >= _BATCH_BYTES:
-                jobs.append(("small", batch))
+                batches.append(batch)
                 batch, nbytes = [], 0
         if batch:
-            jobs.append(("small", batch))
-        # Large files first: they take longest, so they overlap with the many small ones.
-        it = iter(jobs)
+            batches.append(batch)
+        # Two lanes: large files (largest first, so none is left alone at the end) stream
+        # through writers; batches of small files go through the reader threads. Neither
+        # waits behind the other.
+        large_it, small_it = iter(large), iter(batches)
 
-        async def worker() -> None:
-            for kind, indexes in it:
-                if kind == "small":
-                    await self._small(indexes)
-                else:
-                    await self._large(indexes[0])
+        async def large_lane() -> None:
+            for i in large_it:
+                await self._large(i)
 
-        workers = [asyncio.ensure_future(worker()) for _ in range(min(self._concurrency, len(jobs)))]
+        async def small_lane() -> None:
+            for b in small_it:
+                await self._small_batch(b)
+
+        n_large = min(len(large), max(1, self._concurrency // 4))
+        n_small = min(len(batches), _BATCHES_IN_FLIGHT)
+        workers = [asyncio.ensure_future(large_lane()) for _ in range(n_large)]
+        workers += [asyncio.ensure_future(small_lane()) for _ in range(n_small)]
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -446,9 +544,13 @@ class _Importer:
             raise
         finally:
             # Reader threads may still hold directory descriptors: let them finish first.
-            await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
-        assert all(n is not None for n in self._nodes)
-        return self._nodes  # type: ignore[return-value]
+            def shutdown() -> None:
+                self._pool.shutdown(True)
+                self._large_pool.shutdown(True)
+
+            await asyncio.get_running_loop().run_in_executor(None, shutdown)
+        assert all(self._nodes[i] is not None for i in todo)
+        return self._nodes
 
     def _should_check(self) -> bool:
         # Asking ``has_many`` first costs a lookup per batch; uploading a present blob costs
@@ -457,38 +559,31 @@ class _Importer:
         self._batches += 1
         return self._misses < 4 or self._batches % 8 == 0
 
-    async def _small(self, indexes: list[int]) -> None:
-        async with self._batch_slots:
-            await self._small_batch(indexes)
-
     async def _small_batch(self, indexes: list[int]) -> None:
-        read = await self._thread(self._read_batch, indexes)
-        ready = [(i, d, h, x) for i, d, h, x in read if d is not None]
-        grown = [i for i, d, _h, _x in read if d is None]
-        todo = ready
-        if ready and self._should_check():
+        ready, grown = await self._thread(self._read_batch, indexes)
+        unknown = [p for _i, p, _x in ready if p.present is None]
+        if unknown and self._should_check():
             try:
-                present = await self._blob.has_many([h for _i, _d, h, _x in ready])
+                present = await self._blob.has_many([p.digest for p in unknown])
             except StorageError as e:
                 raise StorageError(f"unable to check blobs below {self._tree.root}: {e}") from e
             self._misses = 0 if any(present) else self._misses + 1
-            todo = [r for r, p in zip(ready, present) if not p]
+            for p, found in zip(unknown, present):
+                p.present = found
+        todo = [(i, p) for i, p, _x in ready if not p.present]
         if todo:
             try:
-                stored = await self._blob.put_many([d for _i, d, _h, _x in todo])
+                # Returns once committed: only then are the digests used.
+                await self._blob.put_prepared([p for _i, p in todo])
             except StorageError as e:
                 first = self._tree.file_path(self._tree.files[todo[0][0]])
                 raise StorageError(f"unable to upload {first} (and {len(todo) - 1} more): {e}") from e
-            for (i, _d, h, _x), s in zip(todo, stored):
-                if s != h:  # a backend that hashes differently is broken
-                    path = self._tree.file_path(self._tree.files[i])
-                    raise StorageError(f"blob service returned digest {s} for {path}, expected {h}")
             self._stats.uploaded_files += len(todo)
-            self._stats.uploaded_bytes += sum(len(d) for _i, d, _h, _x in todo)
-        for i, d, h, x in ready:
-            self._done(i, h, len(d), x)
-        for _i, d, _h, _x in ready:
-            self._advance(len(d))
+            self._stats.uploaded_bytes += sum(p.size for _i, p in todo)
+        for i, p, x in ready:
+            self._done(i, p.digest, p.size, x)
+        for _i, p, _x in ready:
+            self._advance(p.size)
         for i in grown:
             await self._large(i)
 
@@ -496,7 +591,7 @@ class _Importer:
         f = self._tree.files[i]
         # Hashing first (in a thread) is far cheaper than an upload, so a large file
         # already present costs one read and no write.
-        digest, size, executable = await self._thread(self._hash_file, f, i)
+        digest, size, executable = await self._large_thread(self._hash_file, f, i)
         try:
             present = await self._blob.has(digest)
         except StorageError as e:
@@ -510,12 +605,12 @@ class _Importer:
         self._done(i, digest, size, executable)
 
     async def _stream(self, f: _File, key: object) -> tuple[B3Digest, int, bool]:
-        fd, st = await self._thread(self._open, f)
+        fd, st = await self._large_thread(self._open, f)
         try:
             writer = self._blob.open_write()
             size = 0
             try:
-                while block := await self._thread(self._read_block, fd, f):
+                while block := await self._large_thread(self._read_block, fd, f):
                     size += len(block)
                     await writer.write(block)
                     self._partial(key, f.size // 2 + size // 2)
@@ -544,6 +639,7 @@ async def ingest_path(
     exclude: Sequence[str] = (),
     skip_special: bool = False,
     warn: Callable[[str], None] | None = None,
+    cache: ImportCache | None = None,
 ) -> tuple[bytes, Node]:
     """Import ``path`` and return its name (the basename, as bytes) and its root node.
 
@@ -558,21 +654,73 @@ async def ingest_path(
         exclude: gitignore-style patterns of paths (relative to ``path``) to leave out.
         skip_special: skip fifos, sockets and devices (each reported to ``warn``)
             instead of failing.
-        warn: receives one message per skipped file.
+        warn: receives one message per skipped file (and about an unusable cache).
+        cache: a stat cache (:mod:`castore_di.importcache`; off by default): files whose
+            identity and metadata match the last import of this root, and whose blobs
+            the blob service confirms it has, are not read; an unchanged tree whose
+            root directory the directory service has is not rebuilt. Recorded again
+            after a successful import.
 
     Raises:
         UnsupportedFileTypeError: a fifo, socket or device in the tree (without ``skip_special``).
         StorageError: a file cannot be read or a service fails.
     """
+    # The walk creates objects by the hundred thousand, all alive until the end: each full
+    # collection of the cyclic garbage collector would traverse them all again (a fifth of
+    # the CPU time of a re-import with changed files went there), so it is paused while an
+    # import runs.
+    with _gc_paused():
+        return await _ingest(blob, dirs, path, concurrency, progress, stats, exclude, skip_special, warn, cache)
+
+
+_gc_lock = threading.Lock()
+_gc_users = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while at least one import runs (any thread)."""
+    global _gc_users, _gc_was_enabled
+    with _gc_lock:
+        if _gc_users == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_users += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_users -= 1
+            if _gc_users == 0 and _gc_was_enabled:
+                gc.enable()
+
+
+async def _ingest(
+    blob: BlobService,
+    dirs: DirectoryService,
+    path: str | os.PathLike[str],
+    concurrency: int,
+    progress: ImportProgress | None,
+    stats: ImportStats | None,
+    exclude: Sequence[str],
+    skip_special: bool,
+    warn: Callable[[str], None] | None,
+    cache: ImportCache | None,
+) -> tuple[bytes, Node]:
     root = os.fspath(path)
     stats = stats if stats is not None else ImportStats()
     name = os.fsencode(os.path.basename(os.path.normpath(root)))
     matcher = _Matcher(exclude) if exclude else None
+    started = time.time_ns()  # before any file is looked at: see importcache's "racy" rule
     try:
         st = os.lstat(root)
     except OSError as e:
         raise _os_error("stat", root, e) from e
     tree = _Tree(root)
+    if cache is not None:
+        tree.sig = []
+        tree.safe_ns = started - cache.racy_ns
 
     if stat.S_ISLNK(st.st_mode):
         stats.symlinks += 1
@@ -585,10 +733,16 @@ async def ingest_path(
         except ValidationError as e:
             raise ValidationError(f"{root}: {e}") from e
     if stat.S_ISREG(st.st_mode):
-        tree.files.append(_File(-1, name, st.st_size))
+        key = None
+        if cache is not None and st.st_mtime_ns < tree.safe_ns and st.st_ctime_ns < tree.safe_ns:
+            key = KEY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, (st.st_mode >> 6) & 1)
+        tree.files.append(_File(-1, name, st.st_size, key))
         if progress is not None:
             progress.start(1, st.st_size)
-        nodes = await _Importer(blob, tree, None, concurrency, stats, progress).run()
+        state = await asyncio.to_thread(cache.load, root, warn) if cache is not None and key is not None else None
+        nodes = await _import_files(blob, tree, None, concurrency, stats, progress, state)
+        if cache is not None:
+            await _save_cache(cache, root, tree, b"", nodes[0], nodes, warn)
         return name, nodes[0]
     if not stat.S_ISDIR(st.st_mode):
         raise UnsupportedFileTypeError(root, _file_type(st.st_mode))
@@ -604,48 +758,263 @@ async def ingest_path(
             raise StorageError(f"{root} was replaced while it was imported")
         return fd
 
+    def walk() -> tuple[bytes, CacheState | None]:
+        _walk(tree, open_root(), matcher, skip_special, warn, warnings)
+        if cache is None or tree.sig is None:
+            return b"", None
+        # The walk's fingerprint; none when a file was too recent to be keyed.
+        fingerprint = b"" if tree.racy else blake3.blake3(b"".join(tree.sig)).digest()
+        tree.sig = None
+        return fingerprint, cache.load(root, warn)
+
     tree.dirs.append(_Dir(-1, b"", st.st_dev, st.st_ino))
     warnings: list[str] = []
-    await asyncio.to_thread(lambda: _walk(tree, open_root(), matcher, skip_special, warn, warnings))
+    fingerprint, state = await asyncio.to_thread(walk)
     stats.skipped = tree.skipped
     if progress is not None:
         progress.start(len(tree.files), tree.bytes)
+    if state is not None and fingerprint and fingerprint == state.tree:
+        reused = await _reuse_tree(blob, dirs, tree, state, stats, progress)
+        if reused is not None:
+            if cache is not None:
+                await asyncio.to_thread(cache.touch, root)
+            return name, reused
     fds = DirFds(tree.dirs, await asyncio.to_thread(open_root), tree.dir_path)
     try:
-        file_nodes = await _Importer(blob, tree, fds, concurrency, stats, progress).run()
+        file_nodes = await _import_files(blob, tree, fds, concurrency, stats, progress, state)
     finally:
         fds.close()
+    root_node = await _put_directories(dirs, tree, file_nodes, stats)
+    if cache is not None:
+        await _save_cache(cache, root, tree, fingerprint, root_node, file_nodes, warn)
+    return name, root_node
 
-    # Reversed pre-order puts every directory after all of its descendants.
+
+def _b3(raw: bytes) -> B3Digest:
+    """A 32-byte digest from the cache (its checksum vouches for the length) as a B3Digest."""
+    return bytes.__new__(B3Digest, raw)
+
+
+async def _import_files(
+    blob: BlobService,
+    tree: _Tree,
+    fds: DirFds | None,
+    concurrency: int,
+    stats: ImportStats,
+    progress: ImportProgress | None,
+    state: CacheState | None,
+) -> list[FileNode]:
+    """Every walked file's node: from the cache where it vouches for the file, else read."""
+    files = tree.files
+    nodes: list[FileNode | None] = [None] * len(files)
+    if state is not None:
+        known = state.files
+        hits: list[tuple[int, bytes]] = []
+        for i, f in enumerate(files):
+            if f.key is not None and (d := known.get(f.key)) is not None:
+                hits.append((i, d))
+        if hits:
+            unique = {d: _b3(d) for _i, d in hits}
+            try:
+                present = await blob.has_many(list(unique.values()))
+            except StorageError as e:
+                raise StorageError(f"unable to check blobs below {tree.root}: {e}") from e
+            have = {raw: d for (raw, d), p in zip(unique.items(), present) if p}
+            count = nbytes = 0
+            for i, raw in hits:
+                digest = have.get(raw)
+                if digest is not None:
+                    f = files[i]
+                    nodes[i] = _file_node(digest, f.size, f.key[-1] == 1)  # type: ignore[index]
+                    count += 1
+                    nbytes += f.size
+                    if progress is not None:
+                        progress.advance(f.size)
+            stats.files += count
+            stats.cached_files += count
+            stats.bytes += nbytes
+    rest = [i for i, n in enumerate(nodes) if n is None]
+    if rest:
+        read = await _Importer(blob, tree, fds, concurrency, stats, progress).run(
+            None if len(rest) == len(files) else rest
+        )
+        for i in rest:
+            nodes[i] = read[i]
+    return nodes  # type: ignore[return-value]  # every index is filled
+
+
+async def _reuse_tree(
+    blob: BlobService,
+    dirs: DirectoryService,
+    tree: _Tree,
+    state: CacheState,
+    stats: ImportStats,
+    progress: ImportProgress | None,
+) -> DirectoryNode | None:
+    """The last import's root when the walk matched it and both services still hold it all."""
+    raw = state.digests
+    try:
+        root = B3Digest(state.root_digest)
+        # Directory services store a closure whole, so holding the root vouches for it.
+        if await dirs.get(root) is None:
+            return None
+        new = bytes.__new__  # _b3, inlined: tens of thousands of digests
+        digests = [new(B3Digest, raw[i : i + 32]) for i in range(0, len(raw), 32)]
+        if digests and not all(await blob.has_many(digests)):
+            return None
+    except (StorageError, ValidationError) as e:
+        raise _rewrap(e, f"unable to check the last import of {tree.root}") from e
+    stats.files += len(tree.files)
+    stats.cached_files += len(tree.files)
+    stats.bytes += tree.bytes
+    stats.directories += len(tree.dirs)
+    stats.symlinks += tree.symlinks
+    if progress is not None:
+        for f in tree.files:
+            progress.advance(f.size)
+    return DirectoryNode(root, state.root_size)
+
+
+async def _save_cache(
+    cache: ImportCache,
+    root: str,
+    tree: _Tree,
+    fingerprint: bytes,
+    root_node: Node,
+    file_nodes: list[FileNode],
+    warn: Callable[[str], None] | None,
+) -> None:
+    """Record a successful import; a failure to write the cache is only a warning."""
+    entries = [(f.key, n.digest) for f, n in zip(tree.files, file_nodes) if f.key is not None]
+    root_digest = root_node.digest if isinstance(root_node, DirectoryNode) else b""
+    root_size = root_node.size if isinstance(root_node, DirectoryNode) else 0
+    try:
+        await asyncio.to_thread(cache.save, root, fingerprint if root_digest else b"", root_digest, root_size, entries)
+    except OSError as e:
+        message = f"unable to write the import cache in {cache.directory}: {e.strerror or e}"
+        if warn is not None:
+            warn(message)
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SMALL_VARINTS: Final = [bytes([i]) for i in range(0x80)]
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _file_node(digest: B3Digest, size: int, executable: bool) -> FileNode:
+    """A FileNode of trusted parts (a 32-byte digest, a size from ``stat``), without attrs' checks."""
+    node: FileNode = _new(FileNode)
+    _set(node, "digest", digest)
+    _set(node, "size", size)
+    _set(node, "executable", executable)
+    return node
+
+
+def _dir_node(digest: B3Digest, size: int) -> DirectoryNode:
+    node: DirectoryNode = _new(DirectoryNode)
+    _set(node, "digest", digest)
+    _set(node, "size", size)
+    return node
+
+
+def _build_directory(
+    tree: _Tree, index: int, file_nodes: list[FileNode], built: list[DirectoryNode | None]
+) -> Directory:
+    """Directory ``index`` from its walked entries, encoded canonically by hand.
+
+    Names come from the filesystem (never empty, ``.``, ``..``, nor holding ``/`` or NUL;
+    only their length is checked), so the encoding of ``tvix.castore.v1.Directory`` is
+    written directly: directories (field 1), files (2), symlinks (3), each list in name
+    order, fields with default values left out, as protobuf's deterministic serialization
+    does (tests/test_import_cache.py compares the bytes with it).
+    """
+    items = tree.dirs[index].entries
+    items.sort()  # names are unique: tuples compare on the name alone
+    entries: list[tuple[bytes, Node]] = []
+    dparts: list[bytes] = []
+    fparts: list[bytes] = []
+    lparts: list[bytes] = []
+    size = len(items)
+    varint = _varint
+    for name, kind, payload in items:
+        if len(name) > MAX_NAME_LEN:
+            validate_name(name)  # raises the usual error
+        if kind == "f":
+            fnode = file_nodes[payload]
+            inner = b"\n" + varint(len(name)) + name + b"\x12\x20" + fnode.digest
+            if fnode.size:
+                inner += b"\x18" + varint(fnode.size)
+            if fnode.executable:
+                inner += b"\x20\x01"
+            fparts.append(b"\x12" + varint(len(inner)) + inner)
+            entries.append((name, fnode))
+        elif kind == "d":
+            dnode = built[payload]
+            assert dnode is not None
+            size += dnode.size
+            inner = b"\n" + varint(len(name)) + name + b"\x12\x20" + dnode.digest
+            if dnode.size:
+                inner += b"\x18" + varint(dnode.size)
+            dparts.append(b"\n" + varint(len(inner)) + inner)
+            entries.append((name, dnode))
+        else:
+            target = payload.target
+            inner = b"\n" + varint(len(name)) + name + b"\x12" + varint(len(target)) + target
+            lparts.append(b"\x1a" + varint(len(inner)) + inner)
+            entries.append((name, payload))
+    if size > U64_MAX:
+        raise SizeOverflowError()
+    dparts += fparts
+    dparts += lparts
+    encoded = b"".join(dparts)
+    return Directory._prebuilt(tuple(entries), size, encoded, B3Digest(blake3.blake3(encoded).digest()))
+
+
+def _build_directories(tree: _Tree, file_nodes: list[FileNode]) -> list[Directory]:
+    """Every directory, leaves first (reversed pre-order puts each after its descendants)."""
     built: list[DirectoryNode | None] = [None] * len(tree.dirs)
-    putter = dirs.put_multiple_start()
+    out: list[Directory] = []
     for index in range(len(tree.dirs) - 1, -1, -1):
-        pairs: list[tuple[bytes, Node]] = []
-        for entry_name, kind, payload in tree.dirs[index].entries:
-            if kind == "f":
-                pairs.append((entry_name, file_nodes[payload]))
-            elif kind == "d":
-                child = built[payload]
-                assert child is not None
-                pairs.append((entry_name, child))
-            else:
-                pairs.append((entry_name, payload))
-                stats.symlinks += 1
-        tree.dirs[index].entries = []  # free as we go
         try:
-            directory = Directory(pairs)
+            directory = _build_directory(tree, index, file_nodes, built)
         except ValidationError as e:
             raise ValidationError(f"cannot import directory {tree.dir_path(index)}: {e}") from e
+        tree.dirs[index].entries = []  # free as we go
+        built[index] = _dir_node(directory.digest, directory.size)
+        out.append(directory)
+    return out
+
+
+async def _put_directories(
+    dirs: DirectoryService, tree: _Tree, file_nodes: list[FileNode], stats: ImportStats
+) -> DirectoryNode:
+    """Build every directory (in a thread), put them as one closure, return the root's node."""
+    stats.symlinks += tree.symlinks
+    built = await asyncio.to_thread(_build_directories, tree, file_nodes)
+    putter = dirs.put_multiple_start()
+    # Reversed pre-order: index len - 1 - k for the k-th directory built.
+    last = len(built) - 1
+    for k, directory in enumerate(built):
         try:
             await putter.put(directory)
         except (StorageError, ValidationError) as e:
-            raise _rewrap(e, f"failed to upload directory at {tree.dir_path(index)}") from e
-        built[index] = directory.as_node()
+            raise _rewrap(e, f"failed to upload directory at {tree.dir_path(last - k)}") from e
         stats.directories += 1
     try:
         root_digest = await putter.close()
     except (StorageError, ValidationError) as e:
         raise _rewrap(e, "failed to finalize directory upload") from e
-    root_node = built[0]
-    assert root_node is not None and root_node.digest == root_digest
-    return name, root_node
+    root = built[-1]
+    assert root.digest == root_digest
+    return _dir_node(root.digest, root.size)

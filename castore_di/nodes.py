@@ -230,6 +230,10 @@ class Directory:
     @classmethod
     def from_proto(cls, msg: castore_pb2.Directory) -> "Directory":
         """Validate a protobuf Directory; checks run in the reference's order."""
+        fast = _valid_index(msg)
+        if fast is not None:
+            return cls._from_index(*fast)
+        # Something is wrong (or unusual): the checks one by one, to raise the reference's error.
         # 1. per-list ordering and duplicates
         for lst in (msg.directories, msg.files, msg.symlinks):
             prev = b""
@@ -279,6 +283,20 @@ class Directory:
         return self
 
     @classmethod
+    def _prebuilt(
+        cls, entries: tuple[tuple[bytes, Node], ...], size: int, encoded: bytes, digest: B3Digest
+    ) -> "Directory":
+        """A directory whose caller already validated and sorted ``entries`` and encoded them
+        canonically (the importer: names from the filesystem; its tests check the bytes)."""
+        self = cls.__new__(cls)
+        self._index = dict(entries)
+        self._entries = entries
+        self._size = size
+        self._encoded = encoded
+        self._digest = digest
+        return self
+
+    @classmethod
     def decode(cls, data: bytes) -> "Directory":
         """Parse and validate protobuf bytes (unknown fields are dropped)."""
         msg = castore_pb2.Directory()
@@ -300,6 +318,64 @@ class Directory:
 
     def __repr__(self) -> str:
         return f"Directory({dict(self._entries)!r})"
+
+
+# Nodes built from values already checked (by _valid_index): attrs' __init__ would re-run the
+# converter and validators; the slots are set directly (as attrs' own __init__ does).
+_new = object.__new__
+_new_digest = bytes.__new__
+_file_digest = FileNode.__dict__["digest"].__set__
+_file_size = FileNode.__dict__["size"].__set__
+_file_executable = FileNode.__dict__["executable"].__set__
+_dir_digest = DirectoryNode.__dict__["digest"].__set__
+_dir_size = DirectoryNode.__dict__["size"].__set__
+_DOTS = (b".", b"..")  # the empty name fails the order check (nothing sorts before it)
+
+
+def _valid_index(msg: castore_pb2.Directory) -> tuple[dict[bytes, Node], int] | None:
+    """The entries and size of a Directory message in one pass, or ``None`` as soon as any check
+    fails or a name needs a closer look (then :meth:`Directory.from_proto` checks one by one)."""
+    index: dict[bytes, Node] = {}
+    size = 0
+    prev = b""
+    for d in msg.directories:
+        name = d.name
+        digest = d.digest
+        if name <= prev or len(digest) != B3_LEN or len(name) > MAX_NAME_LEN or (len(name) < 3 and name in _DOTS) or b"/" in name or b"\0" in name:
+            return None
+        prev = name
+        dnode = _new(DirectoryNode)
+        _dir_digest(dnode, _new_digest(B3Digest, digest))
+        _dir_size(dnode, d.size)
+        index[name] = dnode
+        size += 1 + d.size
+    prev = b""
+    for f in msg.files:
+        name = f.name
+        digest = f.digest
+        if (name <= prev or len(digest) != B3_LEN or len(name) > MAX_NAME_LEN or (len(name) < 3 and name in _DOTS) or b"/" in name
+                or b"\0" in name or name in index):
+            return None
+        prev = name
+        fnode = _new(FileNode)
+        _file_digest(fnode, _new_digest(B3Digest, digest))
+        _file_size(fnode, f.size)
+        _file_executable(fnode, f.executable)
+        index[name] = fnode
+        size += 1
+    prev = b""
+    for s in msg.symlinks:
+        name = s.name
+        target = s.target
+        if (name <= prev or len(name) > MAX_NAME_LEN or (len(name) < 3 and name in _DOTS) or b"/" in name or b"\0" in name or name in index
+                or not target or len(target) > MAX_TARGET_LEN or b"\0" in target):
+            return None
+        prev = name
+        index[name] = SymlinkNode(target)
+        size += 1
+    if size > U64_MAX:
+        return None
+    return index, size
 
 
 def node_to_proto(name: bytes, node: Node) -> castore_pb2.Node:

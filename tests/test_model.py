@@ -188,3 +188,27 @@ class TestNodeMessages:
     def test_no_node_set(self) -> None:
         with pytest.raises(ValidationError):
             node_from_proto(castore_pb2.Node())
+
+
+class TestDecodeFastPath:
+    """``from_proto`` checks a valid message in one pass and builds its nodes directly."""
+
+    def test_same_nodes_as_construction(self) -> None:
+        d = Directory({
+            b"a": FileNode(D, 1, True), b"bb": FileNode(D, 2), b"ccc": DirectoryNode(D, 5),
+            b"x.py": SymlinkNode(b"../t"), b"\xff\xfe": FileNode(EMPTY_DIGEST, 0),
+        })
+        back = Directory.decode(d.encode())
+        assert back == d and back.size == d.size and back.digest == d.digest
+        for name, node in back.items():
+            assert type(node) is type(d[name]) and node == d[name] and hash(node) == hash(d[name])
+            if not isinstance(node, SymlinkNode):
+                assert type(node.digest) is B3Digest
+
+    @pytest.mark.parametrize("name", [b"", b".", b"..", b"a/b", b"a\0b", b"x" * 256])
+    def test_bad_names_still_raise_the_checks_error(self, name: bytes) -> None:
+        m = castore_pb2.Directory()
+        m.files.add(name=b"ok", digest=D, size=1)
+        m.files.add(name=name, digest=D, size=1)
+        with pytest.raises(ValidationError):
+            Directory.from_proto(m)

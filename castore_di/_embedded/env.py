@@ -2,7 +2,8 @@
 
 The async rule (also in the README's Development section): nothing that can block on disk,
 locks or the network runs on the event loop. Here that means: write transactions and syncs
-go through the environment's writer thread (:meth:`Environment.transact`, group commit);
+go through the environment's writer thread (:meth:`Environment.transact`, group commit), and
+the periodic sync of ``durability: process`` through a sync thread;
 opening and closing (which syncs) run in a worker thread (:func:`open_async`,
 :func:`release_async`); read transactions stay inline, as an LMDB read never waits for a
 writer or a lock and takes microseconds.
@@ -78,6 +79,12 @@ class Environment:
         self._last_sync = time.monotonic()
         self._dirty = False  # commits since the last sync
         self._sync_lock = threading.Lock()
+        # Syncs due by sync_interval run on their own thread, so commits go on meanwhile.
+        self._sync_cond = threading.Condition()
+        self._sync_wanted = False
+        self._sync_stop = False
+        self._syncer: threading.Thread | None = None
+        self._sync_error: StorageError | None = None
         self._dbs: dict[bytes, Any] = {}
         self._dbs_lock = threading.Lock()
         self._table: ErrorTable = {self._lmdb.MapFullError: self._full, self._lmdb.Error: StorageError}
@@ -179,8 +186,44 @@ class Environment:
         if self.options.durability == "full":
             return  # LMDB synced the commit itself
         self._dirty = True
+        error, self._sync_error = self._sync_error, None
+        if error is not None:  # a background sync failed: the next writer hears of it
+            raise error
         if time.monotonic() - self._last_sync >= self.options.sync_interval:
-            self.sync()
+            self._sync_soon()
+
+    def _sync_soon(self) -> None:
+        """Have the sync thread flush to disk (started on first use)."""
+        with self._sync_cond:
+            if self._sync_wanted or self._sync_stop:
+                return
+            self._sync_wanted = True
+            if self._syncer is None:
+                self._syncer = threading.Thread(target=self._sync_loop, name=f"castore-sync {self.path}", daemon=True)
+                self._syncer.start()
+            self._sync_cond.notify()
+
+    def _sync_loop(self) -> None:
+        while True:
+            with self._sync_cond:
+                while not self._sync_wanted and not self._sync_stop:
+                    self._sync_cond.wait()
+                if self._sync_stop:
+                    return
+            try:
+                self.sync()
+            except StorageError as e:
+                self._sync_error = e
+            with self._sync_cond:
+                self._sync_wanted = False
+
+    def _stop_syncer(self) -> None:
+        with self._sync_cond:
+            self._sync_stop = True
+            thread = self._syncer
+            self._sync_cond.notify()
+        if thread is not None:
+            thread.join()
 
     def sync(self) -> None:
         """Flush committed transactions to disk (fsync)."""
@@ -201,6 +244,7 @@ class Environment:
             return
         try:
             self.writer.stop()
+            self._stop_syncer()
             if self._dirty:  # a read-only session (castore ls, cat) does not wait for an fsync
                 self.sync()
         finally:

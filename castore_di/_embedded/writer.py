@@ -7,7 +7,10 @@ transaction (a failing operation is rolled back alone), then commits once: group
 Each caller's result is delivered only after that commit (and, with ``durability="full"``,
 its fsync), so a digest is never reported before it is durable as promised. LMDB serialises
 writers anyway; one thread per environment keeps the waiting for LMDB's write lock (held by
-another process), the commit and the fsync off the event loop.
+another process), the commit and the fsync off the event loop. The periodic fsync of
+``durability="process"`` runs on a sync thread of its own (:meth:`Environment._sync_soon`), so
+commits go on while the disk flushes. Operations should be short: callers hash and compress
+before they submit (the importer's reader threads, the blob writer's worker threads).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import bisect
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import blake3
@@ -38,10 +38,12 @@ __all__ = [
     "BlobService",
     "BlobReader",
     "BlobWriter",
+    "BlockingReads",
     "BytesReader",
     "ChunkedReader",
     "ChunkMeta",
     "HashingWriter",
+    "PreparedBlob",
     "PositionedReader",
     "READ_BLOCK",
     "DEFAULT_AVG_CHUNK_SIZE",
@@ -419,6 +421,35 @@ class HashingWriter(BlobWriter):
 _MANY_AT_ONCE = 8  # calls in flight for the default has_many/put_many
 
 
+class PreparedBlob:
+    """A blob readied for :meth:`BlobService.put_prepared` by the same service's
+    :meth:`~BlobService.prepare_many`: its digest and size, whether the service found it
+    present (``None``: not checked), and the service's own encoding of it (``payload``)."""
+
+    __slots__ = ("digest", "size", "present", "payload")
+
+    def __init__(self, digest: B3Digest, size: int, present: bool | None, payload: Any) -> None:
+        self.digest = digest
+        self.size = size
+        self.present = present
+        self.payload = payload
+
+
+class BlockingReads(Protocol):
+    """Reads a backend answers in the calling thread, without an event loop
+    (:meth:`BlobService.blocking_reads`). Nothing is verified: the caller checks every byte
+    against the digests (and removes what it wrote from a blob that fails)."""
+
+    def blobs(self, digests: Sequence[B3Digest]) -> list[bytes | list[ChunkMeta] | None]:
+        """Per digest: the blob's bytes when it is stored whole, its chunk list when it is
+        chunked (read each with :meth:`chunk`), ``None`` when absent."""
+        ...
+
+    def chunk(self, blob: B3Digest, chunk: B3Digest) -> bytes | None:
+        """The bytes of a chunk from ``blob``'s chunk list; ``None`` when absent."""
+        ...
+
+
 class BlobService(abc.ABC):
     """A content-addressed store of blobs (see the module docstring for the contract)."""
 
@@ -440,6 +471,11 @@ class BlobService(abc.ABC):
 
     async def close(self) -> None:
         """Release connections and files this service opened. Idempotent."""
+
+    async def blocking_reads(self) -> BlockingReads | None:
+        """Unverified reads that worker threads may call directly, for a backend whose reads
+        need no event loop (the embedded store); ``None`` (the default) otherwise."""
+        return None
 
     # -- conveniences built on the primitives ------------------------------------------
 
@@ -469,6 +505,25 @@ class BlobService(abc.ABC):
         for i in range(0, len(blobs), _MANY_AT_ONCE):
             out += await asyncio.gather(*(self.put(b) for b in blobs[i : i + _MANY_AT_ONCE]))
         return out
+
+    def prepare_many(self, blobs: Sequence[bytes]) -> list[PreparedBlob]:
+        """Hash (and, where a backend can, check and encode) blobs for :meth:`put_prepared`.
+
+        Blocking and CPU-bound: call it in a worker thread (several threads may call it at
+        once), which lets a caller such as the importer do this work on every core. The
+        digests are computed here, by this process; nothing is stored. The default hashes.
+        """
+        return [PreparedBlob(blake3_digest(b), len(b), None, b) for b in blobs]
+
+    async def put_prepared(self, blobs: Sequence[PreparedBlob]) -> None:
+        """Store blobs from this service's :meth:`prepare_many`; returns once they are stored.
+
+        The default stores each payload with :meth:`put_many` and checks the digests agree.
+        """
+        stored = await self.put_many([p.payload for p in blobs])
+        for p, digest in zip(blobs, stored):
+            if digest != p.digest:
+                raise StorageError(f"blob service stored digest {digest} for a blob hashed as {p.digest}")
 
     async def read_many(self, digests: Sequence[B3Digest], *, verify: bool = True) -> list[bytes | None]:
         """Several (small) whole blobs; ``None`` for an absent one.

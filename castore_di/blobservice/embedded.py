@@ -45,18 +45,21 @@ are tracked: blobs stored by an unbounded use of the same directory are never ev
 A bounded store is a cache, not a primary copy.
 
 Chunks of a large blob are committed in batches of at most ``BATCH_BYTES`` so no write
-transaction is long. Every write (and the compression of the chunks it stores) runs as an
-operation on the environment's writer thread (:meth:`Environment.transact`), group-committed
-with the writes of other writers; ``close()`` returns the digest only after the commit.
-``put_many`` stores a batch of small blobs as one writer operation, hashed and compressed
-in a worker thread before it is queued; ``has_many`` and ``read_many`` answer from one read
-transaction in a thread (``benches/import_bench.py``).
+transaction is long. Every write runs as an operation on the environment's writer thread
+(:meth:`Environment.transact`), group-committed with the writes of other writers;
+``close()`` returns the digest only after the commit. The writer thread only stores: a
+writer hashes, cuts and compresses in worker threads before it queues a commit, and
+``prepare_many`` does the same for a batch of blobs in its caller's thread (the importer's
+readers), so ``put_prepared``/``put_many`` queue one short operation per batch.
+``has_many`` and ``read_many`` answer from one read transaction in a thread
+(``benches/import_bench.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -75,18 +78,21 @@ from castore_di._embedded import (
     compact,
     config_from_url,
 )
+from castore_di._embedded.codec import Codec
 from castore_di._embedded.lease import TOKEN_LEN
 from castore_di.blobservice.base import (
     DEFAULT_AVG_CHUNK_SIZE,
     BlobReader,
     BlobService,
     BlobWriter,
+    BlockingReads,
     BytesReader,
     ChunkedReader,
     ChunkingFields,
     ChunkListCheck,
     ChunkMeta,
     HashingWriter,
+    PreparedBlob,
 )
 from castore_di.composition.config import BlobServiceConfig
 from castore_di.digests import B3_LEN, B3Digest, blake3_digest
@@ -100,6 +106,7 @@ __all__ = ["EmbeddedBlobService", "EmbeddedBlobServiceConfig", "BATCH_BYTES", "e
 
 _ABSENT = B3Digest(bytes(32))  # a digest no store holds: a read that finds nothing
 BATCH_BYTES = 8 << 20  # chunks of a large blob are committed in transactions of about this size
+_PREPARED_MAX = 4 << 20  # put_many commits blobs up to this size in its one operation
 _INDEX_ENTRY = struct.Struct("<Q32s")
 _GC_BATCH = 4096  # loose chunks examined per gc write transaction (keeps each one short)
 _LRU_RECORD = struct.Struct(">QQ")  # access time (ns), blob size
@@ -117,6 +124,17 @@ def decode_index(raw: bytes | memoryview, blob: B3Digest) -> list[tuple[B3Digest
     if len(raw) % _INDEX_ENTRY.size or not raw:
         raise IntegrityError(f"blob {blob}: stored chunk index is malformed ({len(raw)} bytes)")
     return [(B3Digest(d), size) for size, d in _INDEX_ENTRY.iter_unpack(raw)]
+
+
+class _Encoded:
+    """A blob as :meth:`EmbeddedBlobService.prepare_many` readied it: its chunks' stored
+    values and its chunk index (``None`` when the blob is its one chunk)."""
+
+    __slots__ = ("values", "index")
+
+    def __init__(self, values: list[tuple[B3Digest, bytes]], index: list[tuple[B3Digest, int]] | None) -> None:
+        self.values = values
+        self.index = index
 
 
 def _chunk_name(digest: B3Digest, blob: B3Digest | None) -> str:
@@ -216,18 +234,19 @@ class _BlobRecords:
         self,
         txn: lmdb.Transaction,
         chunks: list[tuple[B3Digest, bytes]],
-        compression: Compression,
         lease: WriterLease | None = None,
     ) -> None:
-        """Store chunks not yet present.
+        """Store encoded chunks (:func:`encode_chunks`) not yet present.
 
         With ``lease`` (chunks stored ahead of their blob's index) new chunks are marked
         loose and every loose chunk among them is claimed for the lease's writer.
         """
-        enc = codec()
-        for digest, data in chunks:
+        if lease is None:  # one call for all: stores each value whose key is absent
+            txn.cursor(db=self.chunks_db).putmulti(chunks, dupdata=False, overwrite=False)
+            return
+        for digest, value in chunks:
             if txn.get(digest, db=self.chunks_db) is None:
-                txn.put(digest, enc.encode(data, compression), db=self.chunks_db, dupdata=False)
+                txn.put(digest, value, db=self.chunks_db, dupdata=False)
                 if lease is not None:
                     txn.put(digest, b"", db=self.loose_db)
                     txn.put(lease.token + digest, b"", db=self.inflight_db)
@@ -242,6 +261,8 @@ class _BlobRecords:
 
     def claim_chunks(self, txn: lmdb.Transaction, digests: list[B3Digest]) -> None:
         """Mark chunks as needed for good: a committed index or a one-chunk blob names them."""
+        if not txn.stat(self.loose_db)["entries"]:  # the usual case: nothing is loose
+            return
         for digest in digests:
             txn.delete(digest, db=self.loose_db)
 
@@ -293,7 +314,7 @@ class _BlobRecords:
             raw = txn.get(digest, db=self.chunks_db)
             if raw is None:
                 return None
-            return codec().decode(raw, _chunk_name(digest, blob))
+            return codec().decode(raw, lambda: _chunk_name(digest, blob))
 
     def read_blob(self, digest: B3Digest) -> tuple[bytes | None, list[tuple[B3Digest, int]] | None]:
         """``(verified bytes, None)`` for a one-chunk blob, ``(None, chunk list)`` for a chunked one,
@@ -316,13 +337,16 @@ class _BlobRecords:
         dec = codec()
         out: list[tuple[bytes | None, list[tuple[B3Digest, int]] | None]] = []
         with self.env.read() as txn:
+            # Loose chunks are rare (a large write in progress or aborted): when there are
+            # none, one lookup per blob (each lookup lets go of the GIL and takes it back)
+            any_loose = txn.stat(self.loose_db)["entries"] > 0
             for digest in digests:
                 raw = txn.get(digest, db=self.chunks_db)
-                if raw is None or txn.get(digest, db=self.loose_db) is not None:
+                if raw is None or (any_loose and txn.get(digest, db=self.loose_db) is not None):
                     index = txn.get(digest, db=self.blobs_db)
                     out.append((None, None if index is None else decode_index(index, digest)))
                     continue
-                data = dec.decode(raw, _chunk_name(digest, None))
+                data = dec.decode(raw, lambda d=digest: _chunk_name(d, None))  # type: ignore[misc]
                 if verify and blake3_digest(data) != digest:
                     raise IntegrityError(f"blob {digest}: chunk {digest} is corrupted")
                 out.append((data, None))
@@ -501,6 +525,7 @@ class EmbeddedBlobService(BlobService):
         self.path = path
         self.max_bytes = max_bytes
         self._touched: dict[B3Digest, int] = {}  # reads not yet written to the LRU records
+        self._touch_lock = threading.Lock()
         self.options = options or StoreOptions()
         self.avg_chunk_size = avg_chunk_size
         self.min_chunk_size = avg_chunk_size // 2
@@ -545,7 +570,8 @@ class EmbeddedBlobService(BlobService):
 
     def _take_touches(self) -> dict[B3Digest, int]:
         """The read touches not yet written (taken on the event loop, written by the next commit)."""
-        touched, self._touched = self._touched, {}
+        with self._touch_lock:
+            touched, self._touched = self._touched, {}
         return touched
 
     def _bounded_commit(self, txn: lmdb.Transaction, store: _BlobRecords, blob: B3Digest,
@@ -562,9 +588,10 @@ class EmbeddedBlobService(BlobService):
 
     def _touch(self, digest: B3Digest) -> None:
         if self.max_bytes is not None:
-            self._touched[digest] = time.time_ns()
-            if len(self._touched) >= 4096:  # bound the memory; the oldest touch is dropped
-                self._touched.pop(next(iter(self._touched)))
+            with self._touch_lock:  # blocking reads touch from worker threads
+                self._touched[digest] = time.time_ns()
+                if len(self._touched) >= 4096:  # bound the memory; the oldest touch is dropped
+                    self._touched.pop(next(iter(self._touched)))
 
     async def has(self, digest: B3Digest) -> bool:
         return (await self._handle.get()).has_blob(digest)
@@ -574,40 +601,82 @@ class EmbeddedBlobService(BlobService):
         return await asyncio.to_thread(store.has_blobs, digests)
 
     async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
-        """Blobs of one chunk are hashed and compressed in a thread, then committed as one
-        writer operation; longer ones (and every blob of a bounded store) go through writers."""
+        """Blobs up to ``_PREPARED_MAX`` are hashed, cut and compressed in a thread
+        (:meth:`prepare_many`), then committed as one writer operation; longer ones (and
+        every blob of a bounded store) go through writers."""
         if self.max_bytes is not None:  # each blob's commit tracks and evicts on its own
             return await super().put_many(blobs)
-        small = [i for i, b in enumerate(blobs) if len(b) <= self.min_chunk_size]
+        small = [i for i, b in enumerate(blobs) if len(b) <= _PREPARED_MAX]
         out: list[B3Digest | None] = [None] * len(blobs)
         if small:
-            store = await self._handle.get()
-            digests, values = await asyncio.to_thread(self._encode_small, store, [blobs[i] for i in small])
-
-            def commit(txn: lmdb.Transaction) -> None:
-                store.put_encoded(txn, values)
-                # A chunk stored ahead of a large blob's index may already hold these bytes:
-                # as a blob of its own it is needed for good.
-                store.claim_chunks(txn, digests)
-
-            await store.env.transact(commit)
-            for i, d in zip(small, digests):
-                out[i] = d
+            prepared = await asyncio.to_thread(self.prepare_many, [blobs[i] for i in small])
+            await self.put_prepared(prepared)
+            for i, p in zip(small, prepared):
+                out[i] = p.digest
         rest = [i for i, d in enumerate(out) if d is None]
         if rest:
             for i, d in zip(rest, await asyncio.gather(*(self.put(blobs[i]) for i in rest))):
                 out[i] = d
         return [d for d in out if d is not None]
 
-    def _encode_small(
-        self, store: _BlobRecords, blobs: list[bytes]
-    ) -> tuple[list[B3Digest], list[tuple[B3Digest, bytes]]]:
-        """Digests of ``blobs`` and the encoded values of those not stored yet (in a thread)."""
+    def prepare_many(self, blobs: Sequence[bytes]) -> list[PreparedBlob]:
+        """Hash each blob once, look them up in one read transaction, and cut and compress
+        those not stored yet: everything but the commit, so callers' threads share the work
+        (blake3, FastCDC and zstd release the GIL). A bounded store only hashes."""
+        if self.max_bytes is not None:
+            return super().prepare_many(blobs)
+        store = self._store()
         digests = [blake3_digest(b) for b in blobs]
         present = store.has_blobs(digests)
         enc = codec()
-        values = [(d, enc.encode(b, self.compression)) for d, b, p in zip(digests, blobs, present) if not p]
-        return digests, values
+        return [
+            PreparedBlob(d, len(b), True, None) if p else PreparedBlob(d, len(b), False, self._encode(b, d, enc))
+            for b, d, p in zip(blobs, digests, present)
+        ]
+
+    def _encode(self, data: bytes, digest: B3Digest, enc: Codec) -> _Encoded:
+        """``data``'s chunks as stored values, and its index (``None``: one chunk, the blob itself)."""
+        compression = self.compression
+        if len(data) <= self.min_chunk_size:
+            return _Encoded([(digest, enc.encode(data, compression))], None)
+        values: list[tuple[B3Digest, bytes]] = []
+        index: list[tuple[B3Digest, int]] = []
+        for chunk in self._chunker().cut_buf(data):
+            piece = data[chunk.offset : chunk.offset + chunk.length]
+            d = blake3_digest(piece)
+            index.append((d, len(piece)))
+            values.append((d, enc.encode(piece, compression)))
+        return _Encoded(values, None if len(index) == 1 else index)
+
+    async def put_prepared(self, blobs: Sequence[PreparedBlob]) -> None:
+        """Commit the blobs :meth:`prepare_many` found absent, in one writer operation."""
+        todo = [p for p in blobs if not p.present]
+        if not todo:
+            return
+        if self.max_bytes is not None or not all(isinstance(p.payload, _Encoded) for p in todo):
+            await super().put_prepared(todo)
+            return
+        store = await self._handle.get()
+
+        def commit(txn: lmdb.Transaction) -> None:
+            claims: list[B3Digest] = []
+            values: list[tuple[B3Digest, bytes]] = []
+            for p in todo:
+                encoded: _Encoded = p.payload
+                values += encoded.values
+                if encoded.index is None:
+                    claims.append(p.digest)
+                else:
+                    claims.extend(d for d, _ in encoded.index)
+            store.put_chunks(txn, values)
+            for p in todo:  # indexes after their chunks
+                if p.payload.index is not None:
+                    store.put_index(txn, p.digest, p.payload.index)
+            # A chunk stored ahead of a large blob's index may already hold these bytes:
+            # as (part of) a blob of its own it is needed for good.
+            store.claim_chunks(txn, claims)
+
+        await store.env.transact(commit)
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         store = await self._handle.get()
@@ -636,6 +705,11 @@ class EmbeddedBlobService(BlobService):
                 self._touch(digest)
             out.append(data)
         return out
+
+    async def blocking_reads(self) -> BlockingReads:
+        """Reads from one LMDB read transaction per call in the calling thread, decompressed
+        but not verified (the exporter's worker threads verify what they write)."""
+        return _BlockingReads(self, await self._handle.get())
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         is_chunk, index = (await self._handle.get()).lookup_blob(digest)
@@ -698,41 +772,83 @@ class EmbeddedBlobService(BlobService):
         await self._handle.close()
 
 
+class _BlockingReads:
+    """:class:`BlockingReads` of one embedded store (safe in any thread: LMDB reads need no lock)."""
+
+    def __init__(self, service: EmbeddedBlobService, store: _BlobRecords) -> None:
+        self._svc = service
+        self._store = store
+
+    def blobs(self, digests: Sequence[B3Digest]) -> list[bytes | list[ChunkMeta] | None]:
+        out: list[bytes | list[ChunkMeta] | None] = []
+        touch = self._svc._touch if self._svc.max_bytes is not None else None
+        for digest, (data, index) in zip(digests, self._store.read_blobs(digests, verify=False)):
+            if data is not None:
+                out.append(data)
+            elif index is not None:
+                out.append([ChunkMeta(d, size) for d, size in index])
+            else:
+                out.append(None)
+                continue
+            if touch is not None:
+                touch(digest)
+        return out
+
+    def chunk(self, blob: B3Digest, chunk: B3Digest) -> bytes | None:
+        return self._store.get_chunk_unverified(chunk, blob)
+
+
 class _EmbeddedWriter(HashingWriter):
     """Buffers at most a few chunks, cuts them as soon as their cut point is final.
 
-    Chunks of a large blob are committed in batches of ``BATCH_BYTES`` (they are complete
-    chunks under their own digests); the blob's index is committed last, in ``close()``.
-    The first such batch registers the writer (a :class:`WriterLease`) so that ``gc``
-    keeps the chunks it stored or found loose until the index is committed.
+    Hashing, cutting and compressing run in a worker thread (once ``_cut_at`` bytes are
+    buffered, and at the end), so a large blob costs the event loop and the writer thread
+    almost nothing but the hand-offs. Chunks of a large blob are committed in batches of
+    ``BATCH_BYTES`` (they are complete chunks under their own digests); the blob's index is
+    committed last, in ``close()``. The first such batch registers the writer (a
+    :class:`WriterLease`) so that ``gc`` keeps the chunks it stored or found loose until the
+    index is committed.
     """
 
     def __init__(self, service: EmbeddedBlobService) -> None:
         super().__init__()
         self._svc = service
-        self._parts: list[bytes] = []
+        self._new: list[bytes] = []  # written, not hashed yet
+        self._rest = b""  # hashed, not cut yet
         self._buffered = 0
         self._cut_at = 4 * service.max_chunk_size
         self._chunks: list[tuple[B3Digest, int]] = []
-        self._pending: list[tuple[B3Digest, bytes]] = []
+        self._pending: list[tuple[B3Digest, bytes]] = []  # encoded, not committed yet
         self._pending_bytes = 0
         self._lease: WriterLease | None = None
         self._flushed = 0  # self._chunks[:self._flushed] were stored ahead of the index
 
     async def _write(self, data: bytes) -> None:
-        self._hash(data)
-        self._parts.append(data)
+        self._new.append(data)
         self._buffered += len(data)
         if self._buffered >= self._cut_at:
-            self._cut(final=False)
+            await asyncio.to_thread(self._cut, False)
             if self._pending_bytes >= BATCH_BYTES:
                 await self._flush()
 
+    def _take(self) -> bytes:
+        """Hash the new bytes; everything not cut yet, as one buffer (in a thread)."""
+        for part in self._new:
+            self._hash(part)
+        parts = [self._rest, *self._new] if self._rest else self._new
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._new = []
+        self._rest = b""
+        return buf
+
     def _cut(self, final: bool) -> None:
-        buf = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-        max_size = self._svc.max_chunk_size
+        """Cut the final chunks of what is buffered, hash and encode them (in a thread)."""
+        buf = self._take()
+        svc = self._svc
+        max_size = svc.max_chunk_size
+        enc = codec()
         consumed = 0
-        for chunk in self._svc._chunker().cut_buf(buf):
+        for chunk in svc._chunker().cut_buf(buf):
             # A cut point depends on at most max_size bytes after the chunk's start, so it
             # is final once that many bytes are buffered (or the stream ended).
             if not final and len(buf) - chunk.offset < max_size:
@@ -741,19 +857,19 @@ class _EmbeddedWriter(HashingWriter):
             data = buf[chunk.offset : end]
             digest = blake3_digest(data)
             self._chunks.append((digest, len(data)))
-            self._pending.append((digest, data))
+            value = enc.encode(data, svc.compression)
+            self._pending.append((digest, value))
             self._pending_bytes += len(data)
             consumed = end
-        rest = buf[consumed:]
-        self._parts = [rest] if rest else []
-        self._buffered = len(rest)
+        self._rest = buf[consumed:]
+        self._buffered = len(self._rest)
 
     async def _flush(self) -> None:
         store = await self._svc._handle.get()
         if self._lease is None:
             self._lease = await asyncio.to_thread(store.env.new_lease)
-        pending, lease, compression = self._pending, self._lease, self._svc.compression
-        await store.env.transact(lambda txn: store.put_chunks(txn, pending, compression, lease))
+        pending, lease = self._pending, self._lease
+        await store.env.transact(lambda txn: store.put_chunks(txn, pending, lease))
         self._pending = []
         self._pending_bytes = 0
         self._flushed = len(self._chunks)
@@ -768,26 +884,29 @@ class _EmbeddedWriter(HashingWriter):
         finally:
             await asyncio.to_thread(lease.release)
 
+    def _one_chunk(self) -> tuple[B3Digest, bytes, int]:
+        """The whole blob as its one chunk: digest, encoded value, size (in a thread)."""
+        data = self._take()
+        return self._hashed_digest(), codec().encode(data, self._svc.compression), len(data)
+
     async def _finish(self) -> B3Digest:
-        digest = self._hashed_digest()
         svc = self._svc
         store = await svc._handle.get()
-        compression = svc.compression
         touched = svc._take_touches()
-        length = self._length
         if not self._chunks and self._buffered <= svc.min_chunk_size:
             # One chunk (or the empty blob): the blob is its own chunk, no index.
-            data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-            self._parts = []
+            digest, value, size = await asyncio.to_thread(self._one_chunk)
 
             def put_one(txn: lmdb.Transaction) -> None:
-                store.put_chunks(txn, [(digest, data)], compression)
+                store.put_chunks(txn, [(digest, value)])
                 store.claim_chunks(txn, [digest])
-                svc._bounded_commit(txn, store, digest, [digest], len(data), touched)
+                svc._bounded_commit(txn, store, digest, [digest], size, touched)
 
             await store.env.transact(put_one)
             return digest
-        self._cut(final=True)
+        await asyncio.to_thread(self._cut, True)
+        digest = self._hashed_digest()
+        length = self._length
         pending, chunks, lease = self._pending, self._chunks, self._lease
         earlier = [d for d, _ in chunks[: self._flushed]]
         if len(chunks) == 1 and chunks[0][0] != digest:  # pragma: no cover - would be a hashing bug
@@ -795,12 +914,12 @@ class _EmbeddedWriter(HashingWriter):
 
         def commit(txn: lmdb.Transaction) -> None:
             if len(chunks) == 1:
-                store.put_chunks(txn, pending, compression)
+                store.put_chunks(txn, pending)
                 store.claim_chunks(txn, [digest])
                 svc._bounded_commit(txn, store, digest, [digest], length, touched)
                 return
             store.check_chunks_exist(txn, earlier, digest)
-            store.put_chunks(txn, pending, compression)
+            store.put_chunks(txn, pending)
             store.claim_chunks(txn, [d for d, _ in chunks])
             store.put_index(txn, digest, chunks)
             if lease is not None:
@@ -815,7 +934,8 @@ class _EmbeddedWriter(HashingWriter):
 
     async def _abort(self) -> None:
         # Chunks flushed before the abort stay, marked loose, until ``gc`` removes them.
-        self._parts = []
+        self._new = []
+        self._rest = b""
         self._pending = []
         self._chunks = []
         if self._lease is not None:

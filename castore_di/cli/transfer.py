@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -151,9 +152,13 @@ def node_line(path: str | bytes, node: Node) -> str:
               help="Leave out paths matching this gitignore-style pattern (relative to each PATH; repeatable).")
 @click.option("--skip-special", is_flag=True,
               help="Skip fifos, sockets and devices with a warning each instead of failing.")
+@click.option("--rehash", is_flag=True,
+              help="Read every file, trusting no cached digest (the import cache is rewritten).")
+@click.option("--no-cache", is_flag=True, help="Neither use nor write the import cache.")
 @pass_ctx
 def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, name: str | None, as_json: bool,
-                   concurrency: int, progress: bool | None, excludes: tuple[str, ...], skip_special: bool) -> None:
+                   concurrency: int, progress: bool | None, excludes: tuple[str, ...], skip_special: bool,
+                   rehash: bool, no_cache: bool) -> None:
     """Import files, directories and symlinks; print the root node of each PATH.
 
     Text output is one line per PATH: `<path> <type> <b3:digest> <size>` where type is
@@ -166,6 +171,9 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, nam
     with a warning on stderr with --skip-special. --exclude takes gitignore patterns
     (`*.pyc`, `build/`, `/top-only`, `!keep.pyc`), matched below each PATH.
     With --tar FILE (- for standard input): the archive's one top-level directory.
+    A file whose device, inode, size, mtime, ctime and mode are those recorded by the
+    last import of the same PATH (and whose blob the store still has) is not read
+    again (cache in $XDG_CACHE_HOME/castore_di/import); --rehash reads every file.
     """
     if bool(tar) == bool(paths):
         raise click.UsageError("give PATHS or --tar FILE (one of them)")
@@ -184,13 +192,17 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, nam
             if name:
                 await record_name(ctx, name, tree, size)
             return
+        from castore_di.importcache import ImportCache
+
         blob, dirs = ctx.blob_service(), ctx.directory_service()
+        cache = None if no_cache else ImportCache(reuse=not rehash)
         for path in paths:
             bar = Progress(f"importing {quote_name(path)}", enabled=progress)
             stats = ImportStats()
             try:
                 _name, node = await ingest_path(blob, dirs, path, concurrency=concurrency, progress=bar, stats=stats,
-                                                exclude=excludes, skip_special=skip_special, warn=warn)
+                                                exclude=excludes, skip_special=skip_special, warn=warn,
+                                                cache=cache)
             finally:
                 bar.finish()
             if name:
@@ -233,7 +245,7 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]
               help="Write into a non-empty DEST directory (same-named files are replaced, "
                    "directories reused, symlinks in the way refused), or replace an existing file/symlink DEST.")
 @click.option("-j", "--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_CONCURRENCY, show_default=True,
-              help="Files written at once.")
+              help="Worker threads writing files (at most 3 from the embedded store, 8 otherwise).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when it is a terminal).")
 @click.option("--max-size", type=ByteSize(), default=None,
               help="Refuse a tree that expands to more bytes than this (e.g. 10G); the free space at DEST "
@@ -246,8 +258,9 @@ def export_command(ctx: CliContext, source: str, dest: str | None, tar: str | No
 
     Without --directory/--file/--symlink, SOURCE is a digest looked up as a directory
     first, then as a blob. A directory is written into DEST, which must not exist or be
-    empty unless --force; every blob is verified (size and BLAKE3) as it streams, files
-    are written under a temporary name and renamed when complete, symlinks are created as
+    empty unless --force; every blob is verified (size and BLAKE3), a file that fails the
+    check is removed again (with --force files are written under a temporary name and
+    renamed over the old ones), symlinks are created as
     symlinks and never followed, and names that could escape DEST are refused. The size
     the tree expands to is computed first: more than --max-size or the free space at DEST
     is refused before anything is written.
@@ -279,10 +292,15 @@ def export_command(ctx: CliContext, source: str, dest: str | None, tar: str | No
             if executable:
                 raise click.UsageError("--executable only applies to a file")
             bar = Progress(f"exporting {digest}", enabled=progress)
+            # The closure's ~10 objects per entry live until the export ends and it makes few
+            # garbage cycles: collecting meanwhile would only rescan them (0.1-0.3 s on the
+            # stdlib tree). This process ends after the command.
+            gc.disable()
             try:
                 await export_directory(blob, dirs, digest, dest, merge=force, concurrency=concurrency,
                                        progress=bar if bar.enabled else None, max_size=max_size)
             finally:
+                gc.enable()
                 bar.finish()
             return
         reader = await blob.open_read(digest)

@@ -30,7 +30,8 @@ from castore_di._embedded import (
 from castore_di.composition.config import DirectoryServiceConfig
 from castore_di.digests import B3_LEN, B3Digest, blake3_digest
 from castore_di.directoryservice.base import DirectoryService
-from castore_di.errors import IntegrityError, ValidationError
+from castore_di.directoryservice.closure import RootToLeaves
+from castore_di.errors import IntegrityError, StorageError, ValidationError
 from castore_di.maintenance import FsckReport
 from castore_di.nodes import Directory
 from castore_di.roots import NamedRoot
@@ -41,6 +42,27 @@ if TYPE_CHECKING:
 __all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig", "exclusive_use"]
 
 _ABSENT = B3Digest(bytes(32))  # a digest no store holds: a read that finds nothing
+
+
+_CLOSURE_BATCH = 1024  # directories a closure walk reads per worker-thread call
+
+
+def _decode(raw: bytes, digest: B3Digest) -> Directory:
+    try:
+        return Directory.decode(raw)
+    except ValidationError as e:
+        raise IntegrityError(f"directory {digest}: stored directory is invalid: {e}") from e
+
+
+def _decode_verified(raw: bytes, digest: B3Digest) -> Directory:
+    if blake3_digest(raw) != digest:
+        raise IntegrityError(f"directory {digest}: stored bytes do not match the digest")
+    directory = _decode(raw, digest)
+    # The store holds only what ``encode()`` produced (``put`` re-encodes), under its digest,
+    # just checked: keep both, so ``directory.digest`` need not encode the directory again.
+    directory._encoded = raw
+    directory._digest = digest
+    return directory
 
 
 class _DirectoryRecords:
@@ -72,6 +94,17 @@ class _DirectoryRecords:
         if blake3_digest(data) != digest:
             raise IntegrityError(f"directory {digest}: stored bytes do not match the digest")
         return data
+
+    def get_directories(self, digests: list[B3Digest]) -> list[Directory | None]:
+        """Verified, decoded directories (``None`` when absent), read in one read transaction
+        (blocking: the closure walk calls it in a worker thread)."""
+        dec = codec()
+        raws: list[bytes | None] = []
+        with self.env.read() as txn:
+            for digest in digests:
+                raw = txn.get(digest, db=self.dirs_db)
+                raws.append(None if raw is None else dec.decode(raw, lambda d=digest: f"directory {d}"))  # type: ignore[misc]
+        return [None if raw is None else _decode_verified(raw, digest) for digest, raw in zip(digests, raws)]
 
     def digests_after(self, after: bytes | None, limit: int) -> list[B3Digest]:
         """Up to ``limit`` stored digests in key order, starting after ``after``."""
@@ -192,10 +225,39 @@ class EmbeddedDirectoryService(DirectoryService):
         raw = (await self._handle.get()).get_directory_bytes(digest)
         if raw is None:
             return None
-        try:
-            return Directory.decode(raw)
-        except ValidationError as e:
-            raise IntegrityError(f"directory {digest}: stored directory is invalid: {e}") from e
+        return _decode(raw, digest)
+
+    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
+        """As :func:`~castore_di.directoryservice.base.traverse` (root first, breadth-first,
+        validated as it streams), each level read and decoded in a worker thread in batches
+        of up to ``_CLOSURE_BATCH`` directories."""
+        records = await self._handle.get()
+        found = await asyncio.to_thread(records.get_directories, [root])
+        if found[0] is None:
+            return
+        validator = RootToLeaves(root)
+        queued = {root}
+        level: list[tuple[B3Digest, Directory | None]] = [(root, found[0])]
+        while level:
+            following: list[tuple[B3Digest, Directory | None]] = []
+            for start in range(0, len(level), _CLOSURE_BATCH):
+                batch = level[start : start + _CLOSURE_BATCH]
+                wanted = [d for d, directory in batch if directory is None]
+                fetched = iter(await asyncio.to_thread(records.get_directories, wanted) if wanted else ())
+                for digest, directory in batch:
+                    if directory is None:
+                        directory = next(fetched)
+                        if directory is None:
+                            raise StorageError(
+                                f"directory {digest} is referenced in the closure of {root} but does not exist"
+                            )
+                    validator.add(directory, digest)
+                    for _name, node in directory.directories():
+                        if node.digest not in queued:
+                            queued.add(node.digest)
+                            following.append((node.digest, None))
+                    yield directory
+            level = following
 
     async def put(self, directory: Directory) -> B3Digest:
         digest = directory.digest

@@ -178,6 +178,21 @@ class BlobServiceConformance:
         assert await blob_service.read_many([*digests, absent], verify=False) == [*blobs, None]
         assert await blob_service.put_many(blobs) == digests
 
+    async def test_prepared_batches(self, blob_service: BlobService) -> None:
+        """``prepare_many`` (in a thread) stores nothing and hashes as BLAKE3 does;
+        ``put_prepared`` stores the blobs, and only blobs already there are skipped."""
+        blobs = [_data(n, 300 + n % 5) for n in (0, 900, 6000, 90_000, 400_000)] + [b"twice", b"twice"]
+        prepared = await asyncio.to_thread(blob_service.prepare_many, blobs)
+        assert [p.digest for p in prepared] == [blake3_digest(b) for b in blobs]
+        assert [p.size for p in prepared] == [len(b) for b in blobs]
+        assert not any(await blob_service.has_many([blake3_digest(b) for b in blobs[1:]]))  # nothing stored yet
+        await blob_service.put_prepared(prepared)
+        assert await blob_service.read_many([p.digest for p in prepared]) == blobs
+        again = await asyncio.to_thread(blob_service.prepare_many, blobs)
+        assert all(p.present in (True, None) for p in again)  # found present, or not checked
+        await blob_service.put_prepared(again)
+        assert await blob_service.read_many([p.digest for p in again]) == blobs
+
     async def test_corruption_is_detected(self, blob_service: BlobService, backdoor: BlobBackdoor | None) -> None:
         if backdoor is None:
             pytest.skip("this backend offers no way to reach storage behind the API")

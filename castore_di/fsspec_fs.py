@@ -66,17 +66,13 @@ class CastoreFileSystem(AsyncFileSystem):  # type: ignore[misc]  # fsspec is unt
     ) -> None:
         super().__init__(**kwargs)
         path = None if config is None or isinstance(config, Mapping) else os.fspath(config)
-        self._mapping = config if isinstance(config, Mapping) else None
         self._ctx = CliContext(config_path=path, blob_name=blob_service, directory_name=directory_service,
-                               blob_addr=blob_service_addr, directory_addr=directory_service_addr)
+                               blob_addr=blob_service_addr, directory_addr=directory_service_addr,
+                               config=config if isinstance(config, Mapping) else None)
         self._view: TreeView | None = None
 
     def _tree(self) -> TreeView:
         if self._view is None:
-            if self._mapping is not None and self._ctx._container is None:
-                from castore_di.composition import load_container
-
-                self._ctx._container = load_container(self._mapping)
             self._view = TreeView(self._ctx.blob_service(), self._ctx.directory_service())
         return self._view
 

@@ -190,7 +190,8 @@ def test_values_that_would_break_at_run_time(tmp_path: pathlib.Path, instance: s
 
 def test_every_dependency_injector_attribute_is_refused() -> None:
     names = set()
-    for obj in (containers.DynamicContainer(), providers.Container(containers.DynamicContainer),
+    for obj in (containers.DynamicContainer, containers.DynamicContainer(), providers.Container,
+                providers.Container(containers.DynamicContainer), providers.ThreadSafeSingleton,
                 providers.ThreadSafeSingleton(object)):
         names |= {n for n in dir(obj) if n[:1].isalpha()}
     assert {"provided", "providers", "wire", "override", "container", "parent"} <= names

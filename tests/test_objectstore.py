@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import threading
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from castore_di.blobservice.objectstore import (
 from castore_di.composition import blob_service_from_addr, directory_service_from_addr, load_container
 from castore_di.digests import B3Digest, blake3_digest
 from castore_di.directoryservice.objectstore import ObjectStoreDirectoryService, ObjectStoreDirectoryServiceConfig
-from castore_di.errors import ConfigError, IntegrityError, StorageError, UnsupportedOperationError
+from castore_di.errors import ClosedError, ConfigError, IntegrityError, StorageError, UnsupportedOperationError
 from castore_di._objectstore.config import parse_objectstore_url
 from castore_di._objectstore.store import object_key, zstd_compress
 from castore_di.proto import rpc_blobstore_pb2
@@ -526,6 +528,46 @@ async def test_failing_store_leaves_no_index(blobs: ObjectStoreBlobService, stor
     assert not await blobs.has(blake3_digest(data))
 
 
+@pytest.mark.parametrize("size", [200_000, 3_000_000])  # one job at close; the cutter thread
+async def test_failing_index_write_is_a_storage_error(blobs: ObjectStoreBlobService, store_dir: Path, size: int) -> None:
+    store_dir.mkdir(parents=True)
+    (store_dir / "blobs").write_bytes(b"a file where the index directory should be")
+    data = _data(size, 21)
+    with pytest.raises(StorageError, match="PUT blobs/"):
+        await blobs.put(data)
+    assert (store_dir / "chunks").is_dir()  # the chunks were stored, the index was not
+    (store_dir / "blobs").unlink()
+    assert not await blobs.has(blake3_digest(data))
+    assert await blobs.read_bytes(await blobs.put(data)) == data
+
+
+@pytest.mark.parametrize("size", [200_000, 3_000_000])
+async def test_failing_store_small_and_large(blobs: ObjectStoreBlobService, store_dir: Path, size: int) -> None:
+    store_dir.mkdir(parents=True)
+    (store_dir / "chunks").write_bytes(b"a file where the chunk directory should be")
+    data = _data(size, 22)
+    with pytest.raises(StorageError, match="chunks/"):
+        await blobs.put(data)
+    assert not (store_dir / "blobs").exists()
+
+
+async def test_a_dropped_writer_ends_its_cutter_thread(blobs: ObjectStoreBlobService, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from castore_di.blobservice import objectstore
+
+    monkeypatch.setattr(objectstore, "_CUTTER_POLL", 0.05)
+    before = set(threading.enumerate())
+    writer = blobs.open_write()
+    await writer.write(_data(3_000_000, 23))  # more than a segment: the cutter thread starts
+    cutters = [t for t in set(threading.enumerate()) - before if t.name == "castore-objectstore-cut"]
+    assert len(cutters) == 1
+    del writer  # neither closed nor aborted
+    gc.collect()
+    cutters[0].join(30)
+    assert not cutters[0].is_alive()
+
+
 async def test_write_memory_is_bounded(tmp_path: Path) -> None:
     service = ObjectStoreBlobService(f"file://{tmp_path}/store")  # default 256 KiB chunks
     total = 64 * 1024 * 1024
@@ -543,8 +585,40 @@ async def test_write_memory_is_bounded(tmp_path: Path) -> None:
     assert peak < 24 * 1024 * 1024, f"peak {peak} bytes while writing {total}"
 
 
-async def test_uploads_in_flight_are_bounded(tmp_path: Path) -> None:
-    service = ObjectStoreBlobService(f"file://{tmp_path}/store", avg_chunk_size=TEST_AVG, max_in_flight=3)
+async def test_store_jobs_in_flight_are_bounded(tmp_path: Path) -> None:
+    # a store in this process: blocking puts in worker threads, one store job per segment
+    service = ObjectStoreBlobService(f"file://{tmp_path}/store", avg_chunk_size=TEST_AVG, max_in_flight=2)
+    assert service.access.in_process
+    lock = threading.Lock()
+    in_flight = 0
+    most = 0
+    real = service.access.put_new_sync
+
+    def put_new_sync(key: str, data: bytes | bytearray | memoryview) -> bool:
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        try:
+            time.sleep(0.002)
+            return real(key, data)
+        finally:
+            with lock:
+                in_flight -= 1
+
+    service.access.put_new_sync = put_new_sync  # type: ignore[method-assign]
+    data = _data(6_000_000, 14)
+    digest = await service.put(data)
+    assert await service.read_bytes(digest) == data
+    assert 1 <= most <= 2
+
+
+@pytest.mark.parametrize("server", ["s3_bucket"])
+async def test_uploads_in_flight_are_bounded(server: str, request: pytest.FixtureRequest) -> None:
+    # a store over the network: async puts from the event loop
+    place = request.getfixturevalue(server)
+    service = ObjectStoreBlobService(place.url, place.options, avg_chunk_size=TEST_AVG, max_in_flight=3)
+    assert not service.access.in_process
     in_flight = 0
     most = 0
     real = service.access.put_new
@@ -564,6 +638,139 @@ async def test_uploads_in_flight_are_bounded(tmp_path: Path) -> None:
     digest = await service.put(data)
     assert await service.read_bytes(digest) == data
     assert 2 <= most <= 3
+
+
+def _chunk_digests(data: bytes) -> list[B3Digest]:
+    from pyfastcdc import FastCDC
+
+    cuts = FastCDC(TEST_AVG, min_size=TEST_AVG // 2, max_size=TEST_AVG * 2).cut_buf(data)
+    return [blake3_digest(data[c.offset : c.offset + c.length]) for c in cuts]
+
+
+async def test_store_failure_midway_is_a_storage_error_and_leaves_no_index(
+    blobs: ObjectStoreBlobService, store_dir: Path
+) -> None:
+    data = _data(6_000_000, 17)
+    digests = _chunk_digests(data)
+    # a real failure for one chunk in the middle: a file where its shard directory goes
+    bad = store_dir / object_key("chunks", digests[len(digests) // 2])
+    bad.parent.parent.mkdir(parents=True)
+    bad.parent.write_bytes(b"not a directory")
+    writer = blobs.open_write()
+    with pytest.raises(StorageError, match=digests[len(digests) // 2].hex()):
+        for i in range(0, len(data), 100_000):
+            await writer.write(data[i : i + 100_000])
+        await writer.close()
+    assert not (store_dir / "blobs").exists()
+    assert not await blobs.has(blake3_digest(data))
+    assert len(list((store_dir / "chunks").rglob("*"))) > 1  # other chunks were stored meanwhile
+    bad.parent.unlink()
+    digest = await blobs.put(data)  # the chunks stored before are reused
+    assert await blobs.read_bytes(digest) == data
+
+
+@pytest.mark.parametrize("server", ["s3_bucket"])
+async def test_upload_failure_midway_leaves_no_index(server: str, request: pytest.FixtureRequest) -> None:
+    place = request.getfixturevalue(server)
+    service = ObjectStoreBlobService(place.url, place.options, avg_chunk_size=TEST_AVG)
+    real = service.access.put_new
+    calls = 0
+
+    async def put_new(key: str, data: bytes) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 10:
+            raise StorageError(f"PUT {key} refused")
+        return await real(key, data)
+
+    service.access.put_new = put_new  # type: ignore[method-assign]
+    data = _data(3_000_000, 18)
+    writer = service.open_write()
+    with pytest.raises(StorageError, match="refused"):
+        for i in range(0, len(data), 100_000):
+            await writer.write(data[i : i + 100_000])
+        await writer.close()
+    assert calls >= 10
+    assert not await service.has(blake3_digest(data))
+    assert await service.chunks(blake3_digest(data)) is None
+
+
+async def test_abort_cancels_store_jobs_not_started(tmp_path: Path) -> None:
+    service = ObjectStoreBlobService(f"file://{tmp_path}/store", avg_chunk_size=TEST_AVG, max_in_flight=2)
+    started = threading.Event()
+    release = threading.Event()
+    lock = threading.Lock()
+    calls = 0
+    real = service.access.put_new_sync
+
+    def put_new_sync(key: str, data: bytes | bytearray | memoryview) -> bool:
+        nonlocal calls
+        with lock:
+            calls += 1
+        started.set()
+        release.wait(30)
+        return real(key, data)
+
+    service.access.put_new_sync = put_new_sync  # type: ignore[method-assign]
+    data = _data(8_000_000, 19)
+    writer = service.open_write()
+
+    async def write_all() -> None:
+        for i in range(0, len(data), 100_000):
+            await writer.write(data[i : i + 100_000])
+
+    task = asyncio.create_task(write_all())
+    assert await asyncio.to_thread(started.wait, 30)
+    # the pipeline is jammed: two store jobs inside a put, the cutter and the writer waiting
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    aborting = asyncio.create_task(writer.abort())
+    await asyncio.sleep(0)
+    release.set()
+    await aborting
+    assert calls <= 2 < len(_chunk_digests(data))  # each job stopped after its current put
+    assert len([p for p in (tmp_path / "store").rglob("*") if p.is_file()]) == calls
+    assert not (tmp_path / "store" / "blobs").exists()
+    with pytest.raises(ClosedError):
+        await writer.write(b"more")
+
+
+@pytest.mark.parametrize("server", ["s3_bucket"])
+async def test_abort_cancels_uploads_in_flight(server: str, request: pytest.FixtureRequest) -> None:
+    place = request.getfixturevalue(server)
+    service = ObjectStoreBlobService(place.url, place.options, avg_chunk_size=TEST_AVG, max_in_flight=2)
+    started = asyncio.Event()
+    calls = 0
+    cancelled = 0
+
+    async def put_new(key: str, data: bytes) -> bool:
+        nonlocal calls, cancelled
+        calls += 1
+        started.set()
+        try:
+            await asyncio.Event().wait()  # a request that never answers
+        except asyncio.CancelledError:
+            cancelled += 1
+            raise
+        return False
+
+    service.access.put_new = put_new  # type: ignore[method-assign]
+    data = _data(12_000_000, 20)  # more than the pipeline holds: the writer waits
+    writer = service.open_write()
+
+    async def write_all() -> None:
+        for i in range(0, len(data), 100_000):
+            await writer.write(data[i : i + 100_000])
+
+    task = asyncio.create_task(write_all())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await writer.abort()
+    assert 1 <= calls == cancelled <= 2  # every put started was cancelled, none started after
+    assert not await service.has(blake3_digest(data))
 
 
 # --- the same write-path guarantees on the real servers -----------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -414,6 +413,8 @@ def compact(path: str, options: StoreOptions | None = None) -> tuple[int, int]:
                 raise LockedError(
                     f"refusing to compact embedded store {key}: another process has it open"
                 ) from None
+            import shutil  # only here: its archive modules cost every command's start-up
+
             before = _disk_usage(key)
             work = os.path.join(key, ".compact")
             shutil.rmtree(work, ignore_errors=True)

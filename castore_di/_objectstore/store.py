@@ -6,7 +6,9 @@ are imported only when a store is built or data is (de)compressed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
+import os
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -31,6 +33,7 @@ __all__ = [
     "build_store",
     "import_obstore",
     "ZSTD_LEVEL",
+    "worker_pool",
 ]
 
 ZSTD_LEVEL = 3  # zstd's default level, as the reference writes
@@ -86,8 +89,32 @@ def build_store(url: str, options: Mapping[str, str], retry_config: Any = None) 
         raise ConfigError(f"cannot open object store {url!r}: {first_line(e)}") from e
 
 
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def worker_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The engine's worker threads (one pool per process, one thread more than the cores):
+    hashing, compressing, and the requests of stores served in this process (see
+    :attr:`ObjectStoreAccess.in_process`). The work releases the GIL. A job must never wait
+    for another job of the pool.
+    """
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=(os.cpu_count() or 1) + 1, thread_name_prefix="castore-objectstore"
+            )
+        return _pool
+
+
 class ObjectStoreAccess:
-    """The obstore store behind a service, built on first use, with translated errors."""
+    """The obstore store behind a service, built on first use, with translated errors.
+
+    Requests have an async form (for the event loop) and, for :attr:`in_process` stores, a
+    blocking form for worker threads, where a request costs microseconds instead of an
+    event-loop round trip (obstore's sync calls release the GIL).
+    """
 
     def __init__(self, url: str, options: Mapping[str, str]) -> None:
         validate_store_url(url)
@@ -95,7 +122,10 @@ class ObjectStoreAccess:
         self.url = url
         self.options = dict(options)
         self._store: ObjectStore | None = None
-        if urllib.parse.urlsplit(url).scheme != "file":
+        scheme = urllib.parse.urlsplit(url).scheme
+        self.in_process = scheme in ("memory", "file")
+        """Served in this process (memory, local files): no network wait worth overlapping."""
+        if scheme != "file":
             # No I/O: obstore's constructors only parse; building now reports bad options early.
             self._store = build_store(url, self.options)
 
@@ -170,6 +200,33 @@ class ObjectStoreAccess:
             await obstore.put_async(store, key, data, use_multipart=False)
             return True
 
+    def exists_sync(self, key: str) -> bool:
+        """:meth:`exists`, blocking: for worker threads only."""
+        obstore = import_obstore()
+        store = self.store
+        with self._errors("HEAD", key):
+            try:
+                obstore.head(store, key)
+                return True
+            except FileNotFoundError:
+                return False
+
+    def put_new_sync(self, key: str, data: bytes | bytearray | memoryview) -> bool:
+        """:meth:`put_new`, blocking: for worker threads only. ``data`` is not copied."""
+        obstore = import_obstore()
+        exceptions = obstore.exceptions
+        store = self.store
+        with self._errors("PUT", key):
+            try:
+                obstore.put(store, key, data, mode="create", use_multipart=False)
+                return True
+            except (exceptions.AlreadyExistsError, exceptions.PreconditionError):
+                return False
+            except exceptions.NotSupportedError:
+                pass
+            obstore.put(store, key, data, use_multipart=False)
+            return True
+
     async def put(self, key: str, data: bytes) -> None:
         """Overwrite ``key`` (used by tests that reach storage behind the API)."""
         obstore = import_obstore()
@@ -187,7 +244,7 @@ def zstd_error() -> type[Exception]:
 _compressors = threading.local()
 
 
-def zstd_compress(data: bytes) -> bytes:
+def zstd_compress(data: bytes | bytearray | memoryview) -> bytes:
     compressor = getattr(_compressors, "c", None)
     if compressor is None:  # one per thread: a context is not thread-safe, and costly to make per chunk
         compressor = _compressors.c = _zstd().ZstdCompressor(level=ZSTD_LEVEL)

@@ -13,9 +13,10 @@ Layout (the reference's, so a bucket written by tvix is readable here and back):
   ``StatBlobResponse{chunks}``. A blob of fewer than two chunks has an empty list and is
   read from its chunk object (whose digest is the blob's); the empty blob has only an index.
 
-Writes stream: data is cut as it arrives (buffering a few maximum chunk sizes), chunks that
-already exist are skipped, at most ``max_in_flight`` chunk uploads run at once, and the
-index is written last, so an interrupted write never leaves an index without its chunks.
+Writes stream through a pipeline over every core (see :class:`_ObjectStoreBlobWriter`): data
+is cut as it arrives (in a few reusable buffers), chunks that already exist are skipped, at
+most ``max_in_flight`` chunk puts run at once, and the index is written last, so an
+interrupted write never leaves an index without its chunks.
 Reads verify every chunk against its digest; seeking fetches only the chunk at the target.
 
 Tested against the local filesystem, memory, S3 (moto's server) and Azure Blob (Azurite).
@@ -25,6 +26,12 @@ GCS is tested for config and URL handling only: no local emulator accepts obstor
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import functools
+import queue
+import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -54,6 +61,7 @@ from castore_di._objectstore.store import (
     ObjectStoreAccess,
     import_obstore,
     object_key,
+    worker_pool,
     zstd_compress,
     zstd_decompress,
 )
@@ -282,109 +290,463 @@ def _digest_of_key(area: str, key: str) -> B3Digest | None:
     return digest if object_key(area, digest) == key else None
 
 
+_SEGMENT = 1024 * 1024  # data cut at once, at least (and at least 8 average chunks)
+_BUFFERS = 4  # cut buffers per writer: one being cut, the others' chunks being stored
+_CUTTER_POLL = 5.0  # seconds between the cutter's checks that its writer still exists
+_QUEUED = 2  # segments handed to the cutter and not yet copied out of the caller's bytes
+
+
+class _Stopped(Exception):
+    """The write was aborted or failed: the cutter leaves."""
+
+
+class _Buffer:
+    """A cut buffer and the number of pipeline stages still reading it."""
+
+    __slots__ = ("data", "refs")
+
+    def __init__(self, data: bytearray) -> None:
+        self.data = data
+        self.refs = 1  # the cut
+
+
+_Chunk = tuple[B3Digest, memoryview]  # a chunk's digest and contents
+
+
+def _cutter_main(
+    ref: "weakref.ref[_ObjectStoreBlobWriter]",
+    inbox: "queue.SimpleQueue[tuple[list[memoryview], bool] | None]",
+    done: "concurrent.futures.Future[None]",
+) -> None:
+    """A writer's cutter thread. It holds the writer only while it works: a writer dropped
+    without ``close`` or ``abort`` ends the thread at the next poll."""
+    try:
+        while True:
+            try:
+                message = inbox.get(timeout=_CUTTER_POLL)
+            except queue.Empty:
+                if ref() is None:
+                    return
+                continue
+            writer = ref()
+            if writer is None or not writer._cut_next(message):
+                if writer is not None:
+                    writer._to_loop(writer._unblock)
+                return
+            del writer
+    finally:
+        done.set_result(None)
+
+
 class _ObjectStoreBlobWriter(BlobWriter):
-    """Cuts, hashes and uploads as data arrives; the index goes up last, in ``close``."""
+    """A pipeline over every core; the index goes up last, in ``close``.
+
+    * The event loop collects written data into segments (views of the written ``bytes``,
+      which are immutable: no copy) and hands them to the cutter through a queue of
+      ``_QUEUED`` segments; it waits only when the cutter is that far behind.
+    * The cutter (a thread of this writer, started by its first full segment; a blob of
+      one segment is cut in one job at ``close``) copies the previous segment's uncut tail
+      and the new segment into a reusable buffer, cuts it with FastCDC and hashes each chunk
+      right after cutting it (while it is in cache). Every cut but the segment's last is
+      final (FastCDC decides a cut from at most ``max_size`` bytes after the chunk's start);
+      the last waits for more data. The cut part feeds the whole-blob hash in a worker
+      thread, in order, beside the cutter (:meth:`_hash_later`).
+    * Store jobs check, compress and put the chunks of a segment while the cutter goes on:
+      in the engine's worker threads with blocking requests for stores in this process
+      (memory, local files); as upload tasks on the event loop otherwise. At most
+      ``max_in_flight`` store jobs (resp. puts) run at once.
+
+    Every byte is hashed once as part of the blob and once as part of its chunk. Memory is
+    bounded: ``_BUFFERS`` buffers of one segment plus one maximum chunk (4 × 2.5 MiB at the
+    default 256 KiB), ``_QUEUED + 1`` segments of written data, and the compressed chunks in
+    flight. A failed store job stops the pipeline: ``close`` raises :class:`StorageError` and
+    writes no index. ``abort`` cancels the store jobs not started and waits for the others.
+    """
 
     def __init__(self, service: ObjectStoreBlobService) -> None:
         super().__init__()
         self._svc = service
+        self._in_process = service.access.in_process
         avg = service.avg_chunk_size
-        # Cut only once several maximum-size chunks are buffered: every cut except the
-        # last is final, since FastCDC decides a cut from at most max_size bytes after it.
-        self._threshold = avg * 8
-        self._chunker: FastCDC | None = None
-        # The whole-blob hash may use several threads (blake3 releases the GIL); the next
-        # cut runs while earlier chunks compress and upload (benches/objectstore_ingest.py).
-        self._hasher: Any = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        self._buf = bytearray()
-        self._chunks: list[ChunkMeta] = []
-        self._slots = asyncio.Semaphore(service.max_in_flight)
+        self._segment = max(_SEGMENT, 8 * avg)
+        self._capacity = self._segment + 2 * avg  # + a tail: at most one maximum-size chunk
+        self._max_in_flight = max(1, service.max_in_flight)
+        # the event loop's side
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[memoryview] = []
+        self._pending_len = 0
+        self._room = asyncio.Semaphore(_QUEUED)
+        self._inbox: queue.SimpleQueue[tuple[list[memoryview], bool] | None] = queue.SimpleQueue()
+        self._cutter: concurrent.futures.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # the cutter's side (one thread at a time)
+        self._chunker: FastCDC | None = None
+        self._hasher: Any = blake3.blake3()
+        self._tail: memoryview | None = None
+        self._tail_buffer: _Buffer | None = None
+        self._sizes: list[int] = []
+        # shared, under _lock
+        self._lock = threading.Condition()
+        self._free: list[bytearray] = []
+        self._buffers_used = 0
+        self._jobs: set[concurrent.futures.Future[None]] = set()
+        self._store_jobs = 0
+        self._to_hash: collections.deque[tuple[memoryview, _Buffer | None]] = collections.deque()
+        self._hashing = False
+        self._digests: list[B3Digest] = []
+        self._stop = threading.Event()  # set on abort or failure: every stage leaves
         self._failure: BaseException | None = None
+        self._published: B3Digest | None = None
         self.chunks_uploaded = 0
         self.chunks_skipped = 0
+
+    # -- the event loop's side --------------------------------------------------------------
 
     async def _write(self, data: bytes) -> None:
         self._raise_failure()
         view = memoryview(data)
         while view:
-            room = self._threshold - len(self._buf)
-            self._buf += view[:room]
+            room = self._segment - self._pending_len
+            piece = view[:room]
             view = view[room:]
-            if len(self._buf) >= self._threshold:
-                await self._cut(final=False)
+            self._pending.append(piece)
+            self._pending_len += len(piece)
+            if self._pending_len >= self._segment:
+                await self._hand_over()
 
-    def _cut_sync(self, final: bool) -> tuple[list[tuple[B3Digest, bytes]], int]:
-        """Cut the buffer (in a worker thread): the finished chunks and the bytes consumed."""
-        if self._chunker is None:
-            self._chunker = _new_chunker(self._svc.avg_chunk_size)
-        out: list[tuple[B3Digest, bytes]] = []
-        with memoryview(self._buf) as view:
-            pieces = [(c.offset, c.length) for c in self._chunker.cut_buf(view)]
-            if not final and pieces:
-                pieces.pop()  # may end only because the buffer ends: cut it again with more data
-            consumed = pieces[-1][0] + pieces[-1][1] if pieces else 0
-            self._hasher.update(view[:consumed])
-            for offset, length in pieces:
-                chunk = bytes(view[offset : offset + length])
-                out.append((blake3_digest(chunk), chunk))
-        return out, consumed
+    async def _hand_over(self) -> None:
+        if self._cutter is None:
+            self._loop = asyncio.get_running_loop()
+            self._cutter = concurrent.futures.Future()
+            cutter = threading.Thread(
+                target=_cutter_main,
+                args=(weakref.ref(self), self._inbox, self._cutter),
+                name="castore-objectstore-cut",
+                daemon=True,
+            )
+            cutter.start()
+        await self._room.acquire()
+        self._raise_failure()
+        pieces, self._pending, self._pending_len = self._pending, [], 0
+        self._inbox.put((pieces, False))
 
-    async def _cut(self, final: bool) -> None:
-        pieces, consumed = await asyncio.to_thread(self._cut_sync, final)
-        del self._buf[:consumed]
-        for digest, chunk in pieces:
-            self._chunks.append(ChunkMeta(digest, len(chunk)))
-            await self._slots.acquire()
-            self._raise_failure()
-            task = asyncio.create_task(self._upload(digest, chunk))
-            self._tasks.add(task)
-            task.add_done_callback(self._upload_done)
+    async def _finish(self) -> B3Digest:
+        self._raise_failure()
+        pieces, self._pending, self._pending_len = self._pending, [], 0
+        if self._cutter is None:  # one segment at most: one job
+            self._loop = asyncio.get_running_loop()
+            if pieces:
+                with self._lock:  # abort waits for it
+                    job = worker_pool().submit(self._cut_once, pieces)
+                    self._jobs.add(job)
+                job.add_done_callback(self._job_done)
+                await asyncio.wrap_future(job)
+        else:
+            self._inbox.put((pieces, True))
+            await asyncio.wrap_future(self._cutter)
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+        self._raise_failure()
+        if self._published is not None:  # by the last job, in its thread
+            return self._published
+        digest, index = self._index()
+        # Published last: only now are all chunks it names known to be stored.
+        await self._svc.access.put_new(_blob_key(digest), index)
+        return digest
+
+    def _index(self) -> tuple[B3Digest, bytes]:
+        """The blob's digest and index, once every chunk is stored."""
+        digest = B3Digest(self._hasher.digest())
+        chunks = [ChunkMeta(d, n) for d, n in zip(self._digests, self._sizes, strict=True)]
+        return digest, _encode_index(chunks if len(chunks) >= 2 else [])
+
+    def _publish_sync(self) -> None:
+        """The index of a store in this process, written by the last job once every chunk is
+        stored (saves the event loop a round trip per blob)."""
+        if self._in_process and not self._stop.is_set():
+            digest, index = self._index()
+            self._svc.access.put_new_sync(_blob_key(digest), index)
+            self._published = digest
+
+    async def _abort(self) -> None:
+        self._pending = []
+        with self._lock:
+            self._stop.set()
+            self._lock.notify_all()
+            jobs = list(self._jobs)
+            for job in jobs:
+                job.cancel()  # not started yet: never runs
+        waits: list[Awaitable[Any]] = [asyncio.wrap_future(job) for job in jobs]
+        if self._cutter is not None:
+            self._inbox.put(None)
+            waits.append(asyncio.wrap_future(self._cutter))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *waits, return_exceptions=True)
+        self._tasks.clear()
+
+    def _raise_failure(self) -> None:
+        failure = self._failure
+        if failure is None:
+            return
+        if isinstance(failure, StorageError):
+            raise StorageError(f"blob write failed: {failure}") from failure
+        raise failure  # not the store's: a bug or an interruption
+
+    def _to_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def _start_uploads(self, chunks: list[_Chunk], buffer: _Buffer | None) -> None:
+        task = asyncio.ensure_future(self._upload_all(chunks, buffer))
+        self._tasks.add(task)
+        task.add_done_callback(self._upload_done)
+
+    async def _upload_all(self, chunks: list[_Chunk], buffer: _Buffer | None) -> None:
+        try:
+            outcomes = await asyncio.gather(*(self._upload(d, v) for d, v in chunks), return_exceptions=True)
+            for outcome in outcomes:  # all finished: the buffer is no longer read
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        finally:
+            self._release(buffer)
+
+    async def _upload(self, digest: B3Digest, chunk: memoryview) -> None:
+        async with self._slots:
+            if self._stop.is_set():
+                return
+            key = _chunk_key(digest)
+            access = self._svc.access
+            if await access.exists(key):
+                uploaded = False
+            else:
+                compressed = await asyncio.wrap_future(worker_pool().submit(zstd_compress, chunk))
+                uploaded = await access.put_new(key, compressed)
+            self._count(uploaded)
+
+    @functools.cached_property
+    def _slots(self) -> asyncio.Semaphore:
+        return asyncio.Semaphore(self._max_in_flight)
 
     def _upload_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._slots.release()
-        if not task.cancelled() and task.exception() is not None and self._failure is None:
-            self._failure = task.exception()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._fail(error)
 
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            raise StorageError(f"chunk upload failed: {self._failure}") from self._failure
+    # -- shared --------------------------------------------------------------------------------
 
-    async def _upload(self, digest: B3Digest, chunk: bytes) -> None:
-        key = _chunk_key(digest)
-        access = self._svc.access
-        if await access.exists(key):
-            self.chunks_skipped += 1
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self._failure is None:
+                self._failure = error
+            self._stop.set()
+            self._lock.notify_all()
+
+    def _count(self, uploaded: bool) -> None:
+        with self._lock:
+            if uploaded:
+                self.chunks_uploaded += 1
+            else:
+                self.chunks_skipped += 1
+
+    def _release(self, buffer: _Buffer | None) -> None:
+        if buffer is None:
             return
-        compressed = await asyncio.to_thread(zstd_compress, chunk)
-        if await access.put_new(key, compressed):
-            self.chunks_uploaded += 1
+        with self._lock:
+            buffer.refs -= 1
+            if buffer.refs == 0:
+                self._buffers_used -= 1
+                if len(buffer.data) == self._capacity:
+                    self._free.append(buffer.data)
+                self._lock.notify_all()
+
+    # -- the cutter ------------------------------------------------------------------------------
+
+    def _cut_next(self, message: tuple[list[memoryview], bool] | None) -> bool:
+        """One message of the cutter thread; ``False`` once the writer is done with it."""
+        try:
+            if message is None:  # abort
+                return False
+            pieces, final = message
+            self._cut(pieces, final, inline=False)
+            if not final:
+                return True
+            with self._lock:
+                jobs = list(self._jobs)
+            concurrent.futures.wait(jobs)
+            self._publish_sync()
+        except _Stopped:
+            pass
+        except BaseException as e:
+            self._fail(e)
+        return False
+
+    def _unblock(self) -> None:
+        for _ in range(_QUEUED + 1):
+            self._room.release()
+
+    def _cut_once(self, pieces: list[memoryview]) -> None:
+        """The whole of a blob of one segment, in one job (stores in this process: inline)."""
+        try:
+            self._cut(pieces, final=True, inline=True)
+            self._publish_sync()
+        except _Stopped:
+            pass
+        except BaseException as e:
+            self._fail(e)
+
+    def _take_buffer(self, size: int, final: bool) -> _Buffer:
+        with self._lock:
+            while self._buffers_used >= _BUFFERS and not self._stop.is_set():
+                self._lock.wait()
+            if self._stop.is_set():
+                raise _Stopped
+            self._buffers_used += 1
+            if self._free:
+                return _Buffer(self._free.pop())
+        return _Buffer(bytearray(size if final else self._capacity))
+
+    def _cut(self, pieces: list[memoryview], final: bool, inline: bool) -> None:
+        if self._stop.is_set():
+            raise _Stopped
+        tail, tail_buffer = self._tail, self._tail_buffer
+        self._tail = self._tail_buffer = None
+        buffer: _Buffer | None = None
+        if tail is None and len(pieces) == 1:
+            segment = pieces[0]  # cut the written bytes in place
         else:
-            self.chunks_skipped += 1
+            parts = [tail, *pieces] if tail is not None else pieces
+            buffer = self._take_buffer(sum(map(len, parts)), final)
+            data = buffer.data
+            pos = 0
+            for part in parts:
+                data[pos : pos + len(part)] = part
+                pos += len(part)
+            segment = memoryview(data)[:pos]
+            self._release(tail_buffer)
+        if not inline:
+            self._to_loop(self._room.release)
+        if self._chunker is None:
+            self._chunker = _new_chunker(self._svc.avg_chunk_size)
+        # Each chunk is hashed (alone and as part of the blob) right after the chunker read
+        # it, while it is in the core's cache, as a one-thread cut-hash-compress loop would.
+        chunks: list[_Chunk] = []
+        consumed = 0
+        held: tuple[int, int] | None = None  # the last cut: final only if another follows
+        for cut in self._chunker.cut_buf(segment):
+            if held is not None:
+                consumed = self._hash_chunk(segment, held, chunks)
+            held = (cut.offset, cut.length)
+        if held is not None and final:
+            consumed = self._hash_chunk(segment, held, chunks)
+        if inline:
+            self._hasher.update(segment[:consumed])
+        elif consumed:
+            self._hash_later(segment[:consumed], buffer)
+        if not final and consumed < len(segment):
+            self._tail = segment[consumed:]
+            self._tail_buffer = buffer
+            if buffer is not None:
+                with self._lock:
+                    buffer.refs += 1
+        if chunks:
+            if buffer is not None:
+                with self._lock:
+                    buffer.refs += 1
+            self._store(chunks, buffer, inline)
+        self._release(buffer)  # the cut's reference
 
-    async def _drain(self) -> None:
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
+    def _hash_later(self, view: memoryview, buffer: _Buffer | None) -> None:
+        """Feed ``view`` to the blob's hash beside the cutter, in order: one job at a time
+        takes every segment queued (the cutter's own work stays short)."""
+        with self._lock:
+            if buffer is not None:
+                buffer.refs += 1
+            self._to_hash.append((view, buffer))
+            if self._hashing:
+                return
+            self._hashing = True
+            job = worker_pool().submit(self._hash_job)
+            self._jobs.add(job)
+        job.add_done_callback(self._job_done)
 
-    async def _finish(self) -> B3Digest:
-        await self._cut(final=True)
-        self._buf = bytearray()
-        await self._drain()
-        self._raise_failure()
-        digest = B3Digest(self._hasher.digest())
-        chunks = self._chunks if len(self._chunks) >= 2 else []
-        # Published last: only now are all chunks it names known to be stored.
-        await self._svc.access.put_new(_blob_key(digest), _encode_index(chunks))
-        return digest
+    def _hash_job(self) -> None:
+        while True:
+            with self._lock:
+                if not self._to_hash or self._stop.is_set():
+                    self._hashing = False
+                    return
+                view, buffer = self._to_hash.popleft()
+            try:
+                self._hasher.update(view)
+            except BaseException as e:
+                self._fail(e)
+            finally:
+                self._release(buffer)
 
-    async def _abort(self) -> None:
-        self._buf = bytearray()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+    def _hash_chunk(self, segment: memoryview, cut: tuple[int, int], chunks: list[_Chunk]) -> int:
+        """Hash one chunk (its digest); the end of the chunk."""
+        offset, length = cut
+        view = segment[offset : offset + length]
+        digest = blake3_digest(view)
+        self._digests.append(digest)
+        chunks.append((digest, view))
+        self._sizes.append(length)
+        return offset + length
+
+    def _store(self, chunks: list[_Chunk], buffer: _Buffer | None, inline: bool) -> None:
+        if not self._in_process:
+            self._to_loop(self._start_uploads, chunks, buffer)
+        elif inline:
+            self._store_job(chunks, buffer)
+        else:
+            with self._lock:
+                while self._store_jobs >= self._max_in_flight and not self._stop.is_set():
+                    self._lock.wait()
+                if self._stop.is_set():
+                    self._release_locked(buffer)
+                    raise _Stopped
+                job = worker_pool().submit(self._store_job, chunks, buffer)
+                self._jobs.add(job)
+                self._store_jobs += 1
+            job.add_done_callback(self._store_job_done)
+
+    def _release_locked(self, buffer: _Buffer | None) -> None:
+        if buffer is not None:
+            buffer.refs -= 1
+            if buffer.refs == 0:
+                self._buffers_used -= 1
+                self._lock.notify_all()
+
+    def _job_done(self, job: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            self._jobs.discard(job)
+            self._lock.notify_all()
+
+    def _store_job_done(self, job: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            self._store_jobs -= 1
+            self._job_done(job)
+
+    # -- store jobs (worker threads) -----------------------------------------------------------
+
+    def _store_job(self, chunks: list[_Chunk], buffer: _Buffer | None) -> None:
+        """Check, compress and put chunks with blocking requests."""
+        access = self._svc.access
+        try:
+            for digest, chunk in chunks:
+                if self._stop.is_set():
+                    return
+                key = _chunk_key(digest)
+                uploaded = not access.exists_sync(key) and access.put_new_sync(key, zstd_compress(chunk))
+                self._count(uploaded)
+        except BaseException as e:
+            self._fail(e)
+        finally:
+            self._release(buffer)
 
 
 @attrs.frozen(kw_only=True)

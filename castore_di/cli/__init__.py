@@ -14,9 +14,7 @@ printed then, not even a message.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import importlib.abc
 import io
 import os
 import select
@@ -27,7 +25,7 @@ from typing import TypeVar
 
 import click
 
-from castore_di.cli.context import CliContext
+from castore_di.cli.context import CliContext, console_startup, resume_gc
 from castore_di._redact import redact_text
 from castore_di.errors import CastoreError, ConfigError, describe
 
@@ -125,6 +123,7 @@ def cli(ctx: click.Context, config_path: str | None, blob_service: str, director
 
 def run_async(ctx: CliContext, fn: Callable[[], Awaitable[T]]) -> T:
     """Run a command's coroutine; the container is closed afterwards."""
+    import asyncio  # not at module level: ``castore --help`` does without it
 
     async def runner() -> T:
         try:
@@ -145,40 +144,21 @@ def _load_commands() -> None:
                 raise
 
 
-# Optional integrations dependency-injector imports when they are installed (FastAPI,
-# Flask/werkzeug, pydantic settings: ~0.4 s together). The CLI uses none of them.
-_DI_OPTIONAL = frozenset({"fastapi", "fast_depends", "starlette", "werkzeug", "flask", "pydantic", "pydantic_settings"})
-
-
-class _SkipOptional(importlib.abc.MetaPathFinder):
-    def find_spec(self, name: str, path: object, target: object = None) -> None:
-        if name.partition(".")[0] in _DI_OPTIONAL:
-            raise ModuleNotFoundError(f"{name} is not loaded by the castore command", name=name)
-        return None
-
-
-def _import_di_lean() -> None:
-    """Import dependency-injector without its optional web-framework integrations.
-
-    Only for the console script's own process: a program that imports castore_di as a
-    library keeps dependency-injector's integrations. ``benches/container_bench.py``
-    measures the start-up this saves.
-    """
-    if "dependency_injector" in sys.modules or any(m in sys.modules for m in _DI_OPTIONAL):
-        return
-    finder = _SkipOptional()
-    sys.meta_path.insert(0, finder)
-    try:
-        import dependency_injector.containers  # noqa: F401
-        import dependency_injector.providers  # noqa: F401
-    finally:
-        sys.meta_path.remove(finder)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``castore`` console script."""
-    if argv is None:
-        _import_di_lean()
+    if argv is not None:  # called from a program (tests): its collector is left alone
+        _main(argv)
+        return
+    # The console script's own process: start-up without collections until the command's
+    # services exist (CliContext resumes them), and without dependency-injector's web extras.
+    console_startup()
+    try:
+        _main(argv)
+    finally:
+        resume_gc()
+
+
+def _main(argv: list[str] | None) -> None:
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
     # Text that the output encoding cannot hold is escaped, never a crash (names are quoted
     # before they get here; this covers everything else under e.g. PYTHONIOENCODING=ascii).

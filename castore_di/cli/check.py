@@ -65,8 +65,10 @@ def check_command(ctx: CliContext, config: str | None, quiet: bool, connect: boo
 
 def _connect(graph: CompositionGraph, instances: list[str], timeout: float, quiet: bool) -> None:
     from castore_di.cli import EXIT_ERROR
+    from castore_di.cli.context import import_dependency_injector
     from castore_di.composition import build_container
 
+    import_dependency_injector()
     container = build_container(graph)
 
     async def main() -> ConnectivityReport:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -10,10 +13,77 @@ from castore_di.errors import ConfigError, CycleError, UnknownTypeError
 
 if TYPE_CHECKING:
     from castore_di.blobservice.base import BlobService
-    from castore_di.composition import CastoreContainer
+    from castore_di.composition import CastoreContainer, CompositionGraph
+    from castore_di.composition.direct import DirectInstances
     from castore_di.directoryservice.base import DirectoryService
 
-__all__ = ["CliContext", "default_config"]
+__all__ = ["CliContext", "default_config", "pause_gc", "resume_gc", "console_startup", "import_dependency_injector"]
+
+_gc_paused = False
+_console = False  # in the console script's own process (see console_startup)
+
+
+def pause_gc() -> None:
+    """Start-up: no garbage collection while modules load and the services are built.
+
+    Start-up allocates mostly objects that live as long as the process (modules, classes,
+    functions); collecting among them costs about a tenth of a short command's time and
+    frees next to nothing. :func:`resume_gc` ends the pause.
+    """
+    global _gc_paused
+    if gc.isenabled():
+        gc.disable()
+        _gc_paused = True
+
+
+def console_startup() -> None:
+    """Called once by the console script (not when a program calls ``main(argv)``): pauses
+    the collector (:func:`pause_gc`) and makes :func:`import_dependency_injector` lean."""
+    global _console
+    _console = True
+    pause_gc()
+
+
+# Optional integrations dependency-injector imports when they are installed (FastAPI,
+# Flask/werkzeug, pydantic settings: ~0.4 s together). The CLI uses none of them.
+_DI_OPTIONAL = frozenset({"fastapi", "fast_depends", "starlette", "werkzeug", "flask", "pydantic", "pydantic_settings"})
+
+
+class _SkipOptional:
+    # A meta path finder (structurally: importlib.abc would cost its own import).
+    def find_spec(self, name: str, path: object, target: object = None) -> None:
+        if name.partition(".")[0] in _DI_OPTIONAL:
+            raise ModuleNotFoundError(f"{name} is not loaded by the castore command", name=name)
+        return None
+
+
+def import_dependency_injector() -> None:
+    """Import dependency-injector; in the console script's process, without its optional
+    web-framework integrations.
+
+    A program that imports castore_di as a library keeps dependency-injector's
+    integrations. Commands call this before building a container (most commands build
+    their services without one: :mod:`castore_di.composition.direct`).
+    ``benches/container_bench.py`` measures the start-up this saves.
+    """
+    if not _console or "dependency_injector" in sys.modules or any(m in sys.modules for m in _DI_OPTIONAL):
+        return
+    finder = _SkipOptional()
+    sys.meta_path.insert(0, finder)
+    try:
+        import dependency_injector.containers  # noqa: F401
+        import dependency_injector.providers  # noqa: F401
+    finally:
+        sys.meta_path.remove(finder)
+
+
+def resume_gc() -> None:
+    """End of start-up: what exists now is frozen (never scanned again), collections resume."""
+    global _gc_paused
+    if _gc_paused:
+        _gc_paused = False
+        gc.freeze()
+        gc.enable()
 
 
 def default_config() -> dict[str, Any]:
@@ -64,6 +134,18 @@ def _addr_error(e: ConfigError, blob_addr: str | None, directory_addr: str | Non
     return type(e)(e.detail, path=where) if type(e) is not CycleError else e
 
 
+def _instances(graph: CompositionGraph, metrics: Any) -> CastoreContainer | DirectInstances:
+    from castore_di.composition.direct import direct_instances
+
+    direct = direct_instances(graph, metrics)
+    if direct is not None:
+        return direct
+    import_dependency_injector()
+    from castore_di.composition.container import build_container
+
+    return build_container(graph, metrics)
+
+
 @attrs.define
 class CliContext:
     config_path: str | None = None
@@ -72,45 +154,55 @@ class CliContext:
     blob_addr: str | None = None
     directory_addr: str | None = None
     verbose: bool = False
-    _container: CastoreContainer | None = None
-    _addr_container: CastoreContainer | None = None
+    config: Mapping[str, Any] | None = None
+    """A config given as a mapping (used when ``config_path`` is not set)."""
+    _services: CastoreContainer | DirectInstances | None = None
+    _addr_services: CastoreContainer | DirectInstances | None = None
     metrics: Any = None
     """A :class:`castore_di.metrics.Metrics` to record into (set before the services are built)."""
 
-    def container(self) -> CastoreContainer:
-        """The container from ``--config``/``CASTORE_CONFIG``, else the default config."""
-        if self._container is None:
-            from castore_di.composition import load_container
+    def _config_services(self) -> CastoreContainer | DirectInstances:
+        """The services of ``--config``/``CASTORE_CONFIG`` (or ``config``), else of the default config.
 
-            self._container = load_container(
-                self.config_path if self.config_path else default_config(), metrics=self.metrics
-            )
-        return self._container
+        Built without dependency-injector (:mod:`castore_di.composition.direct`) unless a
+        build is async; the whole config is validated either way.
+        """
+        if self._services is None:
+            from castore_di.composition import load_graph
 
-    def _addrs(self) -> CastoreContainer:
-        if self._addr_container is None:
-            from castore_di.composition import container_from_addrs
+            source = self.config_path or self.config or default_config()
+            self._services = _instances(load_graph(source), self.metrics)
+        return self._services
+
+    def _addrs(self) -> CastoreContainer | DirectInstances:
+        if self._addr_services is None:
+            from castore_di.composition import addr_config, build_graph
 
             try:
-                self._addr_container = container_from_addrs(
-                    blob=self.blob_addr, directory=self.directory_addr, metrics=self.metrics
-                )
+                graph = build_graph(addr_config(blob=self.blob_addr, directory=self.directory_addr))
             except ConfigError as e:
                 raise _addr_error(e, self.blob_addr, self.directory_addr) from None
-        return self._addr_container
+            self._addr_services = _instances(graph, self.metrics)
+        return self._addr_services
 
     def blob_service(self) -> BlobService:
         if self.blob_addr:
-            return self._addrs().blob_service()
-        return self.container().blob_service(self.blob_name)
+            service = self._addrs().blob_service()
+        else:
+            service = self._config_services().blob_service(self.blob_name)
+        resume_gc()
+        return service
 
     def directory_service(self) -> DirectoryService:
         if self.directory_addr:
-            return self._addrs().directory_service()
-        return self.container().directory_service(self.directory_name)
+            service = self._addrs().directory_service()
+        else:
+            service = self._config_services().directory_service(self.directory_name)
+        resume_gc()
+        return service
 
     async def aclose(self) -> None:
-        for c in (self._addr_container, self._container):
+        for c in (self._addr_services, self._services):
             if c is not None:
                 await c.aclose()
-        self._container = self._addr_container = None
+        self._services = self._addr_services = None

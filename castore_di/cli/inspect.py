@@ -14,7 +14,7 @@ from castore_di.blobservice.base import BlobService
 from castore_di.cli import cli, pass_ctx, run_async
 from castore_di.cli.context import CliContext
 from castore_di.cli.output import json_line, quote_name, set_name
-from castore_di.cli.transfer import DIGEST
+from castore_di.cli.params import DIGEST
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.errors import StorageError

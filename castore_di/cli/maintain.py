@@ -8,7 +8,7 @@ import click
 
 from castore_di.cli import NothingCheckedError, cli, pass_ctx, run_async
 from castore_di.cli.context import CliContext
-from castore_di.cli.transfer import DigestParam
+from castore_di.cli.params import DigestParam
 from castore_di.errors import IntegrityError
 from castore_di.maintenance import Checkable, Collectable, Compactable, DirectoryListing
 

@@ -6,7 +6,7 @@ import click
 
 from castore_di.cli import cli, pass_ctx, run_async
 from castore_di.cli.context import CliContext
-from castore_di.cli.transfer import DIGEST
+from castore_di.cli.params import DIGEST
 from castore_di.digests import B3Digest
 
 __all__ = ["mount_command"]

@@ -9,7 +9,7 @@ import click
 
 from castore_di.cli import cli, pass_ctx, run_async
 from castore_di.cli.context import CliContext
-from castore_di.cli.transfer import DIGEST
+from castore_di.cli.params import DIGEST
 from castore_di.digests import B3Digest
 from castore_di.errors import StorageError, ValidationError
 from castore_di.nodes import DirectoryNode, FileNode, Node

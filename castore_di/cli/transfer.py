@@ -13,33 +13,13 @@ import click
 from castore_di.cli import cli, pass_ctx, run_async
 from castore_di.cli.context import CliContext
 from castore_di.cli.output import json_line, quote_name, set_name
-from castore_di.digests import B3Digest
-from castore_di.errors import DigestError, StorageError
+from castore_di.cli.params import DIGEST, DigestParam
+from castore_di.errors import StorageError
 from castore_di.exporter import export_directory, export_file, export_symlink
 from castore_di.importer import DEFAULT_CONCURRENCY, ImportStats, ingest_path
 from castore_di.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 
 __all__ = ["import_command", "export_command", "DigestParam", "Progress", "node_json", "node_line"]
-
-
-class DigestParam(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click stubs
-    """A digest argument: ``b3:<base64>``, 64 hex digits or base64. Bad input is a usage error."""
-
-    name = "digest"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> B3Digest:
-        if isinstance(value, B3Digest):
-            return value
-        try:
-            return B3Digest.parse(str(value))
-        except DigestError:
-            text = str(value)
-            shown = repr(text if len(text) <= 60 else text[:57] + "...")
-            self.fail(f"{shown} is not a digest: give the BLAKE3-256 digest as b3: and 44 base64 "
-                      "characters (as castore import prints it), or as 64 hex digits", param, ctx)
-
-
-DIGEST = DigestParam()
 
 
 class Progress:

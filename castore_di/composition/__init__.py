@@ -49,6 +49,7 @@ __all__ = [
     "blob_service_from_addr",
     "directory_service_from_addr",
     "container_from_addrs",
+    "addr_config",
     "read_config",
     "reference",
     "reference_fields",
@@ -126,12 +127,17 @@ def container_from_addrs(
     from castore_di.composition.container import build_container
     from castore_di.composition.graph import build_graph
 
+    return build_container(build_graph(addr_config(blob, directory), registry), metrics)
+
+
+def addr_config(blob: str | None = None, directory: str | None = None) -> dict[str, dict[str, str]]:
+    """The config :func:`container_from_addrs` builds: each URL as the ``default`` instance of its kind."""
     config: dict[str, dict[str, str]] = {}
     if blob is not None:
         config["blobservices"] = {"default": blob}
     if directory is not None:
         config["directoryservices"] = {"default": directory}
-    return build_container(build_graph(config, registry), metrics)
+    return config
 
 
 def blob_service_from_addr(url: str, registry: Registry | None = None) -> BlobService:

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from dependency_injector import containers, providers
 
 from castore_di.composition.converter import listing
+from castore_di.composition.direct import chain_error as _chain
 from castore_di.composition.graph import CompositionGraph, Instance, InstanceId, Wiring
 from castore_di.errors import ConfigError, InstantiationError, UnknownInstanceError
 
@@ -84,16 +85,6 @@ def _orphan_copy() -> Any:
         "a castore instance provider was deep-copied before its container: copy the "
         "CastoreContainer (or the providers.Container holding it) first, or in the same deepcopy"
     )
-
-
-def _chain(instance_id: InstanceId, error: BaseException) -> ConfigError:
-    """``error`` from a dependency, re-raised with ``instance_id`` prefixed to its chain."""
-    if isinstance(error, ConfigError) and error.path:
-        try:
-            return type(error)(error.detail, path=f"{instance_id} -> {error.path}")
-        except TypeError:  # a subclass with its own constructor
-            return InstantiationError(error.detail, path=f"{instance_id} -> {error.path}")
-    return InstantiationError(f"{type(error).__name__}: {error}", path=instance_id)
 
 
 def _wire(wiring: Wiring, all_providers: dict[InstanceId, providers.Provider[Any]]) -> providers.Provider[Any]:

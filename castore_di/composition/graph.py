@@ -12,7 +12,6 @@ third-party type needs no code here; the sections are the registry's kinds.
 
 from __future__ import annotations
 
-import functools
 import graphlib
 import keyword
 import re
@@ -33,20 +32,34 @@ __all__ = ["Instance", "CompositionGraph", "build_graph", "InstanceId", "Wiring"
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
-@functools.cache
+# Every public attribute of the dependency-injector classes a lookup such as
+# ``Provide["blobservices.<name>"]`` passes through (the section's ``providers.Container`` and
+# ``DynamicContainer``, and an instance's ``ThreadSafeSingleton``), as of dependency-injector
+# 4.49. Listed rather than read from the classes, so validating a config does not import
+# dependency-injector; tests/test_config_limits.py checks the list against the classes.
+_DI_NAMES = frozenset("""
+    add_args add_attributes add_kwargs apply_container_providers_overridings apply_overridings args
+    assign_parent async_ attributes check_dependencies clear_args clear_attributes clear_kwargs cls
+    container declarative_parent delegate dependencies disable_async_mode enable_async_mode
+    from_json_schema from_schema from_yaml_schema full_reset init_resources is_async_mode_disabled
+    is_async_mode_enabled is_async_mode_undefined is_auto_wiring_enabled kwargs last_overriding
+    load_config overridden override override_providers overrides overriding_lock parent parent_name
+    provided provided_type provider provider_type providers provides register_overrides related reset
+    reset_async_mode reset_last_overriding reset_override reset_singletons resolve_provider_name
+    set_args set_attributes set_kwargs set_provider set_providers set_provides shutdown_resources
+    storage_lock traverse unregister_overrides unwire wire wired_to_modules wired_to_packages
+    wiring_config
+""".split())
+
+
 def reserved_names() -> frozenset[str]:
     """Names an instance cannot have: every public attribute of the dependency-injector
-    classes a lookup such as ``Provide["blobservices.<name>"]`` passes through (the section's
-    ``providers.Container`` and ``DynamicContainer``, and the ``ThreadSafeSingleton`` of an
-    instance), plus the kind names (anonymous instance ids use them)."""
-    from dependency_injector import containers, providers
+    classes a lookup such as ``Provide["blobservices.<name>"]`` passes through, plus the
+    kind names (anonymous instance ids use them)."""
+    return _RESERVED
 
-    names: set[str] = set(KINDS)  # the built-in kinds; build_graph refuses registered ones too
-    for obj in (containers.DynamicContainer, containers.DynamicContainer(), providers.Container,
-                providers.Container(containers.DynamicContainer), providers.ThreadSafeSingleton,
-                providers.ThreadSafeSingleton(object)):
-        names.update(n for n in dir(obj) if _NAME_RE.match(n))
-    return frozenset(names)
+
+_RESERVED = _DI_NAMES | frozenset(KINDS)  # the built-in kinds; build_graph refuses registered ones too
 
 
 InstanceId = str  # "<kind>.<name>", e.g. "blobservices.default"

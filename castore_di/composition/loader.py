@@ -18,7 +18,6 @@ import json
 import os
 import pathlib
 import re
-import tomllib
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -75,7 +74,9 @@ def interpolate(value: Any, environ: Mapping[str, str] | None = None, path: str 
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
+    from castore_di.composition.converter import bounded_repr
+
+    text = bounded_repr(value)
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
@@ -188,6 +189,8 @@ def _parse_file(path: pathlib.Path) -> Any:
         if suffix == ".json":
             return json.loads(text)
         if suffix == ".toml":
+            import tomllib
+
             return tomllib.loads(text)
     except ConfigError as e:
         raise ConfigError(e.detail, path=str(path)) from None

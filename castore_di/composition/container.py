@@ -51,6 +51,7 @@ from dependency_injector import containers, providers
 
 from castore_di.composition.converter import listing
 from castore_di.composition.direct import chain_error as _chain
+from castore_di.composition.direct import close_all
 from castore_di.composition.graph import CompositionGraph, Instance, InstanceId, Wiring
 from castore_di.errors import ConfigError, InstantiationError, UnknownInstanceError
 
@@ -424,21 +425,11 @@ class CastoreContainer(containers.DynamicContainer):  # type: ignore[misc]
             self._state.created.clear()
         for slot in self._slots.values():
             slot.set(_UNSET)
-        errors: list[BaseException] = []
-        for _iid, service in reversed(created):
-            close = getattr(service, "close", None)
-            if close is None:
-                continue
-            try:
-                result = close()
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception as e:  # keep closing the rest; report the first failure
-                errors.append(e)
+        error = await close_all(service for _iid, service in reversed(created))
         if self.lifecycle.initialized:  # a later init_resources() starts again
             self.lifecycle.reset_state()  # type: ignore[attr-defined]  # in 4.49, not in its stub
-        if errors:
-            raise errors[0]
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         """Synchronous :meth:`aclose` for code without a running event loop."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from castore_di.composition.converter import listing
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from castore_di.directoryservice.base import DirectoryService
     from castore_di.metrics import Metrics
 
-__all__ = ["DirectInstances", "direct_instances", "chain_error"]
+__all__ = ["DirectInstances", "direct_instances", "chain_error", "close_all"]
 
 
 def chain_error(instance_id: InstanceId, error: BaseException) -> ConfigError:
@@ -39,6 +40,23 @@ def chain_error(instance_id: InstanceId, error: BaseException) -> ConfigError:
         except TypeError:  # a subclass with its own constructor
             return InstantiationError(error.detail, path=f"{instance_id} -> {error.path}")
     return InstantiationError(f"{type(error).__name__}: {error}", path=instance_id)
+
+
+async def close_all(services: Iterable[Any]) -> BaseException | None:
+    """Close each service in turn (callers pass dependents first); every one is tried and
+    the first failure is returned, for the caller to raise once its own state is reset."""
+    errors: list[BaseException] = []
+    for service in services:
+        close = getattr(service, "close", None)
+        if close is None:
+            continue
+        try:
+            result = close()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as e:  # keep closing the rest
+            errors.append(e)
+    return errors[0] if errors else None
 
 
 def direct_instances(graph: CompositionGraph, metrics: Metrics | None = None) -> DirectInstances | None:
@@ -106,16 +124,6 @@ class DirectInstances:
         with self._lock:
             created = list(self._built.values())
             self._built.clear()
-        errors: list[BaseException] = []
-        for service in reversed(created):
-            close = getattr(service, "close", None)
-            if close is None:
-                continue
-            try:
-                result = close()
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as e:  # keep closing the rest; report the first failure
-                errors.append(e)
-        if errors:
-            raise errors[0]
+        error = await close_all(reversed(created))
+        if error is not None:
+            raise error

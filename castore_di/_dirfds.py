@@ -13,7 +13,7 @@ import collections
 import functools
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from castore_di.errors import StorageError
@@ -31,6 +31,12 @@ class DirRecord(Protocol):
     name: bytes
     dev: int
     ino: int
+
+
+class DirRecords(Protocol):
+    """Recorded directories by index (a list of them, or a mapping)."""
+
+    def __getitem__(self, index: int, /) -> DirRecord: ...
 
 
 class Handle:
@@ -68,7 +74,7 @@ def open_dir(record: DirRecord, parent_fd: int, shown: Callable[[], str]) -> int
 class DirFds:
     """Descriptors of recorded directories (index 0 is the root, open at ``root_fd``); thread-safe."""
 
-    def __init__(self, records: Sequence[DirRecord], root_fd: int, path_of: Callable[[int], str]) -> None:
+    def __init__(self, records: DirRecords, root_fd: int, path_of: Callable[[int], str]) -> None:
         self._records = records
         self._path_of = path_of
         self._lock = threading.Lock()

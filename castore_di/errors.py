@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Union
+from typing import Any, Union
 
 __all__ = [
     "ErrorTable",
@@ -214,6 +214,9 @@ class UnsupportedFileTypeError(StorageError):
         self.path = path
         self.file_type = file_type
         super().__init__(f"unsupported file type at {path}: {file_type}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled by the importer's worker processes
+        return type(self), (self.path, self.file_type)
 
 
 # --- translation at the edges -------------------------------------------------------------

@@ -42,12 +42,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import attrs
 import blake3
 
+from castore_di import _importworker
 from castore_di._dirfds import O_DIR, DirFds, Handle, open_dir
+from castore_di._importworker import SMALL_FILE, open_file, read_small
+from castore_di._importworker import file_type as _file_type
+from castore_di._importworker import os_error as _os_error
 from castore_di.blobservice.base import BlobService, PreparedBlob
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.base import DirectoryService
@@ -79,7 +83,6 @@ __all__ = [
     "READ_THREADS",
 ]
 
-SMALL_FILE: Final = 1 << 20  # files up to this size are read whole and stored in batches
 DEFAULT_CONCURRENCY: Final = 32
 READ_THREADS: Final = min(8, (os.cpu_count() or 1) + 1)  # reader threads compress too (GIL released)
 _BLOCK: Final = 1 << 20
@@ -87,10 +90,16 @@ _BATCH_FILES: Final = 128
 _BATCH_BYTES: Final = 4 << 20
 _BATCHES_IN_FLIGHT: Final = 4  # batches of small files being read or stored at once
 _STREAM_BLOCK: Final = 4 << 20  # read size while a large file streams into a writer
-_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
-_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
-_O_READ: Final = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
 _U32: Final = struct.Struct("<I")
+# Worker processes (see _Workers) pay for their start-up (about 0.1 s of CPU each) from this
+# many small files or bytes on.
+PROCESS_MIN_FILES: Final = 4096
+PROCESS_MIN_BYTES: Final = 128 << 20
+WORKER_PROCESSES: Final = min(8, os.cpu_count() or 1)
+# With worker processes, a large file up to this size is read whole and encoded by a worker
+# (one at a time); a larger one streams through a writer in this process.
+WHOLE_IN_WORKER: Final = 64 << 20
+Workers = Literal["auto", "threads", "processes"]
 S_IFREG: Final = stat.S_IFREG
 S_IFDIR: Final = stat.S_IFDIR
 S_IFLNK: Final = stat.S_IFLNK
@@ -127,22 +136,6 @@ def _rewrap(e: StorageError | ValidationError, context: str) -> CastoreError:
     """The same category of error with ``context`` in front of its message."""
     cls = StorageError if isinstance(e, StorageError) else ValidationError
     return cls(f"{context}: {e}")
-
-
-def _file_type(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISFIFO, "fifo"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-    ):
-        if test(mode):
-            return name
-    return f"unknown (mode {mode:o})"
-
-
-def _os_error(what: str, path: str, e: OSError) -> StorageError:
-    return StorageError(f"unable to {what} {path}: {e.strerror or e}")
 
 
 class _Dir:
@@ -248,8 +241,12 @@ def _walk(
     skip_special: bool,
     warn: Callable[[str], None] | None,
     warnings: list[str],
+    on_big: Callable[[], None] | None = None,
 ) -> None:
     """Fill ``tree`` from the directory open at ``root_fd`` (which this closes).
+
+    ``on_big`` is called (once, from this thread) as soon as the tree holds enough files
+    for worker processes to pay (``PROCESS_MIN_FILES`` or ``PROCESS_MIN_BYTES``).
 
     With ``tree.sig`` set (the import cache is on), each file gets its cache key and every
     entry adds a record to ``tree.sig``: ``D`` + the directory's index when a directory is
@@ -347,6 +344,9 @@ def _walk(
                             warn(message)
             finally:
                 handle.release()
+            if on_big is not None and (len(files) >= PROCESS_MIN_FILES or nbytes >= PROCESS_MIN_BYTES):
+                on_big()
+                on_big = None
     except BaseException:
         for _index, parent, _rel in stack:
             if parent is not None:
@@ -354,6 +354,74 @@ def _walk(
         raise
     finally:
         tree.bytes += nbytes
+
+
+class _Workers:
+    """A pool of worker processes (``spawn``) that read, hash and encode batches of small files
+    (:func:`castore_di._importworker.run`); started per import, shut down at its end."""
+
+    def __init__(self, root: str, dev: int, ino: int, preparer: Any, processes: int = WORKER_PROCESSES) -> None:
+        import multiprocessing
+
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_importworker.init,
+            initargs=(root, dev, ino, preparer),
+        )
+        # The pool starts a process per submission while none is idle: start them all now.
+        for _ in range(processes):
+            self._pool.submit(_importworker.ping)
+
+    async def run(self, *args: Any) -> tuple[list[_importworker.Done], list[int]]:
+        try:
+            result: tuple[list[_importworker.Done], list[int]] = await asyncio.wrap_future(
+                self._pool.submit(_importworker.run, *args)
+            )
+        except concurrent.futures.process.BrokenProcessPool as e:
+            raise StorageError(f"an import worker process died: {e}") from e
+        return result
+
+    def shutdown(self) -> None:
+        """Stop the processes (blocks until they have exited)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def aclose(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
+
+
+class _Pool:
+    """Whether and when an import uses worker processes (``workers``: ``"auto"``: for a large
+    import on a machine of several cores, when the blob service offers a preparer)."""
+
+    def __init__(self, blob: BlobService, workers: Workers, root: str, dev: int, ino: int) -> None:
+        self.mode = workers
+        usable = workers == "processes" or (workers == "auto" and (os.cpu_count() or 1) > 1)
+        self._preparer = blob.preparer() if usable else None
+        self._args = (root, dev, ino)
+        self.workers: _Workers | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        """Start the processes (on the event loop's thread) unless done or unusable."""
+        if self.workers is None and self._preparer is not None and not self._closed:
+            try:
+                self.workers = _Workers(*self._args, self._preparer)
+            except OSError:  # no processes to be had (a process limit): threads do it all
+                self._preparer = None
+
+    def for_files(self, files: int, nbytes: int) -> _Workers | None:
+        """The processes for reading ``files`` small files (started now if they pay)."""
+        if self.mode == "processes" or files >= PROCESS_MIN_FILES or nbytes >= PROCESS_MIN_BYTES:
+            self.start()
+        return self.workers
+
+    async def aclose(self) -> None:
+        """Stop the processes, if any (waits for them, also when cancelled meanwhile)."""
+        self._closed = True
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, workers.shutdown))
 
 
 class _Importer:
@@ -367,9 +435,14 @@ class _Importer:
         concurrency: int,
         stats: ImportStats,
         progress: ImportProgress | None,
+        workers: _Workers | None = None,
     ) -> None:
         self._blob = blob
         self._tree = tree
+        self._workers = workers
+        self._preparer = blob.preparer() if workers is not None else None
+        self._present_rate = 0.5  # recent share of files found present (processes only)
+        self._process_batches = 0
         self._fds = fds
         self._concurrency = max(1, concurrency)
         self._stats = stats
@@ -386,33 +459,23 @@ class _Importer:
     # -- threads -------------------------------------------------------------------
 
     def _open(self, f: _File, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
-        """Open a walked file for reading: no link followed, never blocks, regular files only.
+        """Open a walked file for reading (:func:`~castore_di._importworker.open_file`).
 
         ``dir_fd``: the file's directory when the caller holds it open.
         """
+        def shown() -> str:
+            return self._tree.file_path(f)
+
+        if f.dir < 0:
+            return open_file(self._tree.root, None, shown)
+        if dir_fd is not None:
+            return open_file(f.name, dir_fd, shown)
+        assert self._fds is not None
+        handle = self._fds.acquire(f.dir)
         try:
-            if f.dir < 0:
-                fd = os.open(self._tree.root, _O_READ)
-            elif dir_fd is not None:
-                fd = os.open(f.name, _O_READ, dir_fd=dir_fd)
-            else:
-                assert self._fds is not None
-                handle = self._fds.acquire(f.dir)
-                try:
-                    fd = os.open(f.name, _O_READ, dir_fd=handle.fd)
-                finally:
-                    self._fds.release(handle)
-        except OSError as e:
-            raise _os_error("open", self._tree.file_path(f), e) from e
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            os.close(fd)
-            raise _os_error("stat", self._tree.file_path(f), e) from e
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise UnsupportedFileTypeError(self._tree.file_path(f), _file_type(st.st_mode))
-        return fd, st
+            return open_file(f.name, handle.fd, shown)
+        finally:
+            self._fds.release(handle)
 
     def _read_batch(self, indexes: list[int]) -> tuple[list[tuple[int, PreparedBlob, bool]], list[int]]:
         """Read small files and prepare them for storing (:meth:`BlobService.prepare_many`:
@@ -434,13 +497,7 @@ class _Importer:
                 fd, st = self._open(f, None if handle is None else handle.fd)
                 try:
                     executable = bool(st.st_mode & 0o100)
-                    try:
-                        data = os.read(fd, max(st.st_size, f.size) + 1)
-                        if len(data) > st.st_size:
-                            while len(data) <= SMALL_FILE and (more := os.read(fd, SMALL_FILE)):
-                                data += more
-                    except OSError as e:
-                        raise _os_error("read", self._tree.file_path(f), e) from e
+                    data = read_small(fd, st, f.size, lambda f=f: self._tree.file_path(f))  # type: ignore[misc]
                 finally:
                     os.close(fd)
                 if len(data) > SMALL_FILE:
@@ -495,7 +552,7 @@ class _Importer:
             partial(key, nbytes)
 
     def _done(self, i: int, digest: B3Digest, size: int, executable: bool) -> None:
-        self._nodes[i] = FileNode(digest, size, executable)
+        self._nodes[i] = _file_node(digest, size, executable)
         self._stats.files += 1
         self._stats.bytes += size
 
@@ -521,7 +578,15 @@ class _Importer:
         # Two lanes: large files (largest first, so none is left alone at the end) stream
         # through writers; batches of small files go through the reader threads. Neither
         # waits behind the other.
-        large_it, small_it = iter(large), iter(batches)
+        whole: list[int] = []
+        if self._workers is not None:
+            whole = [i for i in large if files[i].size <= WHOLE_IN_WORKER]
+            large = [i for i in large if files[i].size > WHOLE_IN_WORKER]
+        large_it, small_it, whole_it = iter(large), iter(batches), iter(whole)
+
+        async def whole_lane() -> None:
+            for i in whole_it:
+                await self._small_batch([i], WHOLE_IN_WORKER)
 
         async def large_lane() -> None:
             for i in large_it:
@@ -535,6 +600,8 @@ class _Importer:
         n_small = min(len(batches), _BATCHES_IN_FLIGHT)
         workers = [asyncio.ensure_future(large_lane()) for _ in range(n_large)]
         workers += [asyncio.ensure_future(small_lane()) for _ in range(n_small)]
+        if whole:
+            workers.append(asyncio.ensure_future(whole_lane()))
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -559,8 +626,72 @@ class _Importer:
         self._batches += 1
         return self._misses < 4 or self._batches % 8 == 0
 
-    async def _small_batch(self, indexes: list[int]) -> None:
-        ready, grown = await self._thread(self._read_batch, indexes)
+    def _job(self, indexes: Sequence[int]) -> tuple[list[tuple[int, int, bytes, int, int]], list[tuple[int, bytes, int]]]:
+        """A worker's view of some files: their directories (and those directories' parents)
+        and the files as ``(dir index, name, walked size)``."""
+        files = self._tree.files
+        records = self._tree.dirs
+        dirs: list[tuple[int, int, bytes, int, int]] = []
+        seen: set[int] = {0}
+        job: list[tuple[int, bytes, int]] = []
+        for i in indexes:
+            f = files[i]
+            job.append((f.dir, f.name, f.size))
+            d = f.dir
+            while d not in seen:
+                seen.add(d)
+                r = records[d]
+                dirs.append((d, r.parent, r.name, r.dev, r.ino))
+                d = r.parent
+        return dirs, job
+
+    async def _process_batch(
+        self, workers: _Workers, indexes: list[int], limit: int
+    ) -> tuple[list[tuple[int, PreparedBlob, bool]], list[int]]:
+        """:meth:`_read_batch` in a worker process. The presence check stays here: while
+        many files turn out present (a re-import), a batch is hashed first and only the absent
+        files are read again and encoded; otherwise all are encoded at once."""
+        hash_first = self._present_rate >= 0.3
+        dirs, job = self._job(indexes)
+        done, grown_at = await workers.run("hash" if hash_first else "full", dirs, job, None, limit)
+        new = bytes.__new__
+        ready = [
+            (indexes[pos], PreparedBlob(new(B3Digest, digest), size, None, payload), executable)
+            for pos, digest, size, executable, payload in done
+        ]
+        grown = [indexes[pos] for pos in grown_at]
+        if not ready:
+            return ready, grown
+        self._process_batches += 1
+        if not hash_first and self._process_batches % 8:
+            for _i, p, _x in ready:  # mostly absent lately: the commit skips what is present
+                p.present = False
+            return ready, grown
+        try:
+            present = await self._blob.has_many([p.digest for _i, p, _x in ready])
+        except StorageError as e:
+            raise StorageError(f"unable to check blobs below {self._tree.root}: {e}") from e
+        self._present_rate = 0.75 * self._present_rate + 0.25 * (sum(present) / len(present))
+        absent: list[int] = []
+        for k, ((_i, p, _x), found) in enumerate(zip(ready, present, strict=True)):
+            p.present = found
+            if not found and hash_first:
+                absent.append(k)
+        if absent:
+            dirs, job = self._job([ready[k][0] for k in absent])
+            expected = [ready[k][1].digest for k in absent]
+            again, grown_at = await workers.run("encode", dirs, job, expected, limit)
+            if grown_at:
+                raise StorageError(f"{self._tree.file_path(self._tree.files[ready[absent[grown_at[0]]][0]])} changed while it was imported")
+            for pos, _digest, _size, _x, payload in again:
+                ready[absent[pos]][1].payload = payload
+        return ready, grown
+
+    async def _small_batch(self, indexes: list[int], limit: int = SMALL_FILE) -> None:
+        if self._workers is not None:
+            ready, grown = await self._process_batch(self._workers, indexes, limit)
+        else:
+            ready, grown = await self._thread(self._read_batch, indexes)
         unknown = [p for _i, p, _x in ready if p.present is None]
         if unknown and self._should_check():
             try:
@@ -640,6 +771,7 @@ async def ingest_path(
     skip_special: bool = False,
     warn: Callable[[str], None] | None = None,
     cache: ImportCache | None = None,
+    workers: Workers = "threads",
 ) -> tuple[bytes, Node]:
     """Import ``path`` and return its name (the basename, as bytes) and its root node.
 
@@ -660,6 +792,12 @@ async def ingest_path(
             the blob service confirms it has, are not read; an unchanged tree whose
             root directory the directory service has is not rebuilt. Recorded again
             after a successful import.
+        workers: who reads small files: ``"threads"`` of this process (the default),
+            ``"processes"`` (worker processes, when the blob service offers a
+            :meth:`~castore_di.blobservice.base.BlobService.preparer`; else threads), or
+            ``"auto"``: processes for a large import on a machine with several cores (the
+            CLI's default). Processes are started with ``spawn``, which imports the main
+            module again: a script needs the ``if __name__ == "__main__":`` guard.
 
     Raises:
         UnsupportedFileTypeError: a fifo, socket or device in the tree (without ``skip_special``).
@@ -670,7 +808,9 @@ async def ingest_path(
     # the CPU time of a re-import with changed files went there), so it is paused while an
     # import runs.
     with _gc_paused():
-        return await _ingest(blob, dirs, path, concurrency, progress, stats, exclude, skip_special, warn, cache)
+        return await _ingest(
+            blob, dirs, path, concurrency, progress, stats, exclude, skip_special, warn, cache, workers
+        )
 
 
 _gc_lock = threading.Lock()
@@ -707,8 +847,11 @@ async def _ingest(
     skip_special: bool,
     warn: Callable[[str], None] | None,
     cache: ImportCache | None,
+    workers: Workers,
 ) -> tuple[bytes, Node]:
     root = os.fspath(path)
+    if workers not in ("auto", "threads", "processes"):
+        raise ValidationError(f"workers must be auto, threads or processes, not {workers!r}")
     stats = stats if stats is not None else ImportStats()
     name = os.fsencode(os.path.basename(os.path.normpath(root)))
     matcher = _Matcher(exclude) if exclude else None
@@ -758,32 +901,45 @@ async def _ingest(
             raise StorageError(f"{root} was replaced while it was imported")
         return fd
 
+    loop = asyncio.get_running_loop()
+    pool = _Pool(blob, workers, root, st.st_dev, st.st_ino)
+
     def walk() -> tuple[bytes, CacheState | None]:
-        _walk(tree, open_root(), matcher, skip_special, warn, warnings)
+        # The cache first: a tree imported before is likely to need few files read, so the
+        # worker processes are started during the walk only for a first import.
+        state = cache.load(root, warn) if cache is not None else None
+
+        def on_big() -> None:
+            loop.call_soon_threadsafe(pool.start)
+
+        _walk(tree, open_root(), matcher, skip_special, warn, warnings, None if state is not None else on_big)
         if cache is None or tree.sig is None:
             return b"", None
         # The walk's fingerprint; none when a file was too recent to be keyed.
         fingerprint = b"" if tree.racy else blake3.blake3(b"".join(tree.sig)).digest()
         tree.sig = None
-        return fingerprint, cache.load(root, warn)
+        return fingerprint, state
 
     tree.dirs.append(_Dir(-1, b"", st.st_dev, st.st_ino))
     warnings: list[str] = []
-    fingerprint, state = await asyncio.to_thread(walk)
-    stats.skipped = tree.skipped
-    if progress is not None:
-        progress.start(len(tree.files), tree.bytes)
-    if state is not None and fingerprint and fingerprint == state.tree:
-        reused = await _reuse_tree(blob, dirs, tree, state, stats, progress)
-        if reused is not None:
-            if cache is not None:
-                await asyncio.to_thread(cache.touch, root)
-            return name, reused
-    fds = DirFds(tree.dirs, await asyncio.to_thread(open_root), tree.dir_path)
     try:
-        file_nodes = await _import_files(blob, tree, fds, concurrency, stats, progress, state)
+        fingerprint, state = await asyncio.to_thread(walk)
+        stats.skipped = tree.skipped
+        if progress is not None:
+            progress.start(len(tree.files), tree.bytes)
+        if state is not None and fingerprint and fingerprint == state.tree:
+            reused = await _reuse_tree(blob, dirs, tree, state, stats, progress)
+            if reused is not None:
+                if cache is not None:
+                    await asyncio.to_thread(cache.touch, root)
+                return name, reused
+        fds = DirFds(tree.dirs, await asyncio.to_thread(open_root), tree.dir_path)
+        try:
+            file_nodes = await _import_files(blob, tree, fds, concurrency, stats, progress, state, pool)
+        finally:
+            fds.close()
     finally:
-        fds.close()
+        await pool.aclose()
     root_node = await _put_directories(dirs, tree, file_nodes, stats)
     if cache is not None:
         await _save_cache(cache, root, tree, fingerprint, root_node, file_nodes, warn)
@@ -803,6 +959,7 @@ async def _import_files(
     stats: ImportStats,
     progress: ImportProgress | None,
     state: CacheState | None,
+    pool: _Pool | None = None,
 ) -> list[FileNode]:
     """Every walked file's node: from the cache where it vouches for the file, else read."""
     files = tree.files
@@ -835,7 +992,11 @@ async def _import_files(
             stats.bytes += nbytes
     rest = [i for i, n in enumerate(nodes) if n is None]
     if rest:
-        read = await _Importer(blob, tree, fds, concurrency, stats, progress).run(
+        workers = None
+        if pool is not None:
+            small = [files[i].size for i in rest if files[i].size <= SMALL_FILE]
+            workers = pool.for_files(len(small), sum(small))
+        read = await _Importer(blob, tree, fds, concurrency, stats, progress, workers).run(
             None if len(rest) == len(files) else rest
         )
         for i in rest:

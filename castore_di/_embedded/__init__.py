@@ -59,27 +59,63 @@ opened twice in one process) and reference counted. An environment must not be u
 ``fork()``.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The codec is light (and ``codec`` names both a submodule and this function: importing it
+# here binds the function).
 from castore_di._embedded.codec import Codec, Compression, codec
-from castore_di._embedded.config import (
-    DEFAULT_MAP_SIZE,
-    Durability,
-    EmbeddedStoreFields,
-    StoreOptions,
-    config_from_url,
-    default_data_dir,
-    parse_embedded_url,
-)
-from castore_di._embedded.env import (
-    Environment,
-    Handle,
-    acquire,
-    acquire_async,
-    compact,
-    open_environments,
-    release,
-    release_async,
-)
-from castore_di._embedded.lease import WriterLease
+
+if TYPE_CHECKING:
+    from castore_di._embedded.config import (
+        DEFAULT_MAP_SIZE,
+        Durability,
+        EmbeddedStoreFields,
+        StoreOptions,
+        config_from_url,
+        default_data_dir,
+        parse_embedded_url,
+    )
+    from castore_di._embedded.env import (
+        Environment,
+        Handle,
+        acquire,
+        acquire_async,
+        compact,
+        open_environments,
+        release,
+        release_async,
+    )
+    from castore_di._embedded.lease import WriterLease
+
+# Names are imported on first use (PEP 562), so a module of the package that needs neither
+# LMDB nor attrs (the codec and :mod:`.prepare`, which the importer's worker processes load)
+# is importable alone.
+_WHERE = {
+    **dict.fromkeys(
+        ("DEFAULT_MAP_SIZE", "Durability", "EmbeddedStoreFields", "StoreOptions", "config_from_url",
+         "default_data_dir", "parse_embedded_url"),
+        "config",
+    ),
+    **dict.fromkeys(
+        ("Environment", "Handle", "acquire", "acquire_async", "compact", "open_environments", "release",
+         "release_async"),
+        "env",
+    ),
+    "WriterLease": "lease",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_MAP_SIZE",

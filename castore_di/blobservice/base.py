@@ -44,6 +44,7 @@ __all__ = [
     "ChunkMeta",
     "HashingWriter",
     "PreparedBlob",
+    "BlobPreparer",
     "PositionedReader",
     "READ_BLOCK",
     "DEFAULT_AVG_CHUNK_SIZE",
@@ -435,6 +436,15 @@ class PreparedBlob:
         self.payload = payload
 
 
+class BlobPreparer(Protocol):
+    """What a service's :meth:`~BlobService.prepare_many` does to an absent blob, runnable in
+    another process (:meth:`BlobService.preparer`): picklable, holding no store."""
+
+    def encode(self, data: bytes, digest: bytes) -> Any:
+        """The payload of a :class:`PreparedBlob` for ``data`` (whose blake3 digest is ``digest``)."""
+        ...
+
+
 class BlockingReads(Protocol):
     """Reads a backend answers in the calling thread, without an event loop
     (:meth:`BlobService.blocking_reads`). Nothing is verified: the caller checks every byte
@@ -514,6 +524,12 @@ class BlobService(abc.ABC):
         digests are computed here, by this process; nothing is stored. The default hashes.
         """
         return [PreparedBlob(blake3_digest(b), len(b), None, b) for b in blobs]
+
+    def preparer(self) -> BlobPreparer | None:
+        """A picklable, store-free :class:`BlobPreparer`, so that another process can encode
+        blobs for :meth:`put_prepared` (``PreparedBlob(digest, size, False, payload)``);
+        ``None`` (the default) when this service has nothing to gain from it."""
+        return None
 
     async def put_prepared(self, blobs: Sequence[PreparedBlob]) -> None:
         """Store blobs from this service's :meth:`prepare_many`; returns once they are stored.

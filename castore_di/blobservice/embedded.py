@@ -78,8 +78,8 @@ from castore_di._embedded import (
     compact,
     config_from_url,
 )
-from castore_di._embedded.codec import Codec
 from castore_di._embedded.lease import TOKEN_LEN
+from castore_di._prepare import EmbeddedPreparer, Encoded
 from castore_di.blobservice.base import (
     DEFAULT_AVG_CHUNK_SIZE,
     BlobReader,
@@ -96,7 +96,7 @@ from castore_di.blobservice.base import (
 )
 from castore_di.composition.config import BlobServiceConfig
 from castore_di.digests import B3_LEN, B3Digest, blake3_digest
-from castore_di.errors import CastoreError, ClosedError, IntegrityError, MissingDependencyError, StorageError
+from castore_di.errors import CastoreError, ClosedError, IntegrityError, StorageError
 from castore_di.maintenance import FsckReport, GcReport
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ _COUNT = struct.Struct("<Q")
 _LRU_TOTAL = b"m:total"
 
 
-def encode_index(chunks: list[tuple[B3Digest, int]]) -> bytes:
+def encode_index(chunks: Sequence[tuple[bytes, int]]) -> bytes:
     """A chunk list as stored in ``blobs``."""
     return b"".join(_INDEX_ENTRY.pack(size, bytes(digest)) for digest, size in chunks)
 
@@ -124,17 +124,6 @@ def decode_index(raw: bytes | memoryview, blob: B3Digest) -> list[tuple[B3Digest
     if len(raw) % _INDEX_ENTRY.size or not raw:
         raise IntegrityError(f"blob {blob}: stored chunk index is malformed ({len(raw)} bytes)")
     return [(B3Digest(d), size) for size, d in _INDEX_ENTRY.iter_unpack(raw)]
-
-
-class _Encoded:
-    """A blob as :meth:`EmbeddedBlobService.prepare_many` readied it: its chunks' stored
-    values and its chunk index (``None`` when the blob is its one chunk)."""
-
-    __slots__ = ("values", "index")
-
-    def __init__(self, values: list[tuple[B3Digest, bytes]], index: list[tuple[B3Digest, int]] | None) -> None:
-        self.values = values
-        self.index = index
 
 
 def _chunk_name(digest: B3Digest, blob: B3Digest | None) -> str:
@@ -233,7 +222,7 @@ class _BlobRecords:
     def put_chunks(
         self,
         txn: lmdb.Transaction,
-        chunks: list[tuple[B3Digest, bytes]],
+        chunks: Sequence[tuple[bytes, bytes]],
         lease: WriterLease | None = None,
     ) -> None:
         """Store encoded chunks (:func:`encode_chunks`) not yet present.
@@ -259,7 +248,7 @@ class _BlobRecords:
             if txn.get(digest, db=self.chunks_db) is None:
                 txn.put(digest, value, db=self.chunks_db, dupdata=False)
 
-    def claim_chunks(self, txn: lmdb.Transaction, digests: list[B3Digest]) -> None:
+    def claim_chunks(self, txn: lmdb.Transaction, digests: Sequence[bytes]) -> None:
         """Mark chunks as needed for good: a committed index or a one-chunk blob names them."""
         if not txn.stat(self.loose_db)["entries"]:  # the usual case: nothing is loose
             return
@@ -272,7 +261,7 @@ class _BlobRecords:
             if txn.get(digest, db=self.chunks_db) is None:
                 raise StorageError(f"blob {blob}: chunk {digest} stored earlier by this writer is gone")
 
-    def put_index(self, txn: lmdb.Transaction, blob: B3Digest, chunks: list[tuple[B3Digest, int]]) -> None:
+    def put_index(self, txn: lmdb.Transaction, blob: B3Digest, chunks: Sequence[tuple[bytes, int]]) -> None:
         if txn.get(blob, db=self.blobs_db) is None:
             txn.put(blob, encode_index(chunks), db=self.blobs_db)
 
@@ -533,7 +522,7 @@ class EmbeddedBlobService(BlobService):
         self.compression: Compression = compression
         self._handle = Handle(path, self.options, self._open_records, "embedded blob service")
         self._closed = False
-        self._cdc: Any = None
+        self._preparer = EmbeddedPreparer(avg_chunk_size, compression)
 
     def _open_records(self, env: Environment) -> _BlobRecords:
         records = _BlobRecords(env)
@@ -556,17 +545,12 @@ class EmbeddedBlobService(BlobService):
         return f"embedded store {self.path}: open"
 
     def _chunker(self) -> Any:
-        if self._cdc is None:
-            try:
-                import pyfastcdc
-            except ImportError as e:  # pragma: no cover - a core dependency
-                raise MissingDependencyError(
-                    "the embedded blob service needs 'pyfastcdc' (pip install castore_di)"
-                ) from e
-            self._cdc = pyfastcdc.FastCDC(
-                self.avg_chunk_size, min_size=self.min_chunk_size, max_size=self.max_chunk_size
-            )
-        return self._cdc
+        return self._preparer.chunker()
+
+    def preparer(self) -> EmbeddedPreparer | None:
+        """What :meth:`prepare_many` does to an absent blob, for another process (none for a
+        bounded store, whose commits track each blob)."""
+        return self._preparer if self.max_bytes is None else None
 
     def _take_touches(self) -> dict[B3Digest, int]:
         """The read touches not yet written (taken on the event loop, written by the next commit)."""
@@ -629,40 +613,27 @@ class EmbeddedBlobService(BlobService):
         digests = [blake3_digest(b) for b in blobs]
         present = store.has_blobs(digests)
         enc = codec()
+        encode = self._preparer.encode
         return [
-            PreparedBlob(d, len(b), True, None) if p else PreparedBlob(d, len(b), False, self._encode(b, d, enc))
+            PreparedBlob(d, len(b), True, None) if p else PreparedBlob(d, len(b), False, encode(b, d, enc))
             for b, d, p in zip(blobs, digests, present)
         ]
-
-    def _encode(self, data: bytes, digest: B3Digest, enc: Codec) -> _Encoded:
-        """``data``'s chunks as stored values, and its index (``None``: one chunk, the blob itself)."""
-        compression = self.compression
-        if len(data) <= self.min_chunk_size:
-            return _Encoded([(digest, enc.encode(data, compression))], None)
-        values: list[tuple[B3Digest, bytes]] = []
-        index: list[tuple[B3Digest, int]] = []
-        for chunk in self._chunker().cut_buf(data):
-            piece = data[chunk.offset : chunk.offset + chunk.length]
-            d = blake3_digest(piece)
-            index.append((d, len(piece)))
-            values.append((d, enc.encode(piece, compression)))
-        return _Encoded(values, None if len(index) == 1 else index)
 
     async def put_prepared(self, blobs: Sequence[PreparedBlob]) -> None:
         """Commit the blobs :meth:`prepare_many` found absent, in one writer operation."""
         todo = [p for p in blobs if not p.present]
         if not todo:
             return
-        if self.max_bytes is not None or not all(isinstance(p.payload, _Encoded) for p in todo):
+        if self.max_bytes is not None or not all(isinstance(p.payload, Encoded) for p in todo):
             await super().put_prepared(todo)
             return
         store = await self._handle.get()
 
         def commit(txn: lmdb.Transaction) -> None:
-            claims: list[B3Digest] = []
-            values: list[tuple[B3Digest, bytes]] = []
+            claims: list[bytes] = []
+            values: list[tuple[bytes, bytes]] = []
             for p in todo:
-                encoded: _Encoded = p.payload
+                encoded: Encoded = p.payload
                 values += encoded.values
                 if encoded.index is None:
                     claims.append(p.digest)

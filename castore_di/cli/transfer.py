@@ -16,7 +16,7 @@ from castore_di.cli.output import json_line, quote_name, set_name
 from castore_di.cli.params import DIGEST, DigestParam
 from castore_di.errors import StorageError
 from castore_di.exporter import export_directory, export_file, export_symlink
-from castore_di.importer import DEFAULT_CONCURRENCY, ImportStats, ingest_path
+from castore_di.importer import DEFAULT_CONCURRENCY, ImportStats, Workers, ingest_path
 from castore_di.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 
 __all__ = ["import_command", "export_command", "DigestParam", "Progress", "node_json", "node_line"]
@@ -135,10 +135,12 @@ def node_line(path: str | bytes, node: Node) -> str:
 @click.option("--rehash", is_flag=True,
               help="Read every file, trusting no cached digest (the import cache is rewritten).")
 @click.option("--no-cache", is_flag=True, help="Neither use nor write the import cache.")
+@click.option("--workers", type=click.Choice(["auto", "threads", "processes"]), default="auto", show_default=True,
+              help="Who reads small files: threads, worker processes (a large import's default), or auto.")
 @pass_ctx
 def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, name: str | None, as_json: bool,
                    concurrency: int, progress: bool | None, excludes: tuple[str, ...], skip_special: bool,
-                   rehash: bool, no_cache: bool) -> None:
+                   rehash: bool, no_cache: bool, workers: Workers) -> None:
     """Import files, directories and symlinks; print the root node of each PATH.
 
     Text output is one line per PATH: `<path> <type> <b3:digest> <size>` where type is
@@ -182,7 +184,7 @@ def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, nam
             try:
                 _name, node = await ingest_path(blob, dirs, path, concurrency=concurrency, progress=bar, stats=stats,
                                                 exclude=excludes, skip_special=skip_special, warn=warn,
-                                                cache=cache)
+                                                cache=cache, workers=workers)
             finally:
                 bar.finish()
             if name:

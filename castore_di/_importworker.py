@@ -1,0 +1,200 @@
+"""Opening and reading walked files for the importer, in its threads or in worker processes.
+
+The importer (:mod:`castore_di.importer`) reads small files in batches. It does so in threads
+of its own, or, for a large import into a blob service that offers a
+:meth:`~castore_di.blobservice.base.BlobService.preparer`, in worker processes started with
+``spawn`` that run :func:`run` on each batch: open, read, hash and encode (the preparer), then
+return the digests and payloads to the importer, which checks presence and commits (a digest
+is used only after its commit). A worker imports only this module, blake3 and the preparer's
+(no LMDB, no asyncio), and ignores ``SIGINT``: the importer shuts the pool down itself.
+
+Safety is the importer's: a worker opens the root by its path and every directory below it
+relative to its parent (``O_NOFOLLOW | O_DIRECTORY``), checking each is the device and inode
+the walk recorded (:func:`castore_di._dirfds.open_dir`), and files with ``O_NOFOLLOW |
+O_NONBLOCK``, regular files only (:func:`open_file`). Errors are the thread path's, pickled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+from collections.abc import Callable
+from typing import Any, Final
+
+import blake3
+
+from castore_di._dirfds import O_DIR, DirFds, Handle
+from castore_di.errors import StorageError, UnsupportedFileTypeError
+
+__all__ = ["SMALL_FILE", "O_READ", "file_type", "os_error", "open_file", "read_small", "init", "run", "ping"]
+
+SMALL_FILE: Final = 1 << 20  # files up to this size are read whole and stored in batches
+O_READ: Final = (
+    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+def file_type(mode: int) -> str:
+    """A special file's kind, as error messages name it."""
+    for test, name in (
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return name
+    return f"unknown (mode {mode:o})"
+
+
+def os_error(what: str, path: str, e: OSError) -> StorageError:
+    return StorageError(f"unable to {what} {path}: {e.strerror or e}")
+
+
+def open_file(name: str | bytes, dir_fd: int | None, shown: Callable[[], str]) -> tuple[int, os.stat_result]:
+    """Open a walked file for reading: no link followed, never blocks, regular files only."""
+    try:
+        fd = os.open(name, O_READ, dir_fd=dir_fd)
+    except OSError as e:
+        raise os_error("open", shown(), e) from e
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise os_error("stat", shown(), e) from e
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsupportedFileTypeError(shown(), file_type(st.st_mode))
+    return fd, st
+
+
+def read_small(
+    fd: int, st: os.stat_result, walked_size: int, shown: Callable[[], str], limit: int = SMALL_FILE
+) -> bytes:
+    """A file's bytes; longer than ``limit`` when it grew past it (read no further)."""
+    try:
+        data = os.read(fd, max(st.st_size, walked_size) + 1)
+        if len(data) > st.st_size:
+            while len(data) <= limit and (more := os.read(fd, SMALL_FILE)):
+                data += more
+    except OSError as e:
+        raise os_error("read", shown(), e) from e
+    return data
+
+
+class _Record:
+    __slots__ = ("parent", "name", "dev", "ino")
+
+    def __init__(self, parent: int, name: bytes, dev: int, ino: int) -> None:
+        self.parent = parent
+        self.name = name
+        self.dev = dev
+        self.ino = ino
+
+
+class _Worker:
+    """A worker process's state: the import's root and the directories it was told about."""
+
+    def __init__(self, root: str, dev: int, ino: int, preparer: Any) -> None:
+        self.root = root
+        self.records: dict[int, _Record] = {0: _Record(-1, b"", dev, ino)}
+        self.preparer = preparer
+        self._fds: DirFds | None = None
+
+    def dir_path(self, index: int) -> str:
+        parts: list[bytes] = []
+        while index > 0:
+            record = self.records[index]
+            parts.append(record.name)
+            index = record.parent
+        return os.path.join(self.root, *(os.fsdecode(p) for p in reversed(parts)))
+
+    def fds(self) -> DirFds:
+        if self._fds is None:
+            try:
+                fd = os.open(self.root, O_DIR)
+                opened = os.fstat(fd)
+            except OSError as e:
+                raise os_error("open directory", self.root, e) from e
+            root = self.records[0]
+            if (opened.st_dev, opened.st_ino) != (root.dev, root.ino):
+                os.close(fd)
+                raise StorageError(f"{self.root} was replaced while it was imported")
+            self._fds = DirFds(self.records, fd, self.dir_path)
+        return self._fds
+
+
+_worker: _Worker | None = None
+
+Done = tuple[int, bytes, int, bool, Any]  # position in the job, digest, size, executable, payload
+
+
+def init(root: str, dev: int, ino: int, preparer: Any) -> None:
+    """The pool's initializer: remember the import (``dev``, ``ino``: the root's identity)."""
+    global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the importer, which stops us
+    _worker = _Worker(root, dev, ino, preparer)
+
+
+def ping() -> int:
+    """Nothing (submitted once per worker so that the pool starts them all at once)."""
+    return os.getpid()
+
+
+def run(
+    kind: str,
+    dirs: list[tuple[int, int, bytes, int, int]],
+    files: list[tuple[int, bytes, int]],
+    expected: list[bytes] | None = None,
+    limit: int = SMALL_FILE,
+) -> tuple[list[Done], list[int]]:
+    """Read a batch of files (``(dir index, name, walked size)``, each up to ``limit``
+    bytes) and prepare them.
+
+    ``dirs``: ``(index, parent, name, dev, ino)`` of the files' directories and their parents.
+    ``kind``: ``"hash"`` (digests only), ``"full"`` (digests and the preparer's payloads) or
+    ``"encode"`` (as full, each digest checked against ``expected``: the file was read
+    before). Returns what was read, and the positions of files that grew past ``limit``.
+    """
+    worker = _worker
+    assert worker is not None, "init() was not called"
+    records = worker.records
+    for index, parent, name, dev, ino in dirs:
+        if index not in records:
+            records[index] = _Record(parent, name, dev, ino)
+    fds = worker.fds()
+    encode = worker.preparer.encode if kind != "hash" else None
+    hasher = blake3.blake3
+    done: list[Done] = []
+    grown: list[int] = []
+    handle: Handle | None = None
+    current = -1
+    try:
+        for pos, (index, name, size) in enumerate(files):
+            if handle is None or index != current:
+                if handle is not None:
+                    fds.release(handle)
+                    handle = None
+                handle = fds.acquire(index)
+                current = index
+
+            def shown(index: int = index, name: bytes = name) -> str:
+                return os.path.join(worker.dir_path(index), os.fsdecode(name))
+
+            fd, st = open_file(name, handle.fd, shown)
+            try:
+                data = read_small(fd, st, size, shown, limit)
+            finally:
+                os.close(fd)
+            if len(data) > limit:
+                grown.append(pos)
+                continue
+            digest = hasher(data).digest()
+            if expected is not None and digest != expected[pos]:
+                raise StorageError(f"{shown()} changed while it was imported")
+            done.append((pos, digest, len(data), bool(st.st_mode & 0o100), None if encode is None else encode(data, digest)))
+    finally:
+        if handle is not None:
+            fds.release(handle)
+    return done, grown

@@ -1,6 +1,7 @@
 """Import and export the interpreter's standard library tree: castore against restic, b3sum, cp and git.
 
-Usage: ``python benches/import_bench.py [--quick] [--tree DIR] [--runs N] [--git] [--tmpfs DIR]``
+Usage: ``python benches/import_bench.py [--quick] [--tree DIR] [--runs N] [--git] [--tmpfs DIR]
+[--import-workers [threads] [processes]]``
 
 Each run measures every row once, peers in the same run, with a warm page cache (one
 untimed pass reads the files first); stores are fresh, in a temporary directory:
@@ -8,7 +9,9 @@ untimed pass reads the files first); stores are fresh, in a temporary directory:
 * import: ``castore import`` (the CLI end to end, start-up included) into the embedded
   default, then the same tree again (everything present; its import cache, fresh in each
   run, lets it skip unchanged files), and again with ``--rehash`` (every file read, all
-  present), then into fresh stores with ``compression: fast`` and ``none`` (stored sizes beside them);
+  present), then into fresh stores with ``--workers threads`` and ``--workers processes``
+  (who reads the small files; CPU seconds of each beside it, ``--import-workers`` chooses
+  the rows) and with ``compression: fast`` and ``none`` (stored sizes beside them);
   ``restic backup`` into a fresh
   repository; ``b3sum`` over the same files (hashing only: a floor, not a peer); with
   ``--git``, ``git add -A && git write-tree``.
@@ -105,7 +108,8 @@ def _median_startup(cmd: list[str], n: int = 7) -> tuple[float, float]:
 Row = tuple[str, "float | None", str]
 
 
-def one_run(tree: str, files: list[str], tmp: str, shm: str, git: bool) -> tuple[list[Row], list[Row], list[Row]]:
+def one_run(tree: str, files: list[str], tmp: str, shm: str, git: bool,
+            workers_rows: list[str]) -> tuple[list[Row], list[Row], list[Row]]:
     data = os.path.join(tmp, "castore-data")
     cfg = os.path.join(tmp, "castore.yaml")
     with open(cfg, "w") as f:
@@ -116,13 +120,29 @@ def one_run(tree: str, files: list[str], tmp: str, shm: str, git: bool) -> tuple
     os.environ["XDG_CACHE_HOME"] = os.path.join(tmp, "xdg-cache")
     imports: list[Row] = []
     out: list[bytes] = []
-    imports.append(("castore import (embedded)", _timed(lambda: out.append(
-        _run([*castore, "import", "--json", "--no-progress", tree]))), ""))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    secs = _timed(lambda: out.append(_run([*castore, "import", "--json", "--no-progress", tree])))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    imports.append(("castore import (embedded)", secs, f"CPU {cpu:.2f} s (user+sys, workers included)"))
     digest = json.loads(out[0])["digest"]
     imports.append(("castore import again (all present)", _timed(lambda: _run(
         [*castore, "import", "--no-progress", tree])), ""))
     imports.append(("castore import again --rehash (reads all)", _timed(lambda: _run(
         [*castore, "import", "--no-progress", "--rehash", tree])), ""))
+    for workers in workers_rows:  # first imports again, fresh stores: threads against processes
+        w_cfg = os.path.join(tmp, f"castore-{workers}.yaml")
+        w_data = os.path.join(tmp, f"castore-{workers}")
+        with open(w_cfg, "w") as f:
+            f.write(f"blobservices:\n  default: {{type: embedded, path: '{w_data}'}}\n"
+                    f"directoryservices:\n  default: {{type: embedded, path: '{w_data}'}}\n")
+        w_env = {**_env(), "XDG_CACHE_HOME": os.path.join(tmp, f"xdg-cache-{workers}")}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        secs = _timed(lambda: _run([*_castore(w_cfg), "import", "--no-progress", "--workers", workers, tree], env=w_env))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        imports.append((f"castore import --workers {workers}", secs, f"CPU {cpu:.2f} s (user+sys, workers included)"))
+        shutil.rmtree(w_data, ignore_errors=True)
 
     restic_env = {**_env(), "RESTIC_REPOSITORY": os.path.join(tmp, "restic"), "RESTIC_PASSWORD": "bench",
                   "RESTIC_CACHE_DIR": os.path.join(tmp, "restic-cache")}
@@ -214,6 +234,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1, help="measure everything this many times (default 1)")
     ap.add_argument("--git", action="store_true", help="add the git row (slow)")
     ap.add_argument("--tmpfs", default="/dev/shm", help="where exports are written (default /dev/shm)")
+    ap.add_argument("--import-workers", nargs="*", choices=["threads", "processes"], default=["threads", "processes"],
+                    help="extra first-import rows with castore import --workers W (default: both; none: no rows)")
     args = ap.parse_args()
     stdlib = sysconfig.get_paths()["stdlib"]
     tree = os.path.abspath(args.tree or (os.path.join(stdlib, "email") if args.quick else stdlib))
@@ -223,7 +245,7 @@ def main() -> None:
     _warm(files)
     for run in range(1, args.runs + 1):
         with tempfile.TemporaryDirectory(prefix="import-bench-") as tmp:
-            imports, exports, startup = one_run(tree, files, tmp, args.tmpfs, args.git)
+            imports, exports, startup = one_run(tree, files, tmp, args.tmpfs, args.git, args.import_workers)
         print(f"\n=== run {run} of {args.runs} (load average {os.getloadavg()[0]:.1f}) ===")
         t = _print("import", imports, "castore import (embedded)", len(files), nbytes)
         e = _print("export", exports, "castore export (to tmpfs)", len(files), nbytes)

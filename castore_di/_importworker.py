@@ -2,11 +2,15 @@
 
 The importer (:mod:`castore_di.importer`) reads small files in batches. It does so in threads
 of its own, or, for a large import into a blob service that offers a
-:meth:`~castore_di.blobservice.base.BlobService.preparer`, in worker processes started with
-``spawn`` that run :func:`run` on each batch: open, read, hash and encode (the preparer), then
-return the digests and payloads to the importer, which checks presence and commits (a digest
-is used only after its commit). A worker imports only this module, blake3 and the preparer's
-(no LMDB, no asyncio), and ignores ``SIGINT``: the importer shuts the pool down itself.
+:meth:`~castore_di.blobservice.base.BlobService.preparer`, in worker processes that run
+:func:`run` on each batch: open, read, hash and encode (the preparer), then return the digests
+and payloads to the importer, which checks presence and commits (a digest is used only after
+its commit). A worker is a fresh interpreter (``python -I -c``, the parent's ``sys.path``)
+running :func:`main`: it imports only this module, blake3 and the preparer's (no LMDB, no
+asyncio, not the parent's main module, so no ``__main__`` guard is needed), reads jobs from
+one pipe and writes results to another (each message a length and a pickle), ignores
+``SIGINT`` (the importer stops it by closing its job pipe) and exits when that pipe ends, so
+it also goes when the importer's process dies.
 
 Safety is the importer's: a worker opens the root by its path and every directory below it
 relative to its parent (``O_NOFOLLOW | O_DIRECTORY``), checking each is the device and inode
@@ -16,9 +20,12 @@ O_NONBLOCK``, regular files only (:func:`open_file`). Errors are the thread path
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import signal
 import stat
+import struct
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -27,7 +34,19 @@ import blake3
 from castore_di._dirfds import O_DIR, DirFds, Handle
 from castore_di.errors import StorageError, UnsupportedFileTypeError
 
-__all__ = ["SMALL_FILE", "O_READ", "file_type", "os_error", "open_file", "read_small", "init", "run", "ping"]
+__all__ = [
+    "SMALL_FILE",
+    "O_READ",
+    "file_type",
+    "os_error",
+    "open_file",
+    "read_small",
+    "init",
+    "run",
+    "main",
+    "read_message",
+    "write_message",
+]
 
 SMALL_FILE: Final = 1 << 20  # files up to this size are read whole and stored in batches
 O_READ: Final = (
@@ -131,15 +150,9 @@ Done = tuple[int, bytes, int, bool, Any]  # position in the job, digest, size, e
 
 
 def init(root: str, dev: int, ino: int, preparer: Any) -> None:
-    """The pool's initializer: remember the import (``dev``, ``ino``: the root's identity)."""
+    """Remember the import (``dev``, ``ino``: the root's identity)."""
     global _worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the importer, which stops us
     _worker = _Worker(root, dev, ino, preparer)
-
-
-def ping() -> int:
-    """Nothing (submitted once per worker so that the pool starts them all at once)."""
-    return os.getpid()
 
 
 def run(
@@ -198,3 +211,58 @@ def run(
         if handle is not None:
             fds.release(handle)
     return done, grown
+
+
+_LENGTH: Final = struct.Struct("<Q")
+
+
+def read_message(f: io.FileIO) -> bytearray | None:
+    """One message from a pipe (``None`` at its end, also inside a message)."""
+    header = bytearray(_LENGTH.size)
+    body: bytearray | None = None
+    for buf in (header, None):
+        if buf is None:
+            body = buf = bytearray(_LENGTH.unpack(header)[0])
+        view = memoryview(buf)
+        done = 0
+        while done < len(buf):
+            n = f.readinto(view[done:])
+            if not n:
+                return None
+            done += n
+    return body
+
+
+def write_message(fd: int, data: bytes) -> None:
+    """One message into a pipe (blocks while the pipe is full)."""
+    view = memoryview(_LENGTH.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def main(jobs_fd: int, results_fd: int) -> None:
+    """A worker's loop: ``("init", args)`` once, then ``("run", args)`` per job, each answered
+    in order with ``(True, result)`` or ``(False, exception)``; returns when the jobs end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    jobs = io.FileIO(jobs_fd, "rb", closefd=True)
+    while (message := read_message(jobs)) is not None:
+        what, args = pickle.loads(message)
+        answer: tuple[bool, Any]
+        try:
+            if what == "init":
+                init(*args)
+                answer = (True, None)
+            else:
+                answer = (True, run(*args))
+        except Exception as e:
+            answer = (False, e)
+        try:
+            data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as e:  # an exception that does not pickle: its text
+            data = pickle.dumps((False, StorageError(f"{answer[1]} ({type(answer[1]).__name__}; {e})")))
+        try:
+            write_message(results_fd, data)
+        except BrokenPipeError:  # the importer is gone
+            return
+        if what == "init" and not answer[0]:
+            return  # no job can run: the importer reports the error

@@ -32,10 +32,14 @@ the root are read, and an unchanged tree reuses its root directory.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import gc
+import io
 import os
+import pickle
+import queue
 import stat
 import struct
 import sys
@@ -356,35 +360,147 @@ def _walk(
         tree.bytes += nbytes
 
 
+class _Worker:
+    """One worker process (:func:`castore_di._importworker.main`) and the threads that feed it
+    jobs and collect its answers, which come in the order the jobs went."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, init_args: tuple[Any, ...]) -> None:
+        import json
+        import subprocess
+
+        self._loop = loop
+        self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        jobs_r, jobs_w = os.pipe()
+        results_r, results_w = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-c", _WORKER_BOOT, json.dumps(sys.path), str(jobs_r), str(results_w)],
+                pass_fds=(jobs_r, results_w),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
+        except BaseException:
+            for fd in (jobs_w, results_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(jobs_r)
+            os.close(results_w)
+        self._jobs_fd = jobs_w
+        self._results = io.FileIO(results_r, "rb", closefd=True)
+        self._threads = [
+            threading.Thread(target=self._send, name="castore-import-send", daemon=True),
+            threading.Thread(target=self._receive, name="castore-import-receive", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        self._error: BaseException | None = None  # why the worker could not start
+        self.call("init", init_args).add_done_callback(self._started)  # answered first
+
+    @property
+    def load(self) -> int:
+        return len(self._pending)
+
+    def call(self, what: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue a job (on the event loop's thread); its future gets the answer."""
+        future = self._loop.create_future()
+        self._pending.append(future)
+        self._outbox.put(pickle.dumps((what, args), protocol=pickle.HIGHEST_PROTOCOL))
+        return future
+
+    def _send(self) -> None:
+        try:
+            while (data := self._outbox.get()) is not None:
+                _importworker.write_message(self._jobs_fd, data)
+        except OSError:  # the worker is gone: _receive reports it
+            pass
+        finally:
+            os.close(self._jobs_fd)  # the worker's end of its jobs: it exits
+
+    def _receive(self) -> None:
+        try:
+            while (message := _importworker.read_message(self._results)) is not None:
+                answer = pickle.loads(message)
+                self._loop.call_soon_threadsafe(self._deliver, answer)
+        except Exception as e:  # pragma: no cover - a broken pipe or pickle
+            failure: BaseException | None = StorageError(f"an import worker process failed: {e}")
+        else:
+            failure = None
+        finally:
+            self._results.close()
+        status = self.process.wait()
+        try:
+            self._loop.call_soon_threadsafe(self._fail_all, failure or StorageError(
+                f"an import worker process ended (exit status {status})"))
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def _deliver(self, answer: tuple[bool, Any]) -> None:
+        future = self._pending.popleft()
+        if future.done():  # cancelled meanwhile
+            return
+        ok, value = answer
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def _started(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self._error = future.exception()  # the worker exits: jobs fail with this
+
+    def _fail_all(self, error: BaseException) -> None:
+        error = self._error or error
+        while self._pending:
+            future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    def stop(self) -> None:
+        """Close the jobs pipe (the worker finishes its job and exits) and wait for it (blocks)."""
+        self._outbox.put(None)
+        for t in self._threads:
+            t.join()
+        try:
+            self.process.wait(timeout=_WORKER_EXIT_WAIT)
+        except Exception:  # pragma: no cover - a worker stuck in a system call
+            self.process.kill()
+            self.process.wait()
+
+
+_WORKER_BOOT: Final = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from castore_di._importworker import main; main(int(sys.argv[2]), int(sys.argv[3]))"
+)
+_WORKER_EXIT_WAIT: Final = 30.0
+
+
 class _Workers:
-    """A pool of worker processes (``spawn``) that read, hash and encode batches of small files
-    (:func:`castore_di._importworker.run`); started per import, shut down at its end."""
+    """Worker processes that read, hash and encode batches of files
+    (:func:`castore_di._importworker.run`); started per import, stopped at its end."""
 
     def __init__(self, root: str, dev: int, ino: int, preparer: Any, processes: int = WORKER_PROCESSES) -> None:
-        import multiprocessing
-
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_importworker.init,
-            initargs=(root, dev, ino, preparer),
-        )
-        # The pool starts a process per submission while none is idle: start them all now.
-        for _ in range(processes):
-            self._pool.submit(_importworker.ping)
+        loop = asyncio.get_running_loop()
+        self._workers: list[_Worker] = []
+        try:
+            for _ in range(processes):
+                self._workers.append(_Worker(loop, (root, dev, ino, preparer)))
+        except BaseException:
+            self.shutdown()
+            raise
 
     async def run(self, *args: Any) -> tuple[list[_importworker.Done], list[int]]:
-        try:
-            result: tuple[list[_importworker.Done], list[int]] = await asyncio.wrap_future(
-                self._pool.submit(_importworker.run, *args)
-            )
-        except concurrent.futures.process.BrokenProcessPool as e:
-            raise StorageError(f"an import worker process died: {e}") from e
+        """A job for the least busy worker."""
+        worker = min(self._workers, key=lambda w: w.load)
+        result: tuple[list[_importworker.Done], list[int]] = await worker.call("run", args)
         return result
 
     def shutdown(self) -> None:
         """Stop the processes (blocks until they have exited)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for w in self._workers:
+            w.stop()
+        self._workers = []
 
     async def aclose(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.shutdown)

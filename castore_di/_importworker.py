@@ -177,7 +177,7 @@ def run(
         if index not in records:
             records[index] = _Record(parent, name, dev, ino)
     fds = worker.fds()
-    encode = worker.preparer.encode if kind != "hash" else None
+    read: list[bytes] = []
     hasher = blake3.blake3
     done: list[Done] = []
     grown: list[int] = []
@@ -206,10 +206,14 @@ def run(
             digest = hasher(data).digest()
             if expected is not None and digest != expected[pos]:
                 raise StorageError(f"{shown()} changed while it was imported")
-            done.append((pos, digest, len(data), bool(st.st_mode & 0o100), None if encode is None else encode(data, digest)))
+            done.append((pos, digest, len(data), bool(st.st_mode & 0o100), None))
+            read.append(data)
     finally:
         if handle is not None:
             fds.release(handle)
+    if kind != "hash" and done:
+        payloads = worker.preparer.encode_many([(data, d[1]) for data, d in zip(read, done)])
+        done = [(pos, digest, size, x, payload) for (pos, digest, size, x, _), payload in zip(done, payloads)]
     return done, grown
 
 

@@ -9,6 +9,7 @@ imports neither LMDB nor attrs, so a worker starts quickly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import blake3
@@ -81,3 +82,35 @@ class EmbeddedPreparer:
             index.append((d, len(piece)))
             values.append((d, enc.encode(piece, compression)))
         return Encoded(values, None if len(index) == 1 else index)
+
+    def encode_many(self, blobs: Sequence[tuple[bytes, bytes]], enc: Codec | None = None) -> list[Encoded]:
+        """:meth:`encode` of each ``(data, digest)``, compressing all their chunks in one call
+        (:meth:`Codec.encode_many`)."""
+        enc = enc or codec()
+        pieces: list[bytes] = []
+        # Per blob: its chunks as (digest, index into pieces, size), and whether it is one chunk.
+        plans: list[tuple[list[tuple[bytes, int, int]], bool]] = []
+        hasher = blake3.blake3
+        for data, digest in blobs:
+            if len(data) <= self.min_chunk_size:
+                plans.append(([(digest, len(pieces), len(data))], True))
+                pieces.append(data)
+                continue
+            chunks: list[tuple[bytes, int, int]] = []
+            for chunk in self.chunker().cut_buf(data):
+                if chunk.length == len(data):  # one chunk: the blob itself, hashed already
+                    chunks.append((digest, len(pieces), len(data)))
+                    pieces.append(data)
+                    break
+                piece = data[chunk.offset : chunk.offset + chunk.length]
+                chunks.append((hasher(piece).digest(), len(pieces), len(piece)))
+                pieces.append(piece)
+            plans.append((chunks, len(chunks) == 1))
+        values = enc.encode_many(pieces, self.compression)
+        return [
+            Encoded(
+                [(d, values[k]) for d, k, _size in chunks],
+                None if whole else [(d, size) for d, _k, size in chunks],
+            )
+            for chunks, whole in plans
+        ]

@@ -440,8 +440,8 @@ class BlobPreparer(Protocol):
     """What a service's :meth:`~BlobService.prepare_many` does to an absent blob, runnable in
     another process (:meth:`BlobService.preparer`): picklable, holding no store."""
 
-    def encode(self, data: bytes, digest: bytes) -> Any:
-        """The payload of a :class:`PreparedBlob` for ``data`` (whose blake3 digest is ``digest``)."""
+    def encode_many(self, blobs: Sequence[tuple[bytes, bytes]]) -> list[Any]:
+        """The payload of a :class:`PreparedBlob` for each ``(data, its blake3 digest)``."""
         ...
 
 

@@ -612,10 +612,10 @@ class EmbeddedBlobService(BlobService):
         store = self._store()
         digests = [blake3_digest(b) for b in blobs]
         present = store.has_blobs(digests)
-        enc = codec()
-        encode = self._preparer.encode
+        absent = [(b, d) for b, d, p in zip(blobs, digests, present) if not p]
+        encoded = iter(self._preparer.encode_many(absent) if absent else [])
         return [
-            PreparedBlob(d, len(b), True, None) if p else PreparedBlob(d, len(b), False, encode(b, d, enc))
+            PreparedBlob(d, len(b), True, None) if p else PreparedBlob(d, len(b), False, next(encoded))
             for b, d, p in zip(blobs, digests, present)
         ]
 

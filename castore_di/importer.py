@@ -26,6 +26,18 @@ through one ``put_multiple_start`` putter, leaves first, their bytes encoded by 
 thread (no protobuf objects: the tests compare the bytes with protobuf's). With a stat cache
 (:mod:`castore_di.importcache`), only files whose metadata changed since the last import of
 the root are read, and an unchanged tree reuses its root directory.
+
+Worker processes (``workers``; :mod:`castore_di._importworker`): instead of the reader
+threads, processes open, read, hash and encode the batches (and large files up to
+``WHOLE_IN_WORKER``, one at a time) with the blob service's picklable
+:meth:`~castore_di.blobservice.base.BlobService.preparer`, and send back digests and encoded
+bytes; this process keeps the presence check and the commit, so a digest is still used only
+after its commit. While many files turn out present (a re-import) a batch is only hashed
+first and just the absent files are read again and encoded. A worker opens the root by path
+and each directory below it with ``O_NOFOLLOW | O_DIRECTORY``, checking the device and inode
+the walk recorded; errors are the threads' own. Started during the walk of a first import
+once it is large enough, stopped (and waited for) when the import ends, fails or is
+cancelled. At most ``_BATCHES_IN_FLIGHT`` batches and one whole large file are in flight.
 ``benches/import_bench.py`` measures it against restic and b3sum.
 """
 
@@ -99,7 +111,15 @@ _U32: Final = struct.Struct("<I")
 # many small files or bytes on.
 PROCESS_MIN_FILES: Final = 4096
 PROCESS_MIN_BYTES: Final = 128 << 20
-WORKER_PROCESSES: Final = min(8, os.cpu_count() or 1)
+_CPUS: Final = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+WORKER_PROCESSES: Final = min(8, _CPUS)
+# ``workers="auto"`` uses processes from this many CPUs on. Measured on 2 CPUs (the stdlib
+# tree, benches/import_bench.py): processes took as much CPU as threads or more (6.6-7.1 s
+# against 6.6-6.7 s: what they save in GIL hand-offs goes to start-up and to pickling the
+# encoded bytes through pipes) and were no faster, so 2 CPUs stay with threads. The reader
+# threads cannot use much more than two CPUs (the GIL serialises their Python parts);
+# processes scale with the CPUs: not measured here (no such machine).
+AUTO_PROCESSES_MIN_CPUS: Final = 4
 # With worker processes, a large file up to this size is read whole and encoded by a worker
 # (one at a time); a larger one streams through a writer in this process.
 WHOLE_IN_WORKER: Final = 64 << 20
@@ -512,7 +532,7 @@ class _Pool:
 
     def __init__(self, blob: BlobService, workers: Workers, root: str, dev: int, ino: int) -> None:
         self.mode = workers
-        usable = workers == "processes" or (workers == "auto" and (os.cpu_count() or 1) > 1)
+        usable = workers == "processes" or (workers == "auto" and _CPUS >= AUTO_PROCESSES_MIN_CPUS)
         self._preparer = blob.preparer() if usable else None
         self._args = (root, dev, ino)
         self.workers: _Workers | None = None
@@ -887,7 +907,7 @@ async def ingest_path(
     skip_special: bool = False,
     warn: Callable[[str], None] | None = None,
     cache: ImportCache | None = None,
-    workers: Workers = "threads",
+    workers: Workers = "auto",
 ) -> tuple[bytes, Node]:
     """Import ``path`` and return its name (the basename, as bytes) and its root node.
 
@@ -908,12 +928,12 @@ async def ingest_path(
             the blob service confirms it has, are not read; an unchanged tree whose
             root directory the directory service has is not rebuilt. Recorded again
             after a successful import.
-        workers: who reads small files: ``"threads"`` of this process (the default),
-            ``"processes"`` (worker processes, when the blob service offers a
-            :meth:`~castore_di.blobservice.base.BlobService.preparer`; else threads), or
-            ``"auto"``: processes for a large import on a machine with several cores (the
-            CLI's default). Processes are started with ``spawn``, which imports the main
-            module again: a script needs the ``if __name__ == "__main__":`` guard.
+        workers: who reads small files: ``"threads"`` of this process, ``"processes"``
+            (worker processes, :mod:`castore_di._importworker`, when the blob service
+            offers a :meth:`~castore_di.blobservice.base.BlobService.preparer`; else
+            threads), or ``"auto"`` (the default): processes for a large import
+            (``PROCESS_MIN_FILES`` small files or ``PROCESS_MIN_BYTES``) on a machine with
+            at least ``AUTO_PROCESSES_MIN_CPUS`` CPUs, else threads.
 
     Raises:
         UnsupportedFileTypeError: a fifo, socket or device in the tree (without ``skip_special``).

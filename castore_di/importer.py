@@ -416,6 +416,7 @@ class _Worker:
         for t in self._threads:
             t.start()
         self._error: BaseException | None = None  # why the worker could not start
+        self._ended: BaseException | None = None  # set once the worker has exited
         self.call("init", init_args).add_done_callback(self._started)  # answered first
 
     @property
@@ -425,6 +426,9 @@ class _Worker:
     def call(self, what: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         """Queue a job (on the event loop's thread); its future gets the answer."""
         future = self._loop.create_future()
+        if self._ended is not None:  # the worker is gone
+            future.set_exception(self._ended)
+            return future
         self._pending.append(future)
         self._outbox.put(pickle.dumps((what, args), protocol=pickle.HIGHEST_PROTOCOL))
         return future
@@ -471,7 +475,7 @@ class _Worker:
             self._error = future.exception()  # the worker exits: jobs fail with this
 
     def _fail_all(self, error: BaseException) -> None:
-        error = self._error or error
+        error = self._ended = self._error or error
         while self._pending:
             future = self._pending.popleft()
             if not future.done():

@@ -2,7 +2,8 @@
 
 ``castore ls``/``cat`` on the embedded store of a YAML config import neither
 dependency-injector nor cattrs (services are built by :mod:`castore_di.composition.direct`,
-valid plain configs structured by the converter's own hooks), nor the transfer code, the
+valid plain configs structured by the converter's own hooks), nor protobuf (stored directories are
+read in their canonical encoding by :meth:`Directory.decode`), nor the transfer code, the
 server, other backends' libraries or importlib.metadata. The timings are in
 ``benches/import_bench.py`` (start-up rows); these tests only check what is loaded.
 """
@@ -34,7 +35,7 @@ from castore_di.errors import InstantiationError, UnknownInstanceError
 HEAVY = ("dependency_injector", "cattrs", "fastapi", "pydantic", "pydantic_settings", "werkzeug", "grpc",
          "obstore", "google.cloud", "importlib.metadata", "tomllib", "castore_di.exporter", "castore_di.importer",
          "castore_di.cli.transfer", "castore_di.cli.serve", "castore_di.cli.check", "castore_di.server",
-         "castore_di.composition.container", "tqdm")
+         "castore_di.composition.container", "tqdm", "google.protobuf", "castore_di.proto")
 
 _PROBE = (
     "import sys, json\n"

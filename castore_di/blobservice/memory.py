@@ -8,12 +8,12 @@ bound. A bounded store is a cache, not a primary copy: put it on the ``local`` s
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict
 from typing import ClassVar
 
 import attrs
 
+from castore_di._loopless import to_thread
 from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, BytesReader, HashingWriter
 from castore_di.composition.config import BlobServiceConfig, parse_memory_url
 from castore_di.digests import B3Digest, blake3_digest
@@ -30,6 +30,8 @@ class MemoryBlobService(BlobService):
     without hashing again (re-hashing a 1 GiB blob took 214 ms per Stat and Read, on the
     event loop). Process memory is not storage that rots: :meth:`fsck` re-verifies all.
     """
+
+    loopless = True
 
     def __init__(self, max_bytes: int | None = None) -> None:
         self._blobs: OrderedDict[B3Digest, bytes | bytearray] = OrderedDict()
@@ -51,7 +53,7 @@ class MemoryBlobService(BlobService):
         """Re-hash every blob (in a thread: a large blob takes a while)."""
         report = FsckReport()
         for digest, data in list(self._blobs.items()):
-            got = await asyncio.to_thread(blake3_digest, data)
+            got = await to_thread(blake3_digest, data)
             report.blobs += 1
             report.bytes_checked += len(data)
             if got != digest:

@@ -121,15 +121,24 @@ def cli(ctx: click.Context, config_path: str | None, blob_service: str, director
     )
 
 
-def run_async(ctx: CliContext, fn: Callable[[], Awaitable[T]]) -> T:
-    """Run a command's coroutine; the container is closed afterwards."""
-    import asyncio  # not at module level: ``castore --help`` does without it
+def run_async(ctx: CliContext, fn: Callable[[], Awaitable[T]], *, loopless: bool = False) -> T:
+    """Run a command's coroutine; the container is closed afterwards.
+
+    With ``loopless`` (a read command whose services allow it: :meth:`CliContext.loopless`)
+    it runs without an event loop, and asyncio is not even imported (:mod:`castore_di._loopless`).
+    """
 
     async def runner() -> T:
         try:
             return await fn()
         finally:
             await ctx.aclose()
+
+    if loopless:
+        from castore_di._loopless import run_loopless
+
+        return run_loopless(runner())
+    import asyncio  # not at module level: ``castore --help`` does without it
 
     return asyncio.run(runner())
 

@@ -201,6 +201,22 @@ class CliContext:
         resume_gc()
         return service
 
+    def loopless(self) -> bool:
+        """Whether the selected blob and directory services can run without an event loop
+        (:mod:`castore_di._loopless`), as read commands on the embedded store do.
+
+        Builds both (building does no I/O). One that cannot be built answers no: the
+        command, run on an event loop, then meets the error where it asks for that service.
+        """
+        from castore_di.composition.direct import DirectInstances
+
+        try:
+            services = (self.blob_service(), self.directory_service())
+        except Exception:
+            return False
+        built = [c for c in (self._services, self._addr_services) if c is not None]
+        return all(isinstance(c, DirectInstances) for c in built) and all(type(s).loopless for s in services)
+
     async def aclose(self) -> None:
         for c in (self._addr_services, self._services):
             if c is not None:

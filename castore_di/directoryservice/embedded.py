@@ -9,7 +9,6 @@ of the directory's canonical encoding, and the ``roots`` database of named roots
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, ClassVar, cast
 
 import attrs
 
+from castore_di._loopless import to_thread
 from castore_di._embedded import (
     Compression,
     EmbeddedStoreFields,
@@ -171,7 +171,7 @@ class _DirectoryRecords:
 @contextlib.asynccontextmanager
 async def exclusive_use(env: Environment, wait: float | None = None) -> AsyncIterator[None]:
     """Exclusive use of ``env`` for a prune (waits in a thread for the other users, ``wait`` s at most)."""
-    await asyncio.to_thread(env.enter_exclusive, wait)
+    await to_thread(env.enter_exclusive, wait)
     try:
         yield
     finally:
@@ -201,6 +201,8 @@ class EmbeddedDirectoryService(DirectoryService):
     through ``put_multiple_start`` are fully validated before anything is written.
     """
 
+    loopless = True  # reads are short LMDB lookups; opening and closing go through to_thread
+
     def __init__(self, path: str, options: StoreOptions | None = None, *, compression: Compression = "auto") -> None:
         self.path = path
         self.options = options or StoreOptions()
@@ -218,7 +220,7 @@ class EmbeddedDirectoryService(DirectoryService):
             store = self._store()
             store.get_directory_bytes(_ABSENT)
 
-        await asyncio.to_thread(open_and_read)
+        await to_thread(open_and_read)
         return f"embedded store {self.path}: open"
 
     async def get(self, digest: B3Digest) -> Directory | None:
@@ -232,7 +234,7 @@ class EmbeddedDirectoryService(DirectoryService):
         validated as it streams), each level read and decoded in a worker thread in batches
         of up to ``_CLOSURE_BATCH`` directories."""
         records = await self._handle.get()
-        found = await asyncio.to_thread(records.get_directories, [root])
+        found = await to_thread(records.get_directories, [root])
         if found[0] is None:
             return
         validator = RootToLeaves(root)
@@ -243,7 +245,7 @@ class EmbeddedDirectoryService(DirectoryService):
             for start in range(0, len(level), _CLOSURE_BATCH):
                 batch = level[start : start + _CLOSURE_BATCH]
                 wanted = [d for d, directory in batch if directory is None]
-                fetched = iter(await asyncio.to_thread(records.get_directories, wanted) if wanted else ())
+                fetched = iter(await to_thread(records.get_directories, wanted) if wanted else ())
                 for digest, directory in batch:
                     if directory is None:
                         directory = next(fetched)
@@ -273,7 +275,7 @@ class EmbeddedDirectoryService(DirectoryService):
         store = await self._handle.get()
         after: bytes | None = None
         while True:
-            page = await asyncio.to_thread(store.digests_after, after, 1024)
+            page = await to_thread(store.digests_after, after, 1024)
             for digest in page:
                 yield digest
             if not page:
@@ -283,7 +285,7 @@ class EmbeddedDirectoryService(DirectoryService):
     async def fsck(self) -> FsckReport:
         """Verify that every stored directory hashes to its key and is valid."""
         store = await self._handle.get()
-        return await asyncio.to_thread(store.fsck)
+        return await to_thread(store.fsck)
 
     # -- named roots and prune (castore_di.roots) -----------------------------------------
 
@@ -304,7 +306,7 @@ class EmbeddedDirectoryService(DirectoryService):
     async def prune(self, keep: set[B3Digest], *, dry_run: bool) -> tuple[int, int]:
         """Delete every directory not in ``keep``."""
         store = self._store()
-        return await asyncio.to_thread(store.env.sweep, store.dirs_db, cast(set[bytes], keep), dry_run=dry_run)
+        return await to_thread(store.env.sweep, store.dirs_db, cast(set[bytes], keep), dry_run=dry_run)
 
     async def close(self) -> None:
         await self._handle.close()

@@ -3,7 +3,9 @@
 ``castore ls``/``cat`` on the embedded store of a YAML config import neither
 dependency-injector nor cattrs (services are built by :mod:`castore_di.composition.direct`,
 valid plain configs structured by the converter's own hooks), nor protobuf (stored directories are
-read in their canonical encoding by :meth:`Directory.decode`), nor the transfer code, the
+read in their canonical encoding by :meth:`Directory.decode`), nor asyncio (reads run without an
+event loop: :mod:`castore_di._loopless`), nor PyYAML once the config's parse is cached
+(:mod:`castore_di.composition.parsecache`), nor the transfer code, the
 server, other backends' libraries or importlib.metadata. The timings are in
 ``benches/import_bench.py`` (start-up rows); these tests only check what is loaded.
 """
@@ -38,7 +40,7 @@ from castore_di.errors import InstantiationError, StorageError, UnknownInstanceE
 HEAVY = ("dependency_injector", "cattrs", "fastapi", "pydantic", "pydantic_settings", "werkzeug", "grpc",
          "obstore", "google.cloud", "importlib.metadata", "tomllib", "castore_di.exporter", "castore_di.importer",
          "castore_di.cli.transfer", "castore_di.cli.serve", "castore_di.cli.check", "castore_di.server",
-         "castore_di.composition.container", "tqdm", "google.protobuf", "castore_di.proto", "asyncio",
+         "castore_di.composition.container", "tqdm", "google.protobuf", "castore_di.proto", "asyncio", "yaml",
          "concurrent.futures")
 
 _PROBE = (

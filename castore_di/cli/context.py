@@ -168,10 +168,11 @@ class CliContext:
         build is async; the whole config is validated either way.
         """
         if self._services is None:
-            from castore_di.composition import load_graph
+            from castore_di.composition.graph import build_graph
+            from castore_di.composition.loader import read_config
 
             source = self.config_path or self.config or default_config()
-            self._services = _instances(load_graph(source), self.metrics)
+            self._services = _instances(build_graph(read_config(source, cache=True)), self.metrics)
         return self._services
 
     def _addrs(self) -> CastoreContainer | DirectInstances:

@@ -41,7 +41,7 @@ HEAVY = ("dependency_injector", "cattrs", "fastapi", "pydantic", "pydantic_setti
          "obstore", "google.cloud", "importlib.metadata", "tomllib", "castore_di.exporter", "castore_di.importer",
          "castore_di.cli.transfer", "castore_di.cli.serve", "castore_di.cli.check", "castore_di.server",
          "castore_di.composition.container", "tqdm", "google.protobuf", "castore_di.proto", "asyncio", "yaml",
-         "concurrent.futures")
+         "concurrent.futures", "traceback", "castore_di.roots", "castore_di.maintenance")
 
 _PROBE = (
     "import sys, json\n"

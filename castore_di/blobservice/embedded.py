@@ -97,10 +97,11 @@ from castore_di.blobservice.base import (
 from castore_di.composition.config import BlobServiceConfig
 from castore_di.digests import B3_LEN, B3Digest, blake3_digest
 from castore_di.errors import CastoreError, ClosedError, IntegrityError, MissingDependencyError, StorageError
-from castore_di.maintenance import FsckReport, GcReport
 
 if TYPE_CHECKING:
     import lmdb
+
+    from castore_di.maintenance import FsckReport, GcReport
 
 __all__ = ["EmbeddedBlobService", "EmbeddedBlobServiceConfig", "BATCH_BYTES", "encode_index", "decode_index"]
 
@@ -366,6 +367,8 @@ class _BlobRecords:
 
     def fsck(self) -> FsckReport:
         """Verify every chunk and chunk index in one read snapshot."""
+        from castore_di.maintenance import FsckReport  # not loaded by reading commands
+
         report = FsckReport()
         dec = codec()
         bad_chunks: set[bytes] = set()
@@ -442,6 +445,8 @@ class _BlobRecords:
         each re-reading which writers are alive, so concurrent writers wait for one short
         transaction at most. ``dry_run`` only reads and reports what would go.
         """
+        from castore_di.maintenance import GcReport
+
         report = GcReport(dry_run=dry_run)
         after: bytes | None = None
         dead_seen: set[bytes] = set()

@@ -9,7 +9,7 @@ bound. A bounded store is a cache, not a primary copy: put it on the ``local`` s
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
@@ -18,7 +18,9 @@ from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, Byt
 from castore_di.composition.config import BlobServiceConfig, parse_memory_url
 from castore_di.digests import B3Digest, blake3_digest
 from castore_di.errors import StorageError
-from castore_di.maintenance import FsckReport
+
+if TYPE_CHECKING:
+    from castore_di.maintenance import FsckReport
 
 __all__ = ["MemoryBlobService", "MemoryBlobServiceConfig"]
 
@@ -51,6 +53,8 @@ class MemoryBlobService(BlobService):
 
     async def fsck(self) -> FsckReport:
         """Re-hash every blob (in a thread: a large blob takes a while)."""
+        from castore_di.maintenance import FsckReport  # not loaded by reading commands
+
         report = FsckReport()
         for digest, data in list(self._blobs.items()):
             got = await to_thread(blake3_digest, data)

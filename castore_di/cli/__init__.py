@@ -19,7 +19,6 @@ import io
 import os
 import select
 import sys
-import traceback
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -233,6 +232,8 @@ def _silence_stdout() -> None:
 
 def _report(e: BaseException, verbose: bool, prefix: str | None = None) -> None:
     if verbose:
+        import traceback  # not at start-up: only --verbose prints one
+
         traceback.print_exception(e)
     message = describe(e)
     # One line whatever the message (YAML parser errors span several); --verbose has it all.

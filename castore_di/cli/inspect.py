@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import os
 import sys
 from typing import Any
@@ -209,7 +208,7 @@ def stat_command(ctx: CliContext, digest: B3Digest, as_json: bool, list_chunks: 
             raise StorageError(f"{digest}: no blob or directory with this digest")
         for info in found:
             if as_json:
-                click.echo(json.dumps(info))
+                click.echo(json_line(info))
             elif info["type"] == "directory":
                 click.echo(f"{info['digest']} directory\n"
                            f"  entries: {info['entries']} ({info['directories']} directories, "

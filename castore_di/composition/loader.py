@@ -14,7 +14,6 @@ Python) stand for at most :data:`MAX_ALIAS_EXPANSION` more units than the docume
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
@@ -192,6 +191,8 @@ def _parse_file(path: pathlib.Path, cache: bool = False) -> Any:
                 data = _yaml_load(text)
             return {} if data is None else data  # an empty (or comment-only) file is an empty config
         if suffix == ".json":
+            import json
+
             return json.loads(text)
         if suffix == ".toml":
             import tomllib

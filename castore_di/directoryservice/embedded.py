@@ -10,7 +10,6 @@ of the directory's canonical encoding, and the ``roots`` database of named roots
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, ClassVar, cast
@@ -32,12 +31,13 @@ from castore_di.digests import B3_LEN, B3Digest, blake3_digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.directoryservice.closure import RootToLeaves
 from castore_di.errors import IntegrityError, StorageError, ValidationError
-from castore_di.maintenance import FsckReport
 from castore_di.nodes import Directory
-from castore_di.roots import NamedRoot
 
 if TYPE_CHECKING:
     import lmdb
+
+    from castore_di.maintenance import FsckReport
+    from castore_di.roots import NamedRoot
 
 __all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig", "exclusive_use"]
 
@@ -121,6 +121,8 @@ class _DirectoryRecords:
 
     def fsck(self) -> FsckReport:
         """Verify that every directory hashes to its key and is valid, in one read snapshot."""
+        from castore_di.maintenance import FsckReport  # not loaded by reading commands
+
         report = FsckReport()
         dec = codec()
         with self.env.read() as txn:
@@ -179,11 +181,17 @@ async def exclusive_use(env: Environment, wait: float | None = None) -> AsyncIte
 
 
 def _encode_root(root: NamedRoot) -> bytes:
+    import json  # not loaded by reading commands
+
     return json.dumps({"digest": root.digest.hex(), "created": root.created, "size": root.size,
                        "entries": root.entries}).encode()
 
 
 def _decode_root(name: bytes, value: bytes) -> NamedRoot:
+    import json
+
+    from castore_di.roots import NamedRoot  # not loaded by reading commands
+
     try:
         fields = json.loads(value)
         return NamedRoot(name=name.decode(), digest=B3Digest(bytes.fromhex(fields["digest"])),

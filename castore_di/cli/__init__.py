@@ -25,7 +25,6 @@ from typing import TypeVar
 import click
 
 from castore_di.cli.context import CliContext, console_startup, resume_gc
-from castore_di._redact import redact_text
 from castore_di.errors import CastoreError, ConfigError, describe
 
 __all__ = ["main", "cli", "run_async", "pass_ctx", "NothingCheckedError"]
@@ -235,6 +234,8 @@ def _report(e: BaseException, verbose: bool, prefix: str | None = None) -> None:
         import traceback  # not at start-up: only --verbose prints one
 
         traceback.print_exception(e)
+    from castore_di._redact import redact_text  # its patterns are compiled for errors only
+
     message = describe(e)
     # One line whatever the message (YAML parser errors span several); --verbose has it all.
     message = redact_text(" ".join(part.strip() for part in message.splitlines() if part.strip()))

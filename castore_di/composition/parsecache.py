@@ -3,9 +3,10 @@
 Loading PyYAML and running its pure-Python parser is about a tenth of a short command's
 time, on every command, for a file that rarely changes. The command keeps what a YAML
 config parsed to, keyed by the BLAKE3 digest of the file's text together with the parser's
-identity (castore_di's version, this format's version, PyYAML's module file and its size
-and modification time): a changed file, or another PyYAML, is simply a miss. The key is the
-content, not the file's metadata, so an edit within one timestamp tick cannot be missed.
+identity (castore_di's version, this format's version, and the path, size and modification
+time of PyYAML's module and of castore_di's loader): a changed file, another PyYAML or a
+changed loader is simply a miss. The key is the content, not the file's metadata, so an
+edit within one timestamp tick cannot be missed.
 
 Only plain documents are kept (mappings with string keys, lists, strings, numbers, booleans
 and nulls, nothing shared through YAML aliases), so the cached value is exactly what the
@@ -42,16 +43,21 @@ def cache_dir() -> str:
 
 
 def _parser_identity() -> bytes | None:
-    """castore_di's version and PyYAML's module file, size and mtime; ``None`` without PyYAML."""
+    """castore_di's version, and the file, size and mtime of PyYAML's module and of the loader
+    module that drives it (:mod:`castore_di.composition.loader`); ``None`` without PyYAML."""
     from importlib.machinery import PathFinder
 
     import castore_di
+    from castore_di.composition import loader
 
     spec = PathFinder.find_spec("yaml")
     if spec is None or not spec.origin:
         return None
-    st = os.stat(spec.origin)
-    return f"{castore_di.__version__}\0{spec.origin}\0{st.st_size}\0{st.st_mtime_ns}".encode()
+    parts = [castore_di.__version__]
+    for path in (spec.origin, loader.__file__):
+        st = os.stat(path)
+        parts += [path, str(st.st_size), str(st.st_mtime_ns)]
+    return "\0".join(parts).encode()
 
 
 def _plain(value: Any, seen: set[int]) -> bool:

@@ -13,9 +13,10 @@ and nulls, nothing shared through YAML aliases), so the cached value is exactly 
 parser returned; the structural checks, interpolation and validation run on it as on a
 fresh parse, and every error is worded as before. A document the parser refuses is never
 cached. Files live under ``$XDG_CACHE_HOME/castore_di/config/`` (default ``~/.cache``),
-one per key, written atomically (temporary file, ``rename``), with a magic, a BLAKE3
-checksum and a ``marshal`` payload: a truncated, corrupt or foreign file is ignored, as is
-every error of the cache itself. At most :data:`MAX_FILES` are kept (the oldest go first).
+one per key, readable by the user alone (a config may hold secrets), written atomically
+(temporary file, ``rename``), with a magic, a BLAKE3 checksum and a ``marshal`` payload: a
+truncated, corrupt or foreign file is ignored, as is every error of the cache itself. At
+most :data:`MAX_FILES` are kept (the oldest go first).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import marshal
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -114,10 +116,12 @@ def _store(path: str, key: bytes, data: Any) -> None:
     try:
         payload = marshal.dumps((key, data))
         directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
-            with open(tmp, "wb") as f:
+            # Readable by the user alone: a config may hold secrets its own mode protects.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as f:
                 f.write(_MAGIC + blake3.blake3(payload).digest() + payload)
             os.replace(tmp, path)
         except BaseException:

@@ -7,8 +7,6 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import attrs
-
 from castore_di.errors import ConfigError, CycleError, UnknownTypeError
 
 if TYPE_CHECKING:
@@ -146,20 +144,27 @@ def _instances(graph: CompositionGraph, metrics: Any) -> CastoreContainer | Dire
     return build_container(graph, metrics)
 
 
-@attrs.define
 class CliContext:
-    config_path: str | None = None
-    blob_name: str = "default"
-    directory_name: str = "default"
-    blob_addr: str | None = None
-    directory_addr: str | None = None
-    verbose: bool = False
-    config: Mapping[str, Any] | None = None
-    """A config given as a mapping (used when ``config_path`` is not set)."""
-    _services: CastoreContainer | DirectInstances | None = None
-    _addr_services: CastoreContainer | DirectInstances | None = None
-    metrics: Any = None
-    """A :class:`castore_di.metrics.Metrics` to record into (set before the services are built)."""
+    """The options that select the services, and the services once built.
+
+    ``config`` is a config given as a mapping (used when ``config_path`` is not set);
+    ``metrics`` a :class:`castore_di.metrics.Metrics` to record into (set before the
+    services are built). A plain class: every command creates one at start-up.
+    """
+
+    def __init__(self, config_path: str | None = None, blob_name: str = "default", directory_name: str = "default",
+                 blob_addr: str | None = None, directory_addr: str | None = None, verbose: bool = False,
+                 config: Mapping[str, Any] | None = None, metrics: Any = None) -> None:
+        self.config_path = config_path
+        self.blob_name = blob_name
+        self.directory_name = directory_name
+        self.blob_addr = blob_addr
+        self.directory_addr = directory_addr
+        self.verbose = verbose
+        self.config = config
+        self.metrics = metrics
+        self._services: CastoreContainer | DirectInstances | None = None
+        self._addr_services: CastoreContainer | DirectInstances | None = None
 
     def _config_services(self) -> CastoreContainer | DirectInstances:
         """The services of ``--config``/``CASTORE_CONFIG`` (or ``config``), else of the default config.

@@ -97,6 +97,7 @@ __all__ = [
     "SMALL_FILE",
     "DEFAULT_CONCURRENCY",
     "READ_THREADS",
+    "Workers",
 ]
 
 DEFAULT_CONCURRENCY: Final = 32
@@ -1052,7 +1053,8 @@ async def _ingest(
         def on_big() -> None:
             loop.call_soon_threadsafe(pool.start)
 
-        _walk(tree, open_root(), matcher, skip_special, warn, warnings, None if state is not None else on_big)
+        first = state is None or not state.files_raw  # no earlier import of this root to go by
+        _walk(tree, open_root(), matcher, skip_special, warn, warnings, on_big if first else None)
         if cache is None or tree.sig is None:
             return b"", None
         # The walk's fingerprint; none when a file was too recent to be keyed.

@@ -345,3 +345,35 @@ async def test_a_service_without_a_preparer_uses_threads(tmp_path: Path) -> None
     _n, node = await ingest_path(blob, stores.dirs, tmp_path / "src", workers="processes")
     assert isinstance(node, DirectoryNode) and _children() <= before
     await stores.close()
+
+
+async def test_auto_starts_workers_during_the_walk_of_a_large_first_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``workers="auto"`` on a machine with enough CPUs (lowered here, with the size that
+    pays) starts the workers while the walk runs, for a first import; a re-import with a
+    stat cache does not start them before it knows how much it must read."""
+    from castore_di import importer
+    from castore_di.importcache import ImportCache
+
+    monkeypatch.setattr(importer, "AUTO_PROCESSES_MIN_CPUS", 1)
+    monkeypatch.setattr(importer, "PROCESS_MIN_FILES", 50)
+    _tree(tmp_path / "src", n=200)
+    stores = _Stores(tmp_path / "store")
+    before = _children()
+    seen: list[set[int]] = []
+
+    class AtStart:
+        def start(self, files: int, nbytes: int) -> None:  # after the walk, before any read
+            seen.append(_children() - before)
+
+        def advance(self, nbytes: int) -> None:
+            pass
+
+    cache = ImportCache(directory=str(tmp_path / "cache"), racy_ns=0)
+    _n, first = await ingest_path(stores.blob, stores.dirs, tmp_path / "src", progress=AtStart(), cache=cache)
+    (tmp_path / "src" / "d0" / "new").write_bytes(b"new")
+    _n, second = await ingest_path(stores.blob, stores.dirs, tmp_path / "src", progress=AtStart(), cache=cache)
+    assert seen[0] and not seen[1]
+    assert first != second and _children() <= before
+    await stores.close()

@@ -537,7 +537,9 @@ class _Pool:
 
     def __init__(self, blob: BlobService, workers: Workers, root: str, dev: int, ino: int) -> None:
         self.mode = workers
-        usable = workers == "processes" or (workers == "auto" and _CPUS >= AUTO_PROCESSES_MIN_CPUS)
+        usable = bool(sys.executable) and (
+            workers == "processes" or (workers == "auto" and _CPUS >= AUTO_PROCESSES_MIN_CPUS)
+        )
         self._preparer = blob.preparer() if usable else None
         self._args = (root, dev, ino)
         self.workers: _Workers | None = None

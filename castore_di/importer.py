@@ -114,13 +114,15 @@ PROCESS_MIN_FILES: Final = 4096
 PROCESS_MIN_BYTES: Final = 128 << 20
 _CPUS: Final = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 WORKER_PROCESSES: Final = min(8, _CPUS)
-# ``workers="auto"`` uses processes from this many CPUs on. Measured on 2 CPUs (the stdlib
-# tree, benches/import_bench.py): processes took as much CPU as threads or more (6.6-7.1 s
-# against 6.6-6.7 s: what they save in GIL hand-offs goes to start-up and to pickling the
-# encoded bytes through pipes) and were no faster, so 2 CPUs stay with threads. The reader
-# threads cannot use much more than two CPUs (the GIL serialises their Python parts);
-# processes scale with the CPUs: not measured here (no such machine).
-AUTO_PROCESSES_MIN_CPUS: Final = 4
+# ``workers="auto"`` uses processes for a large first import (the import cache has no entry
+# for the root) from this many CPUs on. Measured on 2 shared CPUs (stdlib tree, 50,756 files,
+# same-moment pairs while other work loaded the machine): processes were faster in 13 of 21
+# pairs, by 10-20% when the load was lowest (4.03-6.58 s against 4.95-7.12 s), slower under
+# heavy load; CPU alike (6.5-7.5 s either way): the threads hold the GIL about 85% of the
+# time (py-spy --gil), the processes pay for start-up and for pickling the encoded bytes
+# through pipes. A re-import (files mostly present) stays with threads: there processes cost
+# about 0.3 s more (2.7-2.8 s against 2.4-2.7 s for --rehash).
+AUTO_PROCESSES_MIN_CPUS: Final = 2
 # With worker processes, a large file up to this size is read whole and encoded by a worker
 # (one at a time); a larger one streams through a writer in this process.
 WHOLE_IN_WORKER: Final = 64 << 20
@@ -544,6 +546,10 @@ class _Pool:
         self._args = (root, dev, ino)
         self.workers: _Workers | None = None
         self._closed = False
+        # The import cache knows this root: most files are likely present (a re-import,
+        # ``--rehash``), and hashing them costs little next to what processes add (start-up,
+        # pipes): "auto" stays with threads.
+        self.imported_before = False
 
     def start(self) -> None:
         """Start the processes (on the event loop's thread) unless done or unusable."""
@@ -555,7 +561,9 @@ class _Pool:
 
     def for_files(self, files: int, nbytes: int) -> _Workers | None:
         """The processes for reading ``files`` small files (started now if they pay)."""
-        if self.mode == "processes" or files >= PROCESS_MIN_FILES or nbytes >= PROCESS_MIN_BYTES:
+        if self.mode == "processes" or (
+            not self.imported_before and (files >= PROCESS_MIN_FILES or nbytes >= PROCESS_MIN_BYTES)
+        ):
             self.start()
         return self.workers
 
@@ -938,9 +946,10 @@ async def ingest_path(
         workers: who reads small files: ``"threads"`` of this process, ``"processes"``
             (worker processes, :mod:`castore_di._importworker`, when the blob service
             offers a :meth:`~castore_di.blobservice.base.BlobService.preparer`; else
-            threads), or ``"auto"`` (the default): processes for a large import
-            (``PROCESS_MIN_FILES`` small files or ``PROCESS_MIN_BYTES``) on a machine with
-            at least ``AUTO_PROCESSES_MIN_CPUS`` CPUs, else threads.
+            threads), or ``"auto"`` (the default): processes for a large first import
+            (``PROCESS_MIN_FILES`` small files or ``PROCESS_MIN_BYTES``; with a ``cache``,
+            none for a root it knows) on a machine with at least
+            ``AUTO_PROCESSES_MIN_CPUS`` CPUs, else threads.
 
     Raises:
         UnsupportedFileTypeError: a fifo, socket or device in the tree (without ``skip_special``).
@@ -1048,15 +1057,14 @@ async def _ingest(
     pool = _Pool(blob, workers, root, st.st_dev, st.st_ino)
 
     def walk() -> tuple[bytes, CacheState | None]:
-        # The cache first: a tree imported before is likely to need few files read, so the
-        # worker processes are started during the walk only for a first import.
+        # Worker processes start during the walk, for a first import only (see _Pool).
         state = cache.load(root, warn) if cache is not None else None
 
         def on_big() -> None:
             loop.call_soon_threadsafe(pool.start)
 
-        first = state is None or not state.files_raw  # no earlier import of this root to go by
-        _walk(tree, open_root(), matcher, skip_special, warn, warnings, on_big if first else None)
+        pool.imported_before = cache is not None and os.path.exists(cache.path_for(root))
+        _walk(tree, open_root(), matcher, skip_special, warn, warnings, None if pool.imported_before else on_big)
         if cache is None or tree.sig is None:
             return b"", None
         # The walk's fingerprint; none when a file was too recent to be keyed.

@@ -136,7 +136,7 @@ def node_line(path: str | bytes, node: Node) -> str:
               help="Read every file, trusting no cached digest (the import cache is rewritten).")
 @click.option("--no-cache", is_flag=True, help="Neither use nor write the import cache.")
 @click.option("--workers", type=click.Choice(["auto", "threads", "processes"]), default="auto", show_default=True,
-              help="Who reads small files: threads, worker processes, or auto (processes for a large import on 4+ CPUs).")
+              help="Who reads small files: threads, worker processes, or auto (processes for a large first import).")
 @pass_ctx
 def import_command(ctx: CliContext, paths: tuple[str, ...], tar: str | None, name: str | None, as_json: bool,
                    concurrency: int, progress: bool | None, excludes: tuple[str, ...], skip_special: bool,

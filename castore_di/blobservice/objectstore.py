@@ -62,7 +62,7 @@ from castore_di._objectstore.store import (
     import_obstore,
     object_key,
     worker_pool,
-    zstd_compress,
+    zstd_compress_chunk,
     zstd_decompress,
 )
 
@@ -523,7 +523,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
             if await access.exists(key):
                 uploaded = False
             else:
-                compressed = await asyncio.wrap_future(worker_pool().submit(zstd_compress, chunk))
+                compressed = await asyncio.wrap_future(worker_pool().submit(zstd_compress_chunk, chunk))
                 uploaded = await access.put_new(key, compressed)
             self._count(uploaded)
 
@@ -620,12 +620,12 @@ class _ObjectStoreBlobWriter(BlobWriter):
         else:
             parts = [tail, *pieces] if tail is not None else pieces
             buffer = self._take_buffer(sum(map(len, parts)), final)
-            data = buffer.data
-            pos = 0
+            data = memoryview(buffer.data)  # a view's slice assignment copies once (a
+            pos = 0  # bytearray's would first copy a non-bytearray value into a new one)
             for part in parts:
                 data[pos : pos + len(part)] = part
                 pos += len(part)
-            segment = memoryview(data)[:pos]
+            segment = data[:pos]
             self._release(tail_buffer)
         if not inline:
             self._to_loop(self._room.release)
@@ -741,7 +741,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
                 if self._stop.is_set():
                     return
                 key = _chunk_key(digest)
-                uploaded = not access.exists_sync(key) and access.put_new_sync(key, zstd_compress(chunk))
+                uploaded = not access.exists_sync(key) and access.put_new_sync(key, zstd_compress_chunk(chunk))
                 self._count(uploaded)
         except BaseException as e:
             self._fail(e)

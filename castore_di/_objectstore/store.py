@@ -266,8 +266,9 @@ def zstd_compress_chunk(data: bytes | bytearray | memoryview) -> bytes:
     chunk (a few microseconds); if that saves less than 1/64, the fastest level stores the
     chunk at memory speed (as raw blocks, which is also what level 3 makes of such data, after
     a match search over every byte: most of a store's cost on random data). A compressible
-    stretch that falls between samples (under 1/16 of the chunk) then stays uncompressed: on
-    the benchmark's mixed data that costs under 0.1% of the stored size.
+    stretch in random bytes is found when it holds two samples (1/8 of the chunk); a shorter
+    one stays uncompressed: on the benchmark's mixed data that costs under 0.1% of the
+    stored size.
     """
     n = len(data)
     compressors = getattr(_compressors, "chunk", None)

@@ -291,7 +291,7 @@ def _digest_of_key(area: str, key: str) -> B3Digest | None:
 
 
 _SEGMENT = 1024 * 1024  # data cut at once, at least (and at least 8 average chunks)
-_BUFFERS = 4  # cut buffers per writer: one being cut, the others' chunks being stored
+_BUFFERS = 4  # regions per writer (cut buffers or pieces cut in place): one being cut, the others stored
 _CUTTER_POLL = 5.0  # seconds between the cutter's checks that its writer still exists
 _QUEUED = 2  # segments handed to the cutter and not yet copied out of the caller's bytes
 
@@ -305,12 +305,13 @@ class _Buffer:
 
     __slots__ = ("data", "refs")
 
-    def __init__(self, data: bytearray) -> None:
+    def __init__(self, data: bytearray | None) -> None:
         self.data = data
         self.refs = 1  # the cut
 
 
 _Chunk = tuple[B3Digest, memoryview]  # a chunk's digest and contents
+_Cut = tuple[int, memoryview]  # a chunk's place in the blob and contents (its digest not yet known)
 
 
 def _cutter_main(
@@ -345,22 +346,24 @@ class _ObjectStoreBlobWriter(BlobWriter):
       which are immutable: no copy) and hands them to the cutter through a queue of
       ``_QUEUED`` segments; it waits only when the cutter is that far behind.
     * The cutter (a thread of this writer, started by its first full segment; a blob of
-      one segment is cut in one job at ``close``) copies the previous segment's uncut tail
-      and the new segment into a reusable buffer, cuts it with FastCDC and hashes each chunk
-      right after cutting it (while it is in cache). Every cut but the segment's last is
-      final (FastCDC decides a cut from at most ``max_size`` bytes after the chunk's start);
-      the last waits for more data. The cut part feeds the whole-blob hash in a worker
-      thread, in order, beside the cutter (:meth:`_hash_later`).
-    * Store jobs check, compress and put the chunks of a segment while the cutter goes on:
-      in the engine's worker threads with blocking requests for stores in this process
-      (memory, local files); as upload tasks on the event loop otherwise. At most
-      ``max_in_flight`` store jobs (resp. puts) run at once.
+      one segment is cut in one job at ``close``) cuts the data with FastCDC in regions
+      (:meth:`_cut_region`): a written piece longer than a maximum chunk in place, a tail
+      and the start of the next piece (or short pieces) copied into a reusable buffer.
+      Every cut but a region's last is final (FastCDC decides a cut from at most
+      ``max_size`` bytes after the chunk's start); the last waits for more data. The cut
+      part feeds the whole-blob hash in a worker thread, in order, beside the cutter
+      (:meth:`_hash_later`).
+    * Store jobs hash, check, compress and put the chunks of a region while the cutter goes
+      on: in the engine's worker threads with blocking requests for stores in this process
+      (memory, local files); as upload tasks on the event loop otherwise (their chunks are
+      hashed by the cutter). At most ``max_in_flight`` store jobs (resp. puts) run at once.
 
     Every byte is hashed once as part of the blob and once as part of its chunk. Memory is
-    bounded: ``_BUFFERS`` buffers of one segment plus one maximum chunk (4 × 2.5 MiB at the
-    default 256 KiB), ``_QUEUED + 1`` segments of written data, and the compressed chunks in
-    flight. A failed store job stops the pipeline: ``close`` raises :class:`StorageError` and
-    writes no index. ``abort`` cancels the store jobs not started and waits for the others.
+    bounded: ``_BUFFERS`` regions in flight, each a buffer of one segment plus one maximum
+    chunk (4 × 2.5 MiB at the default 256 KiB) or a written piece of at most one segment,
+    ``_QUEUED + 1`` segments of written data, and the compressed chunks in flight. A failed
+    store job stops the pipeline: ``close`` raises :class:`StorageError` and writes no
+    index. ``abort`` cancels the store jobs not started and waits for the others.
     """
 
     def __init__(self, service: ObjectStoreBlobService) -> None:
@@ -393,7 +396,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
         self._store_jobs = 0
         self._to_hash: collections.deque[tuple[memoryview, _Buffer | None]] = collections.deque()
         self._hashing = False
-        self._digests: list[B3Digest] = []
+        self._digests: list[B3Digest | None] = []  # set by the store stage, each in its slot
         self._stop = threading.Event()  # set on abort or failure: every stage leaves
         self._failure: BaseException | None = None
         self._published: B3Digest | None = None
@@ -457,7 +460,9 @@ class _ObjectStoreBlobWriter(BlobWriter):
     def _index(self) -> tuple[B3Digest, bytes]:
         """The blob's digest and index, once every chunk is stored."""
         digest = B3Digest(self._hasher.digest())
-        chunks = [ChunkMeta(d, n) for d, n in zip(self._digests, self._sizes, strict=True)]
+        chunks = [ChunkMeta(d, n) for d, n in zip(self._digests, self._sizes, strict=True) if d is not None]
+        if len(chunks) != len(self._sizes):  # every store job ran (close waits for them)
+            raise AssertionError("a chunk of the blob was never hashed")
         return digest, _encode_index(chunks if len(chunks) >= 2 else [])
 
     def _publish_sync(self) -> None:
@@ -559,7 +564,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
             buffer.refs -= 1
             if buffer.refs == 0:
                 self._buffers_used -= 1
-                if len(buffer.data) == self._capacity:
+                if buffer.data is not None and len(buffer.data) == self._capacity:
                     self._free.append(buffer.data)
                 self._lock.notify_all()
 
@@ -598,66 +603,104 @@ class _ObjectStoreBlobWriter(BlobWriter):
         except BaseException as e:
             self._fail(e)
 
-    def _take_buffer(self, size: int, final: bool) -> _Buffer:
+    def _take_buffer(self, size: int, final: bool, copy: bool = True) -> _Buffer:
+        """A region's holder, once fewer than ``_BUFFERS`` are in use: with a cut buffer of
+        ``size`` bytes at least when ``copy``, else none (a region cut in place)."""
         with self._lock:
             while self._buffers_used >= _BUFFERS and not self._stop.is_set():
                 self._lock.wait()
             if self._stop.is_set():
                 raise _Stopped
             self._buffers_used += 1
+            if not copy:
+                return _Buffer(None)
             if self._free:
                 return _Buffer(self._free.pop())
         return _Buffer(bytearray(size if final else self._capacity))
 
     def _cut(self, pieces: list[memoryview], final: bool, inline: bool) -> None:
+        """Cut a message's pieces into regions, each cut at once (see :meth:`_regions`)."""
         if self._stop.is_set():
             raise _Stopped
+        if not inline:
+            self._to_loop(self._room.release)
+        if self._chunker is None:
+            self._chunker = _new_chunker(self._svc.avg_chunk_size)
+        todo = collections.deque(piece for piece in pieces if piece)
+        while todo or (final and self._tail is not None):
+            self._cut_region(todo, final, inline)
+
+    def _cut_region(self, todo: "collections.deque[memoryview]", final: bool, inline: bool) -> None:
+        """Cut one region: the next piece in place when it is longer than a maximum chunk and
+        no uncut tail precedes it (the written ``bytes`` are immutable: no copy); otherwise a
+        copy in a cut buffer. A tail that precedes a long piece is joined with just enough of
+        it (a maximum chunk) to end the tail's chunk, and the cut goes on in the piece itself,
+        so a writer of 1 MiB blocks has about half of its bytes copied instead of all."""
+        max_size = 2 * self._svc.avg_chunk_size
         tail, tail_buffer = self._tail, self._tail_buffer
         self._tail = self._tail_buffer = None
-        buffer: _Buffer | None = None
-        if tail is None and len(pieces) == 1:
-            segment = pieces[0]  # cut the written bytes in place
+        joined = -1  # bytes of the tail in a join region (-1: not a join)
+        piece: memoryview | None = None
+        if tail is None and len(todo[0]) > max_size:
+            region = todo.popleft()
+            buffer = self._take_buffer(0, final, copy=False)
         else:
-            parts = [tail, *pieces] if tail is not None else pieces
-            buffer = self._take_buffer(sum(map(len, parts)), final)
+            parts = [tail] if tail is not None else []
+            if tail is not None and todo and len(todo[0]) > max_size:
+                piece = todo.popleft()
+                joined = len(tail)
+                parts.append(piece[: max(max_size + 1 - joined, 1)])  # the join's first chunk is final
+            else:
+                total = len(tail) if tail is not None else 0
+                while todo and len(todo[0]) <= max_size and total + len(todo[0]) <= self._capacity:
+                    total += len(todo[0])
+                    parts.append(todo.popleft())
+            size = sum(map(len, parts))
+            buffer = self._take_buffer(size, final and not todo and piece is None)
+            assert buffer.data is not None
             data = memoryview(buffer.data)  # a view's slice assignment copies once (a
             pos = 0  # bytearray's would first copy a non-bytearray value into a new one)
             for part in parts:
                 data[pos : pos + len(part)] = part
                 pos += len(part)
-            segment = data[:pos]
+            region = data[:pos]
             self._release(tail_buffer)
-        if not inline:
-            self._to_loop(self._room.release)
-        if self._chunker is None:
-            self._chunker = _new_chunker(self._svc.avg_chunk_size)
-        # Each chunk is hashed (alone and as part of the blob) right after the chunker read
-        # it, while it is in the core's cache, as a one-thread cut-hash-compress loop would.
-        chunks: list[_Chunk] = []
+        last = final and not todo and (piece is None or len(piece) <= len(region) - joined)
+        chunks: list[_Cut] = []
         consumed = 0
         held: tuple[int, int] | None = None  # the last cut: final only if another follows
-        for cut in self._chunker.cut_buf(segment):
+        assert self._chunker is not None
+        for cut in self._chunker.cut_buf(region):
             if held is not None:
-                consumed = self._hash_chunk(segment, held, chunks)
+                consumed = self._add_chunk(region, held, chunks)
+                if 0 <= joined <= consumed:
+                    break  # the tail's chunk is cut: the rest is cut in the piece itself
             held = (cut.offset, cut.length)
-        if held is not None and final:
-            consumed = self._hash_chunk(segment, held, chunks)
+        else:
+            if held is not None and last:
+                consumed = self._add_chunk(region, held, chunks)
+        if piece is not None:
+            rest = piece[consumed - joined :] if consumed >= joined else piece[len(region) - joined :]
+            if rest:
+                todo.appendleft(rest)
+            if consumed < joined:  # the join ended no chunk past the tail (rare): a new tail
+                self._keep_tail(region[consumed:], buffer)
+        elif not last and consumed < len(region):
+            self._keep_tail(region[consumed:], buffer)
         if inline:
-            self._hasher.update(segment[:consumed])
+            self._hasher.update(region[:consumed])
         elif consumed:
-            self._hash_later(segment[:consumed], buffer)
-        if not final and consumed < len(segment):
-            self._tail = segment[consumed:]
-            self._tail_buffer = buffer
-            if buffer is not None:
-                with self._lock:
-                    buffer.refs += 1
+            self._hash_later(region[:consumed], buffer)
         if chunks:
-            if buffer is not None:
-                with self._lock:
-                    buffer.refs += 1
+            with self._lock:
+                buffer.refs += 1
             self._store(chunks, buffer, inline)
         self._release(buffer)  # the cut's reference
+
+    def _keep_tail(self, view: memoryview, buffer: _Buffer) -> None:
+        self._tail, self._tail_buffer = view, buffer
+        with self._lock:
+            buffer.refs += 1
 
     def _hash_later(self, view: memoryview, buffer: _Buffer | None) -> None:
         """Feed ``view`` to the blob's hash beside the cutter, in order: one job at a time
@@ -687,19 +730,22 @@ class _ObjectStoreBlobWriter(BlobWriter):
             finally:
                 self._release(buffer)
 
-    def _hash_chunk(self, segment: memoryview, cut: tuple[int, int], chunks: list[_Chunk]) -> int:
-        """Hash one chunk (its digest); the end of the chunk."""
+    def _add_chunk(self, segment: memoryview, cut: tuple[int, int], chunks: list[_Cut]) -> int:
+        """Give one chunk its slot in the blob's chunk list; the end of the chunk."""
         offset, length = cut
-        view = segment[offset : offset + length]
-        digest = blake3_digest(view)
-        self._digests.append(digest)
-        chunks.append((digest, view))
+        chunks.append((len(self._sizes), segment[offset : offset + length]))
         self._sizes.append(length)
+        self._digests.append(None)
         return offset + length
 
-    def _store(self, chunks: list[_Chunk], buffer: _Buffer | None, inline: bool) -> None:
-        if not self._in_process:
-            self._to_loop(self._start_uploads, chunks, buffer)
+    def _hash_chunk(self, index: int, view: memoryview) -> B3Digest:
+        digest = self._digests[index] = blake3_digest(view)
+        return digest
+
+    def _store(self, chunks: list[_Cut], buffer: _Buffer | None, inline: bool) -> None:
+        if not self._in_process:  # remote: hashed here, uploaded by tasks on the event loop
+            hashed = [(self._hash_chunk(i, view), view) for i, view in chunks]
+            self._to_loop(self._start_uploads, hashed, buffer)
         elif inline:
             self._store_job(chunks, buffer)
         else:
@@ -733,14 +779,14 @@ class _ObjectStoreBlobWriter(BlobWriter):
 
     # -- store jobs (worker threads) -----------------------------------------------------------
 
-    def _store_job(self, chunks: list[_Chunk], buffer: _Buffer | None) -> None:
-        """Check, compress and put chunks with blocking requests."""
+    def _store_job(self, chunks: list[_Cut], buffer: _Buffer | None) -> None:
+        """Hash, check, compress and put chunks with blocking requests."""
         access = self._svc.access
         try:
-            for digest, chunk in chunks:
+            for index, chunk in chunks:
                 if self._stop.is_set():
                     return
-                key = _chunk_key(digest)
+                key = _chunk_key(self._hash_chunk(index, chunk))
                 uploaded = not access.exists_sync(key) and access.put_new_sync(key, zstd_compress_chunk(chunk))
                 self._count(uploaded)
         except BaseException as e:

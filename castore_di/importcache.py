@@ -20,7 +20,8 @@ it again (git's "racy git" rule).
 
 One file per import root (its real path), under ``$XDG_CACHE_HOME/castore_di/import/``
 (default ``~/.cache``), written only after an import succeeds, atomically (temporary
-file, ``fsync``, ``rename``). The format is a magic, a version, a BLAKE3 checksum and a
+file, ``rename``; not ``fsync``ed: a cache lost or torn by a crash fails its checksum or
+is simply absent, and the next import reads everything, so the save costs no disk flush). The format is a magic, a version, a BLAKE3 checksum and a
 ``marshal`` payload: a truncated, corrupt or foreign file is ignored with a warning. At
 most :data:`MAX_ENTRIES` files per root and :data:`MAX_FILES` roots are kept (the least
 recently written go first).
@@ -151,8 +152,6 @@ class ImportCache:
             with os.fdopen(fd, "wb") as f:
                 f.write(_HEADER.pack(_MAGIC, _VERSION, blake3.blake3(body).digest()))
                 f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -160,11 +159,6 @@ class ImportCache:
             except OSError:
                 pass
             raise
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
         self._trim(path)
 
     def touch(self, root: str) -> None:

@@ -312,6 +312,26 @@ async def test_cuts_do_not_depend_on_write_sizes(sizes: list[int], size: int) ->
     assert await reader.read(-1) == data
 
 
+async def test_a_tail_whose_cut_moves_back_a_byte() -> None:
+    # FastCDC looks at even offsets only up to the end of the data: a tail of odd length ℓ+1
+    # can end at ℓ once more data comes, inside the tail (the join then keeps a new tail)
+    from pyfastcdc import FastCDC
+
+    data = _data(4 * 1024 * 1024, 8)
+    cuts = list(FastCDC(TEST_AVG, min_size=TEST_AVG // 2, max_size=MAX_CHUNK).cut_buf(data))
+    cut = next(c for c in cuts if c.offset > MAX_CHUNK and c.length % 2 == 0 and c.offset + c.length < len(data) - 2 * MAX_CHUNK)
+    split = cut.offset + cut.length + 1
+    assert list(FastCDC(TEST_AVG, min_size=TEST_AVG // 2, max_size=MAX_CHUNK).cut_buf(data[:split]))[-1].length == cut.length + 1
+    blobs = ObjectStoreBlobService("memory:///", avg_chunk_size=TEST_AVG)
+    writer = blobs.open_write()
+    await writer.write(data[:split])
+    await writer.write(data[split:])
+    digest = await writer.close()
+    chunks = await blobs.chunks(digest)
+    assert chunks is not None
+    assert [(c.digest, c.size) for c in chunks] == [(blake3_digest(c.data), c.length) for c in cuts]
+
+
 def test_incompressible_chunks_are_stored_raw_and_compressible_ones_compressed() -> None:
     from castore_di._objectstore.store import zstd_compress_chunk, zstd_decompress
 

@@ -291,7 +291,7 @@ def _digest_of_key(area: str, key: str) -> B3Digest | None:
 
 
 _SEGMENT = 1024 * 1024  # data cut at once, at least (and at least 8 average chunks)
-_BUFFERS = 4  # regions per writer (cut buffers or pieces cut in place): one being cut, the others stored
+_BUFFERS = 4  # a writer's regions in flight take at most this many cut buffers' worth of bytes
 _CUTTER_POLL = 5.0  # seconds between the cutter's checks that its writer still exists
 _QUEUED = 2  # segments handed to the cutter and not yet copied out of the caller's bytes
 
@@ -301,12 +301,14 @@ class _Stopped(Exception):
 
 
 class _Buffer:
-    """A cut buffer and the number of pipeline stages still reading it."""
+    """A region's holder: its cut buffer (``None`` for a piece cut in place), the bytes it
+    counts against the writer's budget, and the number of pipeline stages still reading it."""
 
-    __slots__ = ("data", "refs")
+    __slots__ = ("data", "cost", "refs")
 
-    def __init__(self, data: bytearray | None) -> None:
+    def __init__(self, data: bytearray | None, cost: int) -> None:
         self.data = data
+        self.cost = cost
         self.refs = 1  # the cut
 
 
@@ -359,9 +361,10 @@ class _ObjectStoreBlobWriter(BlobWriter):
       hashed by the cutter). At most ``max_in_flight`` store jobs (resp. puts) run at once.
 
     Every byte is hashed once as part of the blob and once as part of its chunk. Memory is
-    bounded: ``_BUFFERS`` regions in flight, each a buffer of one segment plus one maximum
-    chunk (4 × 2.5 MiB at the default 256 KiB) or a written piece of at most one segment,
-    ``_QUEUED + 1`` segments of written data, and the compressed chunks in flight. A failed
+    bounded: the regions in flight hold at most ``_BUFFERS`` cut buffers' worth of bytes (a
+    buffer is one segment plus one maximum chunk: 4 × 2.5 MiB at the default 256 KiB; a
+    join's buffer is one maximum chunk, a piece cut in place counts its length), plus
+    ``_QUEUED + 1`` segments of written data and the compressed chunks in flight. A failed
     store job stops the pipeline: ``close`` raises :class:`StorageError` and writes no
     index. ``abort`` cancels the store jobs not started and waits for the others.
     """
@@ -390,8 +393,10 @@ class _ObjectStoreBlobWriter(BlobWriter):
         self._sizes: list[int] = []
         # shared, under _lock
         self._lock = threading.Condition()
-        self._free: list[bytearray] = []
-        self._buffers_used = 0
+        self._join = 2 * avg + 1  # a join: a tail and the next piece's start (:meth:`_cut_region`)
+        self._free: dict[int, list[bytearray]] = {self._capacity: [], self._join: []}
+        self._budget = _BUFFERS * self._capacity
+        self._charged = 0  # bytes of the regions in flight
         self._jobs: set[concurrent.futures.Future[None]] = set()
         self._store_jobs = 0
         self._to_hash: collections.deque[tuple[memoryview, _Buffer | None]] = collections.deque()
@@ -563,9 +568,9 @@ class _ObjectStoreBlobWriter(BlobWriter):
         with self._lock:
             buffer.refs -= 1
             if buffer.refs == 0:
-                self._buffers_used -= 1
-                if buffer.data is not None and len(buffer.data) == self._capacity:
-                    self._free.append(buffer.data)
+                self._charged -= buffer.cost
+                if buffer.data is not None and len(buffer.data) in self._free:
+                    self._free[len(buffer.data)].append(buffer.data)
                 self._lock.notify_all()
 
     # -- the cutter ------------------------------------------------------------------------------
@@ -603,23 +608,26 @@ class _ObjectStoreBlobWriter(BlobWriter):
         except BaseException as e:
             self._fail(e)
 
-    def _take_buffer(self, size: int, final: bool, copy: bool = True) -> _Buffer:
-        """A region's holder, once fewer than ``_BUFFERS`` are in use: with a cut buffer of
-        ``size`` bytes at least when ``copy``, else none (a region cut in place)."""
+    def _take_buffer(self, size: int, capacity: int, piece: memoryview | None = None) -> _Buffer:
+        """A region's holder once its bytes fit the budget (one region always fits): for
+        ``piece`` cut in place, or with a cut buffer of ``size`` bytes, of ``capacity`` bytes
+        when that is not 0 (a join's or a segment's: recycled), else of just ``size``."""
+        cost = len(piece) if piece is not None else capacity or size
         with self._lock:
-            while self._buffers_used >= _BUFFERS and not self._stop.is_set():
+            while self._charged and self._charged + cost > self._budget and not self._stop.is_set():
                 self._lock.wait()
             if self._stop.is_set():
                 raise _Stopped
-            self._buffers_used += 1
-            if not copy:
-                return _Buffer(None)
-            if self._free:
-                return _Buffer(self._free.pop())
-        return _Buffer(bytearray(size if final else self._capacity))
+            self._charged += cost
+            if piece is not None:
+                return _Buffer(None, cost)
+            free = self._free.get(capacity)
+            if free:
+                return _Buffer(free.pop(), cost)
+        return _Buffer(bytearray(cost), cost)
 
     def _cut(self, pieces: list[memoryview], final: bool, inline: bool) -> None:
-        """Cut a message's pieces into regions, each cut at once (see :meth:`_regions`)."""
+        """Cut a message's pieces into regions, each cut at once (see :meth:`_cut_region`)."""
         if self._stop.is_set():
             raise _Stopped
         if not inline:
@@ -641,9 +649,9 @@ class _ObjectStoreBlobWriter(BlobWriter):
         self._tail = self._tail_buffer = None
         joined = -1  # bytes of the tail in a join region (-1: not a join)
         piece: memoryview | None = None
-        if tail is None and len(todo[0]) > max_size:
+        if tail is None and (len(todo[0]) > max_size or (final and len(todo) == 1)):
             region = todo.popleft()
-            buffer = self._take_buffer(0, final, copy=False)
+            buffer = self._take_buffer(0, 0, region)
         else:
             parts = [tail] if tail is not None else []
             if tail is not None and todo and len(todo[0]) > max_size:
@@ -656,7 +664,8 @@ class _ObjectStoreBlobWriter(BlobWriter):
                     total += len(todo[0])
                     parts.append(todo.popleft())
             size = sum(map(len, parts))
-            buffer = self._take_buffer(size, final and not todo and piece is None)
+            capacity = self._join if piece is not None else 0 if final and not todo else self._capacity
+            buffer = self._take_buffer(size, capacity)
             assert buffer.data is not None
             data = memoryview(buffer.data)  # a view's slice assignment copies once (a
             pos = 0  # bytearray's would first copy a non-bytearray value into a new one)
@@ -764,7 +773,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
         if buffer is not None:
             buffer.refs -= 1
             if buffer.refs == 0:
-                self._buffers_used -= 1
+                self._charged -= buffer.cost
                 self._lock.notify_all()
 
     def _job_done(self, job: concurrent.futures.Future[None]) -> None:

@@ -11,7 +11,7 @@ directory, that child's size. (tvix at HEAD counts every entry twice; we do not.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import attrs
 
@@ -25,7 +25,8 @@ from castore_di.errors import (
     ValidationError,
     WrongSortingError,
 )
-from castore_di.proto import castore_pb2
+if TYPE_CHECKING:
+    from castore_di.proto import castore_pb2
 
 __all__ = [
     "FileNode",
@@ -200,6 +201,8 @@ class Directory:
     # -- wire form --------------------------------------------------------------------
 
     def to_proto(self) -> castore_pb2.Directory:
+        from castore_di.proto import castore_pb2
+
         msg = castore_pb2.Directory()
         for name, node in self._entries:
             if type(node) is DirectoryNode:
@@ -298,7 +301,21 @@ class Directory:
 
     @classmethod
     def decode(cls, data: bytes) -> "Directory":
-        """Parse and validate protobuf bytes (unknown fields are dropped)."""
+        """Parse and validate protobuf bytes (unknown fields are dropped).
+
+        Bytes in the canonical encoding (what :meth:`encode` writes, so what stores hold) are
+        read without protobuf and kept as the directory's encoding; anything else is parsed
+        by protobuf and checked one rule at a time, for the reference's errors.
+        """
+        if type(data) is not bytes:
+            data = bytes(data)
+        found = _canonical_index(data)
+        if found is not None:
+            self = cls._from_index(*found)
+            self._encoded = data
+            return self
+        from castore_di.proto import castore_pb2
+
         msg = castore_pb2.Directory()
         try:
             msg.ParseFromString(data)
@@ -378,8 +395,123 @@ def _valid_index(msg: castore_pb2.Directory) -> tuple[dict[bytes, Node], int] | 
     return index, size
 
 
+class _NotCanonical(Exception):
+    """Inside :func:`_canonical_index`: the bytes are not a valid directory in canonical form."""
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """A minimally encoded varint at ``pos`` (at most 10 bytes) and the position after it."""
+    byte = data[pos]
+    if byte < 0x80:
+        return byte, pos + 1
+    value = byte & 0x7F
+    shift = 7
+    while True:
+        pos += 1
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            if byte == 0 or shift > 63:  # a padded or over-long encoding is not canonical
+                raise _NotCanonical()
+            return value, pos + 1
+        shift += 7
+
+
+_DIGEST_FIELD = bytes((0x12, B3_LEN))  # field 2, length-delimited, 32 bytes
+
+
+def _canonical_index(data: bytes) -> tuple[dict[bytes, Node], int] | None:
+    """The entries and size of ``data`` when it is a valid Directory in canonical encoding,
+    read without protobuf; ``None`` for anything else.
+
+    Canonical as :meth:`Directory.encode` writes it: the lists in field order, each node's
+    fields in field order with default values left out, minimal varints, nothing unknown.
+    What this accepts therefore encodes back to exactly ``data``; the checks are those of
+    :func:`_valid_index`.
+    """
+    index: dict[bytes, Node] = {}
+    size = 0
+    pos = 0
+    end = len(data)
+    field = 0x0A
+    prev = b""
+    try:
+        while pos < end:
+            tag = data[pos]
+            if tag != field:
+                if tag not in (0x12, 0x1A) or tag < field:
+                    return None
+                field, prev = tag, b""
+            length = data[pos + 1]
+            if length < 0x80:
+                pos += 2
+            else:
+                length, pos = _varint(data, pos + 1)
+            stop = pos + length
+            if stop > end or data[pos] != 0x0A:
+                return None
+            name_len = data[pos + 1]
+            if name_len < 0x80:
+                pos += 2
+            else:
+                name_len, pos = _varint(data, pos + 1)
+            name = data[pos : pos + name_len]
+            pos += name_len
+            if (pos > stop or name <= prev or name_len > MAX_NAME_LEN or (name_len < 3 and name in _DOTS)
+                    or b"/" in name or b"\0" in name or name in index):
+                return None
+            prev = name
+            if field == 0x1A:  # SymlinkNode: name, target
+                if data[pos] != 0x12:
+                    return None
+                target_len, pos = _varint(data, pos + 1)
+                target = data[pos : pos + target_len]
+                pos += target_len
+                if not target_len or target_len > MAX_TARGET_LEN or b"\0" in target:
+                    return None
+                index[name] = SymlinkNode(target)
+                size += 1
+            else:  # DirectoryNode: name, digest, size; FileNode: name, digest, size, executable
+                if data[pos : pos + 2] != _DIGEST_FIELD:
+                    return None
+                digest = data[pos + 2 : pos + 2 + B3_LEN]
+                pos += 2 + B3_LEN
+                node_size = 0
+                if pos < stop and data[pos] == 0x18:
+                    node_size, pos = _varint(data, pos + 1)
+                    if node_size == 0 or node_size > U64_MAX:
+                        return None
+                if field == 0x0A:
+                    dnode = _new(DirectoryNode)
+                    _dir_digest(dnode, _new_digest(B3Digest, digest))
+                    _dir_size(dnode, node_size)
+                    index[name] = dnode
+                    size += 1 + node_size
+                else:
+                    executable = pos < stop and data[pos] == 0x20
+                    if executable:
+                        if data[pos + 1] != 1:
+                            return None
+                        pos += 2
+                    fnode = _new(FileNode)
+                    _file_digest(fnode, _new_digest(B3Digest, digest))
+                    _file_size(fnode, node_size)
+                    _file_executable(fnode, executable)
+                    index[name] = fnode
+                    size += 1
+            if pos != stop:
+                return None
+    except (IndexError, _NotCanonical):
+        return None
+    if size > U64_MAX:
+        return None
+    return index, size
+
+
 def node_to_proto(name: bytes, node: Node) -> castore_pb2.Node:
     """A named ``Node`` message (the name may be empty for root nodes)."""
+    from castore_di.proto import castore_pb2
+
     if type(node) is DirectoryNode:
         return castore_pb2.Node(directory=castore_pb2.DirectoryNode(name=name, digest=node.digest, size=node.size))
     if type(node) is FileNode:

@@ -2,7 +2,10 @@
 
 ``castore ls``/``cat`` on the embedded store of a YAML config import neither
 dependency-injector nor cattrs (services are built by :mod:`castore_di.composition.direct`,
-valid plain configs structured by the converter's own hooks), nor the transfer code, the
+valid plain configs structured by the converter's own hooks), nor protobuf (stored directories are
+read in their canonical encoding by :meth:`Directory.decode`), nor asyncio (reads run without an
+event loop: :mod:`castore_di._loopless`), nor PyYAML once the config's parse is cached
+(:mod:`castore_di.composition.parsecache`), nor the transfer code, the
 server, other backends' libraries or importlib.metadata. The timings are in
 ``benches/import_bench.py`` (start-up rows); these tests only check what is loaded.
 """
@@ -16,25 +19,29 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 from typing import Any, cast
 
 import attrs
 import pytest
 
 from castore_di import ConfigError, load_container, load_graph
+from castore_di._loopless import in_loopless, run_loopless, to_thread
 from castore_di.cli import _COMMANDS, _load_commands, cli, main
 from castore_di.composition import Registry, default_registry
 from castore_di.composition.config import BlobServiceConfig, reference
 from castore_di.composition.converter import _converter, _plain_fields, structure_config
 from castore_di.composition.direct import direct_instances
 from castore_di.composition.registry import _entry_points_may_exist
-from castore_di.errors import InstantiationError, UnknownInstanceError
+from castore_di.digests import blake3_digest
+from castore_di.errors import InstantiationError, StorageError, UnknownInstanceError
 
 # Never loaded by ls/cat of an embedded store (each is at least a few milliseconds, some far more).
 HEAVY = ("dependency_injector", "cattrs", "fastapi", "pydantic", "pydantic_settings", "werkzeug", "grpc",
          "obstore", "google.cloud", "importlib.metadata", "tomllib", "castore_di.exporter", "castore_di.importer",
          "castore_di.cli.transfer", "castore_di.cli.serve", "castore_di.cli.check", "castore_di.server",
-         "castore_di.composition.container", "tqdm")
+         "castore_di.composition.container", "tqdm", "google.protobuf", "castore_di.proto", "asyncio", "yaml",
+         "concurrent.futures", "traceback", "castore_di.roots", "castore_di.maintenance")
 
 _PROBE = (
     "import sys, json\n"
@@ -107,6 +114,93 @@ def test_ls_and_cat_of_an_embedded_store_load_nothing_heavy(
     loaded = [name for name in HEAVY if _loaded(modules, name)]
     assert not loaded, f"castore {command} loaded {loaded}"
     assert gc_enabled  # the start-up pause of the collector ends
+
+
+@pytest.mark.parametrize("args", [["ls", "-R", "--json", "{root}"], ["cat", "{root}", "big.bin"], ["stat", "--chunks", "{big}"],
+                                  ["ls", "{root}", "nothing"], ["cat", "{root}"]])
+def test_other_reads_run_without_an_event_loop(args: list[str], tmp_path: pathlib.Path) -> None:
+    """Listing a tree, a chunked blob, stat, and the errors: no event loop, no thread pool."""
+    config = tmp_path / "castore.yaml"
+    config.write_text(f"blobservices:\n  default: {{type: embedded, path: '{tmp_path / 'data'}'}}\n"
+                      f"directoryservices:\n  default: {{type: embedded, path: '{tmp_path / 'data'}'}}\n")
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    big = os.urandom(3 << 20)  # several chunks
+    (tree / "big.bin").write_bytes(big)
+    (tree / "sub" / "c.txt").write_bytes(b"gamma\n")
+    out = subprocess.run([sys.executable, "-m", "castore_di.cli", "--config", str(config), "import", "--json",
+                          str(tree)], check=True, capture_output=True, env=_env(), timeout=120).stdout
+    root = json.loads(out)["digest"]
+    big_digest = str(blake3_digest(big))
+    code, modules, stdout, _ = _probe("--config", str(config), *(a.format(root=root, big=big_digest) for a in args))
+    if args[-1] == "nothing":
+        assert code == 1
+    elif args[0] == "cat" and len(args) == 2:
+        assert code == 1  # a directory, not a blob
+    else:
+        assert code == 0
+    if args[0] == "cat" and code == 0:
+        assert stdout == big
+    elif args[0] == "ls" and code == 0:
+        assert {json.loads(line)["path"] for line in stdout.splitlines()} == {"big.bin", "sub", "sub/c.txt"}
+    elif args[0] == "stat":
+        assert stdout.count(b"\n    b3:") >= 2
+    assert "lmdb" in modules and not _loaded(modules, "asyncio") and not _loaded(modules, "concurrent.futures")
+
+
+def test_a_service_that_needs_the_loop_gets_one(embedded_store: tuple[pathlib.Path, str, str]) -> None:
+    """A blob service that does not declare itself loopless: the command runs on an event loop."""
+    config, root, blob = embedded_store
+    config.write_text(config.read_text().replace("blobservices:\n  default:", "blobservices:\n  default: {type: readonly, "
+                                                 "backend: store}\n  store:"))
+    for args, want in ((["ls", root], b" a.txt\n"), (["cat", blob], b"alpha\n")):
+        code, modules, out, _ = _probe("--config", str(config), *args)
+        assert code == 0 and want in out
+        assert "asyncio" in modules
+
+
+def test_a_service_that_cannot_be_built_is_met_where_it_is_used(
+        embedded_store: tuple[pathlib.Path, str, str]) -> None:
+    """``cat`` of a stored blob never asks for the directory service: a broken one does not matter."""
+    config, _, blob = embedded_store
+    code, _, out, _ = _probe("--config", str(config), "--directory-service", "absent", "cat", blob)
+    assert code == 0 and out == b"alpha\n"
+    code, _, out, _ = _probe("--config", str(config), "--directory-service", "absent", "cat", "b3:" + "A" * 43 + "=")
+    assert code == 2 and out == b""
+
+
+def test_run_loopless() -> None:
+    calls: list[str] = []
+
+    async def read(x: int) -> int:
+        got = await to_thread(lambda: threading.current_thread().name)
+        calls.append(got)
+        return x + 1
+
+    assert run_loopless(read(1)) == 2 and calls == [threading.current_thread().name]  # in place
+    assert not in_loopless()
+
+    async def fails() -> None:
+        await read(0)
+        raise StorageError("boom")
+
+    with pytest.raises(StorageError, match="boom"):
+        run_loopless(fails())
+
+    import asyncio
+
+    closed: list[bool] = []
+
+    async def suspends() -> None:
+        try:
+            await asyncio.sleep(0)
+        finally:
+            closed.append(in_loopless())
+
+    with pytest.raises(RuntimeError, match="suspended"):
+        run_loopless(suspends())
+    assert closed == [True] and not in_loopless()
+    assert asyncio.run(read(5)) == 6 and calls[-1] != threading.current_thread().name  # a worker thread
 
 
 def test_ls_with_url_options_loads_nothing_heavy() -> None:

@@ -64,3 +64,54 @@ def test_random_configs_raise_only_config_errors(config: dict[str, Any]) -> None
         load_graph(config)
     except ConfigError:
         pass
+
+
+def _by_protobuf(data: bytes) -> Directory | None:
+    """``data`` decoded by protobuf and the one-by-one checks (None when refused)."""
+    try:
+        return Directory.from_proto(castore_pb2.Directory.FromString(data))
+    except Exception:
+        return None
+
+
+def _mutations(data: bytes, draw: Any) -> bytes:
+    if not data:
+        return data
+    i = draw(st.integers(0, len(data) - 1))
+    op = draw(st.sampled_from(["flip", "drop", "insert", "truncate"]))
+    if op == "flip":
+        return data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1:]
+    if op == "drop":
+        return data[:i] + data[i + 1:]
+    if op == "insert":
+        return data[:i] + bytes([draw(st.integers(0, 255))]) + data[i:]
+    return data[:i]
+
+
+@given(st.dictionaries(names, nodes, max_size=12), st.data())
+def test_canonical_reading_agrees_with_protobuf(entries: dict[bytes, Any], data: Any) -> None:
+    """Bytes read without protobuf are exactly a valid directory's encoding: whatever the
+    reader accepts, protobuf decodes to the same directory, which encodes back to those bytes."""
+    from castore_di.nodes import _canonical_index
+
+    encoded = Directory(entries).encode()
+    assert _canonical_index(encoded) is not None
+    for raw in (encoded, _mutations(encoded, data.draw), _mutations(_mutations(encoded, data.draw), data.draw)):
+        found = _canonical_index(raw)
+        if found is None:
+            continue
+        fast = Directory._from_index(*found)
+        slow = _by_protobuf(raw)
+        assert slow is not None and fast == slow and fast.size == slow.size
+        assert slow.encode() == raw
+        assert Directory.decode(raw).digest == slow.digest
+
+
+@given(st.binary(max_size=200))
+def test_canonical_reading_of_arbitrary_bytes(raw: bytes) -> None:
+    from castore_di.nodes import _canonical_index
+
+    found = _canonical_index(raw)
+    if found is not None:
+        slow = _by_protobuf(raw)
+        assert slow is not None and Directory._from_index(*found) == slow and slow.encode() == raw

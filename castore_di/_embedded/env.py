@@ -11,7 +11,6 @@ writer or a lock and takes microseconds.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import threading
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from castore_di._embedded.config import StoreOptions
 from castore_di._embedded.lease import WriterLease, lease_alive, lease_file, remove_dead_lease_files
 from castore_di._embedded.writer import Writer
+from castore_di._loopless import in_loopless, to_thread
 from castore_di.errors import (
     ClosedError,
     ConfigError,
@@ -526,11 +526,16 @@ def release(env: Environment) -> None:
 
 async def acquire_async(path: str, options: StoreOptions | None = None) -> Environment:
     """:func:`acquire` in a worker thread."""
-    return await asyncio.to_thread(acquire, path, options)
+    return await to_thread(acquire, path, options)
 
 
 async def release_async(env: Environment) -> None:
     """:func:`release` in a worker thread. Shielded: a cancelled caller still gives it back."""
+    if in_loopless():
+        release(env)
+        return
+    import asyncio
+
     await asyncio.shield(asyncio.to_thread(release, env))
 
 
@@ -577,7 +582,7 @@ class Handle(Generic[R]):
         records = self._records
         if records is not None:
             return records
-        return await asyncio.to_thread(self.get_blocking)
+        return await to_thread(self.get_blocking)
 
     async def let_go(self) -> None:
         """Give the environment back now; the next use opens it again."""

@@ -15,13 +15,13 @@ before they submit (the importer's reader threads, the blob writer's worker thre
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    import concurrent.futures
+
     import lmdb
 
     from castore_di._embedded.env import Environment
@@ -47,6 +47,8 @@ class Writer:
 
     async def submit(self, op: Callable[[lmdb.Transaction], T]) -> T:
         """Apply ``op`` in a write transaction; returns its result once committed."""
+        import asyncio
+
         result: T = await asyncio.wrap_future(self._enqueue(op))
         return result
 
@@ -56,6 +58,8 @@ class Writer:
         return result
 
     def _enqueue(self, op: Operation) -> concurrent.futures.Future[Any]:
+        import concurrent.futures  # not at import: a reading command never writes
+
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._cond:
             if self._stopping:

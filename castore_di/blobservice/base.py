@@ -20,12 +20,11 @@ Contract every backend keeps:
 from __future__ import annotations
 
 import abc
-import asyncio
 import bisect
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 import blake3
@@ -33,6 +32,9 @@ import blake3
 from castore_di.composition.fields import between
 from castore_di.digests import B3Digest, blake3_digest
 from castore_di.errors import ClosedError, IntegrityError, StorageError
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = [
     "BlobService",
@@ -273,6 +275,8 @@ class ChunkedReader(PositionedReader):
                 self._pending.pop(i).cancel()
         for i in wanted:
             if i not in self._pending:
+                import asyncio  # only a reader with readahead needs the loop
+
                 task = asyncio.ensure_future(self._fetch(self._chunks[i].digest))
                 task.add_done_callback(_retrieve)  # a skipped chunk's error is not an error
                 self._pending[i] = task
@@ -320,6 +324,8 @@ class ChunkedReader(PositionedReader):
         for task in self._pending.values():
             task.cancel()
         if self._pending:
+            import asyncio
+
             await asyncio.gather(*self._pending.values(), return_exceptions=True)
         self._pending.clear()
         await super().close()
@@ -453,6 +459,10 @@ class BlockingReads(Protocol):
 class BlobService(abc.ABC):
     """A content-addressed store of blobs (see the module docstring for the contract)."""
 
+    loopless: ClassVar[bool] = False
+    """Whether its reads and ``close`` complete inside :func:`castore_di._loopless.run_loopless`
+    (no event loop: nothing they await suspends). Writes may still need a loop."""
+
     @abc.abstractmethod
     async def has(self, digest: B3Digest) -> bool:
         """Whether the blob (or a chunk listed by ``chunks``) is present."""
@@ -491,6 +501,8 @@ class BlobService(abc.ABC):
 
     async def has_many(self, digests: Sequence[B3Digest]) -> list[bool]:
         """``has`` for each digest, in order (backends may answer in one lookup)."""
+        import asyncio
+
         out: list[bool] = []
         for i in range(0, len(digests), _MANY_AT_ONCE):
             out += await asyncio.gather(*(self.has(d) for d in digests[i : i + _MANY_AT_ONCE]))
@@ -501,6 +513,8 @@ class BlobService(abc.ABC):
 
         Backends may commit them together (one transaction); the default puts a few at a time.
         """
+        import asyncio
+
         out: list[B3Digest] = []
         for i in range(0, len(blobs), _MANY_AT_ONCE):
             out += await asyncio.gather(*(self.put(b) for b in blobs[i : i + _MANY_AT_ONCE]))

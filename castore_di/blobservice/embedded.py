@@ -57,7 +57,6 @@ readers), so ``put_prepared``/``put_many`` queue one short operation per batch.
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import threading
 import time
@@ -80,6 +79,7 @@ from castore_di._embedded import (
 )
 from castore_di._embedded.codec import Codec
 from castore_di._embedded.lease import TOKEN_LEN
+from castore_di._loopless import to_thread
 from castore_di.blobservice.base import (
     DEFAULT_AVG_CHUNK_SIZE,
     BlobReader,
@@ -97,10 +97,11 @@ from castore_di.blobservice.base import (
 from castore_di.composition.config import BlobServiceConfig
 from castore_di.digests import B3_LEN, B3Digest, blake3_digest
 from castore_di.errors import CastoreError, ClosedError, IntegrityError, MissingDependencyError, StorageError
-from castore_di.maintenance import FsckReport, GcReport
 
 if TYPE_CHECKING:
     import lmdb
+
+    from castore_di.maintenance import FsckReport, GcReport
 
 __all__ = ["EmbeddedBlobService", "EmbeddedBlobServiceConfig", "BATCH_BYTES", "encode_index", "decode_index"]
 
@@ -366,6 +367,8 @@ class _BlobRecords:
 
     def fsck(self) -> FsckReport:
         """Verify every chunk and chunk index in one read snapshot."""
+        from castore_di.maintenance import FsckReport  # not loaded by reading commands
+
         report = FsckReport()
         dec = codec()
         bad_chunks: set[bytes] = set()
@@ -442,6 +445,8 @@ class _BlobRecords:
         each re-reading which writers are alive, so concurrent writers wait for one short
         transaction at most. ``dry_run`` only reads and reports what would go.
         """
+        from castore_di.maintenance import GcReport
+
         report = GcReport(dry_run=dry_run)
         after: bytes | None = None
         dead_seen: set[bytes] = set()
@@ -513,6 +518,8 @@ class EmbeddedBlobService(BlobService):
     has committed. Every chunk read is verified against its digest.
     """
 
+    loopless = True  # reads are short LMDB lookups; opening and closing go through to_thread
+
     def __init__(
         self,
         path: str,
@@ -552,7 +559,7 @@ class EmbeddedBlobService(BlobService):
             store = self._store()
             store.has_blob(_ABSENT)
 
-        await asyncio.to_thread(open_and_read)
+        await to_thread(open_and_read)
         return f"embedded store {self.path}: open"
 
     def _chunker(self) -> Any:
@@ -598,7 +605,7 @@ class EmbeddedBlobService(BlobService):
 
     async def has_many(self, digests: Sequence[B3Digest]) -> list[bool]:
         store = await self._handle.get()
-        return await asyncio.to_thread(store.has_blobs, digests)
+        return await to_thread(store.has_blobs, digests)
 
     async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
         """Blobs up to ``_PREPARED_MAX`` are hashed, cut and compressed in a thread
@@ -609,12 +616,14 @@ class EmbeddedBlobService(BlobService):
         small = [i for i, b in enumerate(blobs) if len(b) <= _PREPARED_MAX]
         out: list[B3Digest | None] = [None] * len(blobs)
         if small:
-            prepared = await asyncio.to_thread(self.prepare_many, [blobs[i] for i in small])
+            prepared = await to_thread(self.prepare_many, [blobs[i] for i in small])
             await self.put_prepared(prepared)
             for i, p in zip(small, prepared):
                 out[i] = p.digest
         rest = [i for i, d in enumerate(out) if d is None]
         if rest:
+            import asyncio
+
             for i, d in zip(rest, await asyncio.gather(*(self.put(blobs[i]) for i in rest))):
                 out[i] = d
         return [d for d in out if d is not None]
@@ -696,7 +705,7 @@ class EmbeddedBlobService(BlobService):
     async def read_many(self, digests: Sequence[B3Digest], *, verify: bool = True) -> list[bytes | None]:
         """One-chunk blobs are read, decompressed (and verified) in a thread; others one by one."""
         store = await self._handle.get()
-        found = await asyncio.to_thread(store.read_blobs, digests, verify)
+        found = await to_thread(store.read_blobs, digests, verify)
         out: list[bytes | None] = []
         for digest, (data, index) in zip(digests, found):
             if data is None and index is not None:
@@ -746,17 +755,17 @@ class EmbeddedBlobService(BlobService):
             dropped, chunk_bytes = env.sweep(store.chunks_db, chunks, dry_run=dry_run, also=(store.loose_db,))
             return indexes + dropped, index_bytes + chunk_bytes
 
-        return await asyncio.to_thread(sweep)
+        return await to_thread(sweep)
 
     async def fsck(self) -> FsckReport:
         """Verify every chunk and chunk index (directories: the directory service's ``fsck``)."""
         store = await self._handle.get()
-        return await asyncio.to_thread(store.fsck)
+        return await to_thread(store.fsck)
 
     async def gc(self, *, dry_run: bool = False) -> GcReport:
         """Remove chunks of writes that never committed (safe with concurrent writers)."""
         store = await self._handle.get()
-        return await asyncio.to_thread(store.gc, dry_run=dry_run)
+        return await to_thread(store.gc, dry_run=dry_run)
 
     async def compact(self) -> tuple[int, int]:
         """Rewrite the store compactly (:func:`castore_di._embedded.compact`); ``(before, after)`` bytes.
@@ -765,7 +774,7 @@ class EmbeddedBlobService(BlobService):
         while another service or process has the store open.
         """
         await self._handle.let_go()
-        return await asyncio.to_thread(compact, self.path, self.options)
+        return await to_thread(compact, self.path, self.options)
 
     async def close(self) -> None:
         self._closed = True
@@ -827,7 +836,7 @@ class _EmbeddedWriter(HashingWriter):
         self._new.append(data)
         self._buffered += len(data)
         if self._buffered >= self._cut_at:
-            await asyncio.to_thread(self._cut, False)
+            await to_thread(self._cut, False)
             if self._pending_bytes >= BATCH_BYTES:
                 await self._flush()
 
@@ -867,7 +876,7 @@ class _EmbeddedWriter(HashingWriter):
     async def _flush(self) -> None:
         store = await self._svc._handle.get()
         if self._lease is None:
-            self._lease = await asyncio.to_thread(store.env.new_lease)
+            self._lease = await to_thread(store.env.new_lease)
         pending, lease = self._pending, self._lease
         await store.env.transact(lambda txn: store.put_chunks(txn, pending, lease))
         self._pending = []
@@ -882,7 +891,7 @@ class _EmbeddedWriter(HashingWriter):
             if drop_claims:
                 await store.env.transact(lambda txn: store.drop_claims(txn, lease.token))
         finally:
-            await asyncio.to_thread(lease.release)
+            await to_thread(lease.release)
 
     def _one_chunk(self) -> tuple[B3Digest, bytes, int]:
         """The whole blob as its one chunk: digest, encoded value, size (in a thread)."""
@@ -895,7 +904,7 @@ class _EmbeddedWriter(HashingWriter):
         touched = svc._take_touches()
         if not self._chunks and self._buffered <= svc.min_chunk_size:
             # One chunk (or the empty blob): the blob is its own chunk, no index.
-            digest, value, size = await asyncio.to_thread(self._one_chunk)
+            digest, value, size = await to_thread(self._one_chunk)
 
             def put_one(txn: lmdb.Transaction) -> None:
                 store.put_chunks(txn, [(digest, value)])
@@ -904,7 +913,7 @@ class _EmbeddedWriter(HashingWriter):
 
             await store.env.transact(put_one)
             return digest
-        await asyncio.to_thread(self._cut, True)
+        await to_thread(self._cut, True)
         digest = self._hashed_digest()
         length = self._length
         pending, chunks, lease = self._pending, self._chunks, self._lease
@@ -943,7 +952,7 @@ class _EmbeddedWriter(HashingWriter):
                 store = await self._svc._handle.get()
             except ClosedError:  # gc finds the released lease's claims stale
                 lease, self._lease = self._lease, None
-                await asyncio.to_thread(lease.release)
+                await to_thread(lease.release)
                 return
             await self._end_lease(store, drop_claims=True)
 

@@ -8,17 +8,19 @@ bound. A bounded store is a cache, not a primary copy: put it on the ``local`` s
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
+from castore_di._loopless import to_thread
 from castore_di.blobservice.base import BlobReader, BlobService, BlobWriter, BytesReader, HashingWriter
 from castore_di.composition.config import BlobServiceConfig, parse_memory_url
 from castore_di.digests import B3Digest, blake3_digest
 from castore_di.errors import StorageError
-from castore_di.maintenance import FsckReport
+
+if TYPE_CHECKING:
+    from castore_di.maintenance import FsckReport
 
 __all__ = ["MemoryBlobService", "MemoryBlobServiceConfig"]
 
@@ -30,6 +32,8 @@ class MemoryBlobService(BlobService):
     without hashing again (re-hashing a 1 GiB blob took 214 ms per Stat and Read, on the
     event loop). Process memory is not storage that rots: :meth:`fsck` re-verifies all.
     """
+
+    loopless = True
 
     def __init__(self, max_bytes: int | None = None) -> None:
         self._blobs: OrderedDict[B3Digest, bytes | bytearray] = OrderedDict()
@@ -49,9 +53,11 @@ class MemoryBlobService(BlobService):
 
     async def fsck(self) -> FsckReport:
         """Re-hash every blob (in a thread: a large blob takes a while)."""
+        from castore_di.maintenance import FsckReport  # not loaded by reading commands
+
         report = FsckReport()
         for digest, data in list(self._blobs.items()):
-            got = await asyncio.to_thread(blake3_digest, data)
+            got = await to_thread(blake3_digest, data)
             report.blobs += 1
             report.bytes_checked += len(data)
             if got != digest:

@@ -19,14 +19,12 @@ import io
 import os
 import select
 import sys
-import traceback
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import click
 
 from castore_di.cli.context import CliContext, console_startup, resume_gc
-from castore_di._redact import redact_text
 from castore_di.errors import CastoreError, ConfigError, describe
 
 __all__ = ["main", "cli", "run_async", "pass_ctx", "NothingCheckedError"]
@@ -121,15 +119,24 @@ def cli(ctx: click.Context, config_path: str | None, blob_service: str, director
     )
 
 
-def run_async(ctx: CliContext, fn: Callable[[], Awaitable[T]]) -> T:
-    """Run a command's coroutine; the container is closed afterwards."""
-    import asyncio  # not at module level: ``castore --help`` does without it
+def run_async(ctx: CliContext, fn: Callable[[], Awaitable[T]], *, loopless: bool = False) -> T:
+    """Run a command's coroutine; the container is closed afterwards.
+
+    With ``loopless`` (a read command whose services allow it: :meth:`CliContext.loopless`)
+    it runs without an event loop, and asyncio is not even imported (:mod:`castore_di._loopless`).
+    """
 
     async def runner() -> T:
         try:
             return await fn()
         finally:
             await ctx.aclose()
+
+    if loopless:
+        from castore_di._loopless import run_loopless
+
+        return run_loopless(runner())
+    import asyncio  # not at module level: ``castore --help`` does without it
 
     return asyncio.run(runner())
 
@@ -224,7 +231,11 @@ def _silence_stdout() -> None:
 
 def _report(e: BaseException, verbose: bool, prefix: str | None = None) -> None:
     if verbose:
+        import traceback  # not at start-up: only --verbose prints one
+
         traceback.print_exception(e)
+    from castore_di._redact import redact_text  # its patterns are compiled for errors only
+
     message = describe(e)
     # One line whatever the message (YAML parser errors span several); --verbose has it all.
     message = redact_text(" ".join(part.strip() for part in message.splitlines() if part.strip()))

@@ -7,8 +7,6 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import attrs
-
 from castore_di.errors import ConfigError, CycleError, UnknownTypeError
 
 if TYPE_CHECKING:
@@ -146,20 +144,27 @@ def _instances(graph: CompositionGraph, metrics: Any) -> CastoreContainer | Dire
     return build_container(graph, metrics)
 
 
-@attrs.define
 class CliContext:
-    config_path: str | None = None
-    blob_name: str = "default"
-    directory_name: str = "default"
-    blob_addr: str | None = None
-    directory_addr: str | None = None
-    verbose: bool = False
-    config: Mapping[str, Any] | None = None
-    """A config given as a mapping (used when ``config_path`` is not set)."""
-    _services: CastoreContainer | DirectInstances | None = None
-    _addr_services: CastoreContainer | DirectInstances | None = None
-    metrics: Any = None
-    """A :class:`castore_di.metrics.Metrics` to record into (set before the services are built)."""
+    """The options that select the services, and the services once built.
+
+    ``config`` is a config given as a mapping (used when ``config_path`` is not set);
+    ``metrics`` a :class:`castore_di.metrics.Metrics` to record into (set before the
+    services are built). A plain class: every command creates one at start-up.
+    """
+
+    def __init__(self, config_path: str | None = None, blob_name: str = "default", directory_name: str = "default",
+                 blob_addr: str | None = None, directory_addr: str | None = None, verbose: bool = False,
+                 config: Mapping[str, Any] | None = None, metrics: Any = None) -> None:
+        self.config_path = config_path
+        self.blob_name = blob_name
+        self.directory_name = directory_name
+        self.blob_addr = blob_addr
+        self.directory_addr = directory_addr
+        self.verbose = verbose
+        self.config = config
+        self.metrics = metrics
+        self._services: CastoreContainer | DirectInstances | None = None
+        self._addr_services: CastoreContainer | DirectInstances | None = None
 
     def _config_services(self) -> CastoreContainer | DirectInstances:
         """The services of ``--config``/``CASTORE_CONFIG`` (or ``config``), else of the default config.
@@ -168,10 +173,11 @@ class CliContext:
         build is async; the whole config is validated either way.
         """
         if self._services is None:
-            from castore_di.composition import load_graph
+            from castore_di.composition.graph import build_graph
+            from castore_di.composition.loader import read_config
 
             source = self.config_path or self.config or default_config()
-            self._services = _instances(load_graph(source), self.metrics)
+            self._services = _instances(build_graph(read_config(source, cache=True)), self.metrics)
         return self._services
 
     def _addrs(self) -> CastoreContainer | DirectInstances:
@@ -200,6 +206,22 @@ class CliContext:
             service = self._config_services().directory_service(self.directory_name)
         resume_gc()
         return service
+
+    def loopless(self) -> bool:
+        """Whether the selected blob and directory services can run without an event loop
+        (:mod:`castore_di._loopless`), as read commands on the embedded store do.
+
+        Builds both (building does no I/O). One that cannot be built answers no: the
+        command, run on an event loop, then meets the error where it asks for that service.
+        """
+        from castore_di.composition.direct import DirectInstances
+
+        try:
+            services = (self.blob_service(), self.directory_service())
+        except Exception:
+            return False
+        built = [c for c in (self._services, self._addr_services) if c is not None]
+        return all(isinstance(c, DirectInstances) for c in built) and all(type(s).loopless for s in services)
 
     async def aclose(self) -> None:
         for c in (self._addr_services, self._services):

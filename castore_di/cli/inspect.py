@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import os
 import sys
 from typing import Any
@@ -130,7 +129,7 @@ def ls_command(ctx: CliContext, digest: B3Digest, path: str, recursive: bool, as
                         raise StorageError(f"directory {sub.digest} at {quote_name(sub_path)} does not exist")
                     queue.append((sub_path, sub_dir))
 
-    run_async(ctx, run)
+    run_async(ctx, run, loopless=ctx.loopless())
 
 
 async def _stream_blob(blob: BlobService, digest: B3Digest, out: Any) -> None:
@@ -165,7 +164,7 @@ def cat_command(ctx: CliContext, digest: B3Digest, path: str | None) -> None:
             raise StorageError(f"{target} is a directory, not a blob (use castore ls or castore export)")
         await _stream_blob(blob, target, sys.stdout.buffer)
 
-    run_async(ctx, run)
+    run_async(ctx, run, loopless=ctx.loopless())
 
 
 @cli.command("stat")
@@ -209,7 +208,7 @@ def stat_command(ctx: CliContext, digest: B3Digest, as_json: bool, list_chunks: 
             raise StorageError(f"{digest}: no blob or directory with this digest")
         for info in found:
             if as_json:
-                click.echo(json.dumps(info))
+                click.echo(json_line(info))
             elif info["type"] == "directory":
                 click.echo(f"{info['digest']} directory\n"
                            f"  entries: {info['entries']} ({info['directories']} directories, "
@@ -221,4 +220,4 @@ def stat_command(ctx: CliContext, digest: B3Digest, as_json: bool, list_chunks: 
                 lines += [f"    {c['digest']} {c['size']}" for c in info.get("chunk_list", [])]
                 click.echo("\n".join(lines))
 
-    run_async(ctx, run)
+    run_async(ctx, run, loopless=ctx.loopless())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import codecs
-import json
 import os
 import sys
 from typing import Any
@@ -80,4 +79,6 @@ def set_name(obj: dict[str, Any], field: str, name: bytes | str) -> dict[str, An
 
 def json_line(obj: dict[str, Any]) -> str:
     """One JSON object, ASCII only."""
+    import json  # not at start-up: only --json output needs it
+
     return json.dumps(obj, ensure_ascii=True)

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import attrs
 
-from castore_di._redact import is_secret_name
 from castore_di.errors import ConfigError, UnknownFieldError
 
 __all__ = ["converter", "structure_config", "suggest", "listing", "brief", "bounded_repr"]
@@ -304,6 +303,8 @@ def _flatten(exc: BaseException, path: str, cls: type | None, out: list[ConfigEr
     elif isinstance(exc, KeyError):
         out.append(ConfigError("required field missing", path=path))
     elif isinstance(exc, ConfigError):
+        from castore_di._redact import is_secret_name  # its patterns are compiled for errors only
+
         full = _join(path, exc.path)
         detail = exc.detail
         if is_secret_name(re.split(r"[.\[\]']+", full.rstrip("]'"))[-1]):

@@ -14,7 +14,6 @@ Python) stand for at most :data:`MAX_ALIAS_EXPANSION` more units than the docume
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
@@ -174,7 +173,7 @@ def _yaml_load(text: str) -> Any:
         loader.dispose()
 
 
-def _parse_file(path: pathlib.Path) -> Any:
+def _parse_file(path: pathlib.Path, cache: bool = False) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -184,9 +183,16 @@ def _parse_file(path: pathlib.Path) -> Any:
     suffix = path.suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):
-            data = _yaml_load(text)
+            if cache:
+                from castore_di.composition.parsecache import cached_parse
+
+                data = cached_parse(text, _yaml_load)
+            else:
+                data = _yaml_load(text)
             return {} if data is None else data  # an empty (or comment-only) file is an empty config
         if suffix == ".json":
+            import json
+
             return json.loads(text)
         if suffix == ".toml":
             import tomllib
@@ -201,9 +207,14 @@ def _parse_file(path: pathlib.Path) -> Any:
     raise ConfigError("unknown config format: use .yaml, .yml, .json or .toml", path=str(path))
 
 
-def read_config(source: ConfigSource, environ: Mapping[str, str] | None = None) -> Mapping[str, Any]:
-    """Parse a file (by extension) or take a mapping, check its structure, interpolate the environment."""
-    data = source if isinstance(source, Mapping) else _parse_file(pathlib.Path(source))
+def read_config(source: ConfigSource, environ: Mapping[str, str] | None = None, *,
+                cache: bool = False) -> Mapping[str, Any]:
+    """Parse a file (by extension) or take a mapping, check its structure, interpolate the environment.
+
+    With ``cache`` (the ``castore`` command), a YAML file's parse is kept in the user's
+    cache directory and reused while the text is unchanged (:mod:`.parsecache`).
+    """
+    data = source if isinstance(source, Mapping) else _parse_file(pathlib.Path(source), cache)
     if isinstance(source, Mapping):
         check_structure(data)
     else:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import abc
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
+from typing import ClassVar
 
 from castore_di.digests import B3Digest
 from castore_di.directoryservice.closure import LeavesToRoot, RootToLeaves
@@ -82,6 +83,10 @@ class SimplePutter(DirectoryPutter):
 
 class DirectoryService(abc.ABC):
     """A store of Directory messages (see the module docstring for the contract)."""
+
+    loopless: ClassVar[bool] = False
+    """Whether its reads and ``close`` complete inside :func:`castore_di._loopless.run_loopless`
+    (no event loop: nothing they await suspends). Writes may still need a loop."""
 
     @abc.abstractmethod
     async def get(self, digest: B3Digest) -> Directory | None:

@@ -9,15 +9,14 @@ of the directory's canonical encoding, and the ``roots`` database of named roots
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, ClassVar, cast
 
 import attrs
 
+from castore_di._loopless import to_thread
 from castore_di._embedded import (
     Compression,
     EmbeddedStoreFields,
@@ -32,12 +31,13 @@ from castore_di.digests import B3_LEN, B3Digest, blake3_digest
 from castore_di.directoryservice.base import DirectoryService
 from castore_di.directoryservice.closure import RootToLeaves
 from castore_di.errors import IntegrityError, StorageError, ValidationError
-from castore_di.maintenance import FsckReport
 from castore_di.nodes import Directory
-from castore_di.roots import NamedRoot
 
 if TYPE_CHECKING:
     import lmdb
+
+    from castore_di.maintenance import FsckReport
+    from castore_di.roots import NamedRoot
 
 __all__ = ["EmbeddedDirectoryService", "EmbeddedDirectoryServiceConfig", "exclusive_use"]
 
@@ -121,6 +121,8 @@ class _DirectoryRecords:
 
     def fsck(self) -> FsckReport:
         """Verify that every directory hashes to its key and is valid, in one read snapshot."""
+        from castore_di.maintenance import FsckReport  # not loaded by reading commands
+
         report = FsckReport()
         dec = codec()
         with self.env.read() as txn:
@@ -171,7 +173,7 @@ class _DirectoryRecords:
 @contextlib.asynccontextmanager
 async def exclusive_use(env: Environment, wait: float | None = None) -> AsyncIterator[None]:
     """Exclusive use of ``env`` for a prune (waits in a thread for the other users, ``wait`` s at most)."""
-    await asyncio.to_thread(env.enter_exclusive, wait)
+    await to_thread(env.enter_exclusive, wait)
     try:
         yield
     finally:
@@ -179,11 +181,17 @@ async def exclusive_use(env: Environment, wait: float | None = None) -> AsyncIte
 
 
 def _encode_root(root: NamedRoot) -> bytes:
+    import json  # not loaded by reading commands
+
     return json.dumps({"digest": root.digest.hex(), "created": root.created, "size": root.size,
                        "entries": root.entries}).encode()
 
 
 def _decode_root(name: bytes, value: bytes) -> NamedRoot:
+    import json
+
+    from castore_di.roots import NamedRoot  # not loaded by reading commands
+
     try:
         fields = json.loads(value)
         return NamedRoot(name=name.decode(), digest=B3Digest(bytes.fromhex(fields["digest"])),
@@ -200,6 +208,8 @@ class EmbeddedDirectoryService(DirectoryService):
     ``put`` of a single directory does not check that its children exist; closures put
     through ``put_multiple_start`` are fully validated before anything is written.
     """
+
+    loopless = True  # reads are short LMDB lookups; opening and closing go through to_thread
 
     def __init__(self, path: str, options: StoreOptions | None = None, *, compression: Compression = "auto") -> None:
         self.path = path
@@ -218,7 +228,7 @@ class EmbeddedDirectoryService(DirectoryService):
             store = self._store()
             store.get_directory_bytes(_ABSENT)
 
-        await asyncio.to_thread(open_and_read)
+        await to_thread(open_and_read)
         return f"embedded store {self.path}: open"
 
     async def get(self, digest: B3Digest) -> Directory | None:
@@ -232,7 +242,7 @@ class EmbeddedDirectoryService(DirectoryService):
         validated as it streams), each level read and decoded in a worker thread in batches
         of up to ``_CLOSURE_BATCH`` directories."""
         records = await self._handle.get()
-        found = await asyncio.to_thread(records.get_directories, [root])
+        found = await to_thread(records.get_directories, [root])
         if found[0] is None:
             return
         validator = RootToLeaves(root)
@@ -243,7 +253,7 @@ class EmbeddedDirectoryService(DirectoryService):
             for start in range(0, len(level), _CLOSURE_BATCH):
                 batch = level[start : start + _CLOSURE_BATCH]
                 wanted = [d for d, directory in batch if directory is None]
-                fetched = iter(await asyncio.to_thread(records.get_directories, wanted) if wanted else ())
+                fetched = iter(await to_thread(records.get_directories, wanted) if wanted else ())
                 for digest, directory in batch:
                     if directory is None:
                         directory = next(fetched)
@@ -273,7 +283,7 @@ class EmbeddedDirectoryService(DirectoryService):
         store = await self._handle.get()
         after: bytes | None = None
         while True:
-            page = await asyncio.to_thread(store.digests_after, after, 1024)
+            page = await to_thread(store.digests_after, after, 1024)
             for digest in page:
                 yield digest
             if not page:
@@ -283,7 +293,7 @@ class EmbeddedDirectoryService(DirectoryService):
     async def fsck(self) -> FsckReport:
         """Verify that every stored directory hashes to its key and is valid."""
         store = await self._handle.get()
-        return await asyncio.to_thread(store.fsck)
+        return await to_thread(store.fsck)
 
     # -- named roots and prune (castore_di.roots) -----------------------------------------
 
@@ -304,7 +314,7 @@ class EmbeddedDirectoryService(DirectoryService):
     async def prune(self, keep: set[B3Digest], *, dry_run: bool) -> tuple[int, int]:
         """Delete every directory not in ``keep``."""
         store = self._store()
-        return await asyncio.to_thread(store.env.sweep, store.dirs_db, cast(set[bytes], keep), dry_run=dry_run)
+        return await to_thread(store.env.sweep, store.dirs_db, cast(set[bytes], keep), dry_run=dry_run)
 
     async def close(self) -> None:
         await self._handle.close()

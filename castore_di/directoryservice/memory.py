@@ -29,6 +29,8 @@ class MemoryDirectoryService(DirectoryService):
     reference); closures put through ``put_multiple_start`` are fully validated.
     """
 
+    loopless = True
+
     def __init__(self, max_entries: int | None = None) -> None:
         self._dirs: OrderedDict[B3Digest, bytes] = OrderedDict()
         self.max_entries = max_entries

@@ -314,6 +314,7 @@ class _Buffer:
 
 _Chunk = tuple[B3Digest, memoryview]  # a chunk's digest and contents
 _Cut = tuple[int, memoryview]  # a chunk's place in the blob and contents (its digest not yet known)
+_Group = tuple[list[_Cut], "_Buffer"]  # the chunks of one region and its holder
 
 
 def _cutter_main(
@@ -354,8 +355,8 @@ class _ObjectStoreBlobWriter(BlobWriter):
       Every cut but a region's last is final (FastCDC decides a cut from at most
       ``max_size`` bytes after the chunk's start); the last waits for more data. The cut
       part feeds the whole-blob hash in a worker thread, in order, beside the cutter
-      (:meth:`_hash_later`).
-    * Store jobs hash, check, compress and put the chunks of a region while the cutter goes
+      (:meth:`_hash_later`). Regions are handed on by segment (:meth:`_flush`).
+    * Store jobs hash, check, compress and put the chunks of a segment while the cutter goes
       on: in the engine's worker threads with blocking requests for stores in this process
       (memory, local files); as upload tasks on the event loop otherwise (their chunks are
       hashed by the cutter). At most ``max_in_flight`` store jobs (resp. puts) run at once.
@@ -391,6 +392,8 @@ class _ObjectStoreBlobWriter(BlobWriter):
         self._tail: memoryview | None = None
         self._tail_buffer: _Buffer | None = None
         self._sizes: list[int] = []
+        self._batch: list[_Group] = []  # regions cut and not yet handed on (:meth:`_flush`)
+        self._batch_hash: list[tuple[memoryview, _Buffer]] = []
         # shared, under _lock
         self._lock = threading.Condition()
         self._join = 2 * avg + 1  # a join: a tail and the next piece's start (:meth:`_cut_region`)
@@ -614,6 +617,10 @@ class _ObjectStoreBlobWriter(BlobWriter):
         when that is not 0 (a join's or a segment's: recycled), else of just ``size``."""
         cost = len(piece) if piece is not None else capacity or size
         with self._lock:
+            full = self._charged and self._charged + cost > self._budget
+        if full:
+            self._flush()  # the regions it waits for may be among those not yet handed on
+        with self._lock:
             while self._charged and self._charged + cost > self._budget and not self._stop.is_set():
                 self._lock.wait()
             if self._stop.is_set():
@@ -637,6 +644,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
         todo = collections.deque(piece for piece in pieces if piece)
         while todo or (final and self._tail is not None):
             self._cut_region(todo, final, inline)
+        self._flush()
 
     def _cut_region(self, todo: "collections.deque[memoryview]", final: bool, inline: bool) -> None:
         """Cut one region: the next piece in place when it is longer than a maximum chunk and
@@ -696,14 +704,20 @@ class _ObjectStoreBlobWriter(BlobWriter):
                 self._keep_tail(region[consumed:], buffer)
         elif not last and consumed < len(region):
             self._keep_tail(region[consumed:], buffer)
-        if inline:
+        if inline:  # one job does it all, in order
             self._hasher.update(region[:consumed])
-        elif consumed:
-            self._hash_later(region[:consumed], buffer)
-        if chunks:
+            if chunks:
+                with self._lock:
+                    buffer.refs += 1
+                self._store_job([(chunks, buffer)])
+        else:  # handed on by message (:meth:`_flush`): fewer jobs, locks and wake-ups
             with self._lock:
-                buffer.refs += 1
-            self._store(chunks, buffer, inline)
+                if consumed:
+                    buffer.refs += 1
+                    self._batch_hash.append((region[:consumed], buffer))
+                if chunks:
+                    buffer.refs += 1
+                    self._batch.append((chunks, buffer))
         self._release(buffer)  # the cut's reference
 
     def _keep_tail(self, view: memoryview, buffer: _Buffer) -> None:
@@ -711,13 +725,21 @@ class _ObjectStoreBlobWriter(BlobWriter):
         with self._lock:
             buffer.refs += 1
 
-    def _hash_later(self, view: memoryview, buffer: _Buffer | None) -> None:
-        """Feed ``view`` to the blob's hash beside the cutter, in order: one job at a time
-        takes every segment queued (the cutter's own work stays short)."""
+    def _flush(self) -> None:
+        """Hand the regions cut so far on: their bytes to the blob's hash, their chunks to one
+        store job."""
+        views, groups = self._batch_hash, self._batch
+        self._batch_hash, self._batch = [], []
+        if views:
+            self._hash_later(views)
+        if groups:
+            self._store(groups)
+
+    def _hash_later(self, views: list[tuple[memoryview, _Buffer]]) -> None:
+        """Feed ``views`` (their holders' references taken) to the blob's hash beside the
+        cutter, in order: one job at a time takes every view queued."""
         with self._lock:
-            if buffer is not None:
-                buffer.refs += 1
-            self._to_hash.append((view, buffer))
+            self._to_hash.extend(views)
             if self._hashing:
                 return
             self._hashing = True
@@ -751,23 +773,23 @@ class _ObjectStoreBlobWriter(BlobWriter):
         digest = self._digests[index] = blake3_digest(view)
         return digest
 
-    def _store(self, chunks: list[_Cut], buffer: _Buffer | None, inline: bool) -> None:
+    def _store(self, groups: list[_Group]) -> None:
         if not self._in_process:  # remote: hashed here, uploaded by tasks on the event loop
-            hashed = [(self._hash_chunk(i, view), view) for i, view in chunks]
-            self._to_loop(self._start_uploads, hashed, buffer)
-        elif inline:
-            self._store_job(chunks, buffer)
-        else:
-            with self._lock:
-                while self._store_jobs >= self._max_in_flight and not self._stop.is_set():
-                    self._lock.wait()
-                if self._stop.is_set():
+            for chunks, buffer in groups:
+                hashed = [(self._hash_chunk(i, view), view) for i, view in chunks]
+                self._to_loop(self._start_uploads, hashed, buffer)
+            return
+        with self._lock:
+            while self._store_jobs >= self._max_in_flight and not self._stop.is_set():
+                self._lock.wait()
+            if self._stop.is_set():
+                for _chunks, buffer in groups:
                     self._release_locked(buffer)
-                    raise _Stopped
-                job = worker_pool().submit(self._store_job, chunks, buffer)
-                self._jobs.add(job)
-                self._store_jobs += 1
-            job.add_done_callback(self._store_job_done)
+                raise _Stopped
+            job = worker_pool().submit(self._store_job, groups)
+            self._jobs.add(job)
+            self._store_jobs += 1
+        job.add_done_callback(self._store_job_done)
 
     def _release_locked(self, buffer: _Buffer | None) -> None:
         if buffer is not None:
@@ -788,20 +810,25 @@ class _ObjectStoreBlobWriter(BlobWriter):
 
     # -- store jobs (worker threads) -----------------------------------------------------------
 
-    def _store_job(self, chunks: list[_Cut], buffer: _Buffer | None) -> None:
+    def _store_job(self, groups: list[_Group]) -> None:
         """Hash, check, compress and put chunks with blocking requests."""
         access = self._svc.access
+        done = 0
         try:
-            for index, chunk in chunks:
-                if self._stop.is_set():
-                    return
-                key = _chunk_key(self._hash_chunk(index, chunk))
-                uploaded = not access.exists_sync(key) and access.put_new_sync(key, zstd_compress_chunk(chunk))
-                self._count(uploaded)
+            for chunks, buffer in groups:
+                for index, chunk in chunks:
+                    if self._stop.is_set():
+                        return
+                    key = _chunk_key(self._hash_chunk(index, chunk))
+                    uploaded = not access.exists_sync(key) and access.put_new_sync(key, zstd_compress_chunk(chunk))
+                    self._count(uploaded)
+                done += 1
+                self._release(buffer)
         except BaseException as e:
             self._fail(e)
         finally:
-            self._release(buffer)
+            for _chunks, buffer in groups[done:]:
+                self._release(buffer)
 
 
 @attrs.frozen(kw_only=True)

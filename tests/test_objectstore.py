@@ -269,6 +269,85 @@ async def test_chunks_match_fastcdc_2020_on_the_whole_buffer(blobs: ObjectStoreB
     assert [(c.digest, c.size) for c in chunks] == expected
 
 
+MAX_CHUNK = 2 * TEST_AVG
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [1 << 20],  # long pieces: cut in place, each tail joined with the next piece's start
+        [MAX_CHUNK + 1],  # the shortest piece cut in place
+        [MAX_CHUNK],  # the longest piece copied
+        [MAX_CHUNK - 1, MAX_CHUNK + 2],
+        [3 * MAX_CHUNK + 5, 100, 7, 2 * MAX_CHUNK],
+        [5 << 20],  # longer than a segment: the event loop hands it over in slices
+        [1, 1 << 20, 3, 900_001],
+    ],
+)
+@pytest.mark.parametrize("size", [2 * MAX_CHUNK + 1, 3_000_017, 7 << 20])
+async def test_cuts_do_not_depend_on_write_sizes(sizes: list[int], size: int) -> None:
+    # regions cut in place, joins, copied regions and the last region must cut as one buffer does
+    from pyfastcdc import FastCDC
+
+    blobs = ObjectStoreBlobService("memory:///", avg_chunk_size=TEST_AVG)
+    data = _data(size, size)
+    writer = blobs.open_write()
+    pos = i = 0
+    while pos < len(data):
+        n = sizes[i % len(sizes)]
+        await writer.write(data[pos : pos + n])
+        pos += n
+        i += 1
+    digest = await writer.close()
+    assert digest == blake3_digest(data)
+    expected = [
+        (blake3_digest(data[c.offset : c.offset + c.length]), c.length)
+        for c in FastCDC(TEST_AVG, min_size=TEST_AVG // 2, max_size=MAX_CHUNK).cut_buf(data)
+    ]
+    chunks = await blobs.chunks(digest)
+    assert chunks is not None
+    assert [(c.digest, c.size) for c in chunks] == expected
+    reader = await blobs.open_read(digest)
+    assert reader is not None
+    assert await reader.read(-1) == data
+
+
+async def test_a_tail_whose_cut_moves_back_a_byte() -> None:
+    # FastCDC looks at even offsets only up to the end of the data: a tail of odd length ℓ+1
+    # can end at ℓ once more data comes, inside the tail (the join then keeps a new tail)
+    from pyfastcdc import FastCDC
+
+    data = _data(4 * 1024 * 1024, 8)
+    cuts = list(FastCDC(TEST_AVG, min_size=TEST_AVG // 2, max_size=MAX_CHUNK).cut_buf(data))
+    cut = next(c for c in cuts if c.offset > MAX_CHUNK and c.length % 2 == 0 and c.offset + c.length < len(data) - 2 * MAX_CHUNK)
+    split = cut.offset + cut.length + 1
+    assert list(FastCDC(TEST_AVG, min_size=TEST_AVG // 2, max_size=MAX_CHUNK).cut_buf(data[:split]))[-1].length == cut.length + 1
+    blobs = ObjectStoreBlobService("memory:///", avg_chunk_size=TEST_AVG)
+    writer = blobs.open_write()
+    await writer.write(data[:split])
+    await writer.write(data[split:])
+    digest = await writer.close()
+    chunks = await blobs.chunks(digest)
+    assert chunks is not None
+    assert [(c.digest, c.size) for c in chunks] == [(blake3_digest(c.data), c.length) for c in cuts]
+
+
+def test_incompressible_chunks_are_stored_raw_and_compressible_ones_compressed() -> None:
+    from castore_di._objectstore.store import zstd_compress_chunk, zstd_decompress
+
+    rng = random.Random(5)
+    noise = rng.randbytes(256 * 1024)
+    text = (Path(random.__file__).read_bytes() * 8)[: 256 * 1024]
+    # random bytes with one stretch of text, 1/8 of the chunk: the probe samples it twice
+    mixed = bytearray(noise)
+    mixed[50_000 : 50_000 + 32 * 1024] = text[: 32 * 1024]
+    for data, most in [(noise, len(noise) + 64), (text, len(text) // 2), (bytes(mixed), len(mixed) - 16 * 1024)]:
+        stored = zstd_compress_chunk(data)
+        assert len(stored) <= most
+        assert zstd_decompress(stored, len(data), "chunk") == data
+    assert len(zstd_compress_chunk(noise)) >= len(noise)  # raw blocks: no search for matches
+
+
 async def test_directory_batch_layout(dirs: ObjectStoreDirectoryService, store_dir: Path) -> None:
     root = await dirs.put_closure(CLOSURE_D)
     raw = (store_dir / object_key("dirs", root)).read_bytes()

@@ -62,7 +62,7 @@ from castore_di._objectstore.store import (
     import_obstore,
     object_key,
     worker_pool,
-    zstd_compress,
+    zstd_compress_chunk,
     zstd_decompress,
 )
 
@@ -291,7 +291,7 @@ def _digest_of_key(area: str, key: str) -> B3Digest | None:
 
 
 _SEGMENT = 1024 * 1024  # data cut at once, at least (and at least 8 average chunks)
-_BUFFERS = 4  # cut buffers per writer: one being cut, the others' chunks being stored
+_BUFFERS = 4  # a writer's regions in flight take at most this many cut buffers' worth of bytes
 _CUTTER_POLL = 5.0  # seconds between the cutter's checks that its writer still exists
 _QUEUED = 2  # segments handed to the cutter and not yet copied out of the caller's bytes
 
@@ -301,16 +301,20 @@ class _Stopped(Exception):
 
 
 class _Buffer:
-    """A cut buffer and the number of pipeline stages still reading it."""
+    """A region's holder: its cut buffer (``None`` for a piece cut in place), the bytes it
+    counts against the writer's budget, and the number of pipeline stages still reading it."""
 
-    __slots__ = ("data", "refs")
+    __slots__ = ("data", "cost", "refs")
 
-    def __init__(self, data: bytearray) -> None:
+    def __init__(self, data: bytearray | None, cost: int) -> None:
         self.data = data
+        self.cost = cost
         self.refs = 1  # the cut
 
 
 _Chunk = tuple[B3Digest, memoryview]  # a chunk's digest and contents
+_Cut = tuple[int, memoryview]  # a chunk's place in the blob and contents (its digest not yet known)
+_Group = tuple[list[_Cut], "_Buffer"]  # the chunks of one region and its holder
 
 
 def _cutter_main(
@@ -345,22 +349,25 @@ class _ObjectStoreBlobWriter(BlobWriter):
       which are immutable: no copy) and hands them to the cutter through a queue of
       ``_QUEUED`` segments; it waits only when the cutter is that far behind.
     * The cutter (a thread of this writer, started by its first full segment; a blob of
-      one segment is cut in one job at ``close``) copies the previous segment's uncut tail
-      and the new segment into a reusable buffer, cuts it with FastCDC and hashes each chunk
-      right after cutting it (while it is in cache). Every cut but the segment's last is
-      final (FastCDC decides a cut from at most ``max_size`` bytes after the chunk's start);
-      the last waits for more data. The cut part feeds the whole-blob hash in a worker
-      thread, in order, beside the cutter (:meth:`_hash_later`).
-    * Store jobs check, compress and put the chunks of a segment while the cutter goes on:
-      in the engine's worker threads with blocking requests for stores in this process
-      (memory, local files); as upload tasks on the event loop otherwise. At most
-      ``max_in_flight`` store jobs (resp. puts) run at once.
+      one segment is cut in one job at ``close``) cuts the data with FastCDC in regions
+      (:meth:`_cut_region`): a written piece longer than a maximum chunk in place, a tail
+      and the start of the next piece (or short pieces) copied into a reusable buffer.
+      Every cut but a region's last is final (FastCDC decides a cut from at most
+      ``max_size`` bytes after the chunk's start); the last waits for more data. The cut
+      part feeds the whole-blob hash in a worker thread, in order, beside the cutter
+      (:meth:`_hash_later`). Regions are handed on by segment (:meth:`_flush`).
+    * Store jobs hash, check, compress and put the chunks of a segment while the cutter goes
+      on: in the engine's worker threads with blocking requests for stores in this process
+      (memory, local files); as upload tasks on the event loop otherwise (their chunks are
+      hashed by the cutter). At most ``max_in_flight`` store jobs (resp. puts) run at once.
 
     Every byte is hashed once as part of the blob and once as part of its chunk. Memory is
-    bounded: ``_BUFFERS`` buffers of one segment plus one maximum chunk (4 × 2.5 MiB at the
-    default 256 KiB), ``_QUEUED + 1`` segments of written data, and the compressed chunks in
-    flight. A failed store job stops the pipeline: ``close`` raises :class:`StorageError` and
-    writes no index. ``abort`` cancels the store jobs not started and waits for the others.
+    bounded: the regions in flight hold at most ``_BUFFERS`` cut buffers' worth of bytes (a
+    buffer is one segment plus one maximum chunk: 4 × 2.5 MiB at the default 256 KiB; a
+    join's buffer is one maximum chunk, a piece cut in place counts its length), plus
+    ``_QUEUED + 1`` segments of written data and the compressed chunks in flight. A failed
+    store job stops the pipeline: ``close`` raises :class:`StorageError` and writes no
+    index. ``abort`` cancels the store jobs not started and waits for the others.
     """
 
     def __init__(self, service: ObjectStoreBlobService) -> None:
@@ -385,15 +392,19 @@ class _ObjectStoreBlobWriter(BlobWriter):
         self._tail: memoryview | None = None
         self._tail_buffer: _Buffer | None = None
         self._sizes: list[int] = []
+        self._batch: list[_Group] = []  # regions cut and not yet handed on (:meth:`_flush`)
+        self._batch_hash: list[tuple[memoryview, _Buffer]] = []
         # shared, under _lock
         self._lock = threading.Condition()
-        self._free: list[bytearray] = []
-        self._buffers_used = 0
+        self._join = 2 * avg + 1  # a join: a tail and the next piece's start (:meth:`_cut_region`)
+        self._free: dict[int, list[bytearray]] = {self._capacity: [], self._join: []}
+        self._budget = _BUFFERS * self._capacity
+        self._charged = 0  # bytes of the regions in flight
         self._jobs: set[concurrent.futures.Future[None]] = set()
         self._store_jobs = 0
         self._to_hash: collections.deque[tuple[memoryview, _Buffer | None]] = collections.deque()
         self._hashing = False
-        self._digests: list[B3Digest] = []
+        self._digests: list[B3Digest | None] = []  # set by the store stage, each in its slot
         self._stop = threading.Event()  # set on abort or failure: every stage leaves
         self._failure: BaseException | None = None
         self._published: B3Digest | None = None
@@ -457,7 +468,9 @@ class _ObjectStoreBlobWriter(BlobWriter):
     def _index(self) -> tuple[B3Digest, bytes]:
         """The blob's digest and index, once every chunk is stored."""
         digest = B3Digest(self._hasher.digest())
-        chunks = [ChunkMeta(d, n) for d, n in zip(self._digests, self._sizes, strict=True)]
+        chunks = [ChunkMeta(d, n) for d, n in zip(self._digests, self._sizes, strict=True) if d is not None]
+        if len(chunks) != len(self._sizes):  # every store job ran (close waits for them)
+            raise AssertionError("a chunk of the blob was never hashed")
         return digest, _encode_index(chunks if len(chunks) >= 2 else [])
 
     def _publish_sync(self) -> None:
@@ -523,7 +536,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
             if await access.exists(key):
                 uploaded = False
             else:
-                compressed = await asyncio.wrap_future(worker_pool().submit(zstd_compress, chunk))
+                compressed = await asyncio.wrap_future(worker_pool().submit(zstd_compress_chunk, chunk))
                 uploaded = await access.put_new(key, compressed)
             self._count(uploaded)
 
@@ -558,9 +571,9 @@ class _ObjectStoreBlobWriter(BlobWriter):
         with self._lock:
             buffer.refs -= 1
             if buffer.refs == 0:
-                self._buffers_used -= 1
-                if len(buffer.data) == self._capacity:
-                    self._free.append(buffer.data)
+                self._charged -= buffer.cost
+                if buffer.data is not None and len(buffer.data) in self._free:
+                    self._free[len(buffer.data)].append(buffer.data)
                 self._lock.notify_all()
 
     # -- the cutter ------------------------------------------------------------------------------
@@ -598,74 +611,135 @@ class _ObjectStoreBlobWriter(BlobWriter):
         except BaseException as e:
             self._fail(e)
 
-    def _take_buffer(self, size: int, final: bool) -> _Buffer:
+    def _take_buffer(self, size: int, capacity: int, piece: memoryview | None = None) -> _Buffer:
+        """A region's holder once its bytes fit the budget (one region always fits): for
+        ``piece`` cut in place, or with a cut buffer of ``size`` bytes, of ``capacity`` bytes
+        when that is not 0 (a join's or a segment's: recycled), else of just ``size``."""
+        cost = len(piece) if piece is not None else capacity or size
         with self._lock:
-            while self._buffers_used >= _BUFFERS and not self._stop.is_set():
+            full = self._charged and self._charged + cost > self._budget
+        if full:
+            self._flush()  # the regions it waits for may be among those not yet handed on
+        with self._lock:
+            while self._charged and self._charged + cost > self._budget and not self._stop.is_set():
                 self._lock.wait()
             if self._stop.is_set():
                 raise _Stopped
-            self._buffers_used += 1
-            if self._free:
-                return _Buffer(self._free.pop())
-        return _Buffer(bytearray(size if final else self._capacity))
+            self._charged += cost
+            if piece is not None:
+                return _Buffer(None, cost)
+            free = self._free.get(capacity)
+            if free:
+                return _Buffer(free.pop(), cost)
+        return _Buffer(bytearray(cost), cost)
 
     def _cut(self, pieces: list[memoryview], final: bool, inline: bool) -> None:
+        """Cut a message's pieces into regions, each cut at once (see :meth:`_cut_region`)."""
         if self._stop.is_set():
             raise _Stopped
-        tail, tail_buffer = self._tail, self._tail_buffer
-        self._tail = self._tail_buffer = None
-        buffer: _Buffer | None = None
-        if tail is None and len(pieces) == 1:
-            segment = pieces[0]  # cut the written bytes in place
-        else:
-            parts = [tail, *pieces] if tail is not None else pieces
-            buffer = self._take_buffer(sum(map(len, parts)), final)
-            data = buffer.data
-            pos = 0
-            for part in parts:
-                data[pos : pos + len(part)] = part
-                pos += len(part)
-            segment = memoryview(data)[:pos]
-            self._release(tail_buffer)
         if not inline:
             self._to_loop(self._room.release)
         if self._chunker is None:
             self._chunker = _new_chunker(self._svc.avg_chunk_size)
-        # Each chunk is hashed (alone and as part of the blob) right after the chunker read
-        # it, while it is in the core's cache, as a one-thread cut-hash-compress loop would.
-        chunks: list[_Chunk] = []
+        todo = collections.deque(piece for piece in pieces if piece)
+        while todo or (final and self._tail is not None):
+            self._cut_region(todo, final, inline)
+        self._flush()
+
+    def _cut_region(self, todo: "collections.deque[memoryview]", final: bool, inline: bool) -> None:
+        """Cut one region: the next piece in place when it is longer than a maximum chunk and
+        no uncut tail precedes it (the written ``bytes`` are immutable: no copy); otherwise a
+        copy in a cut buffer. A tail that precedes a long piece is joined with just enough of
+        it (a maximum chunk) to end the tail's chunk, and the cut goes on in the piece itself,
+        so a writer of 1 MiB blocks has about half of its bytes copied instead of all."""
+        max_size = 2 * self._svc.avg_chunk_size
+        tail, tail_buffer = self._tail, self._tail_buffer
+        self._tail = self._tail_buffer = None
+        joined = -1  # bytes of the tail in a join region (-1: not a join)
+        piece: memoryview | None = None
+        if tail is None and (len(todo[0]) > max_size or (final and len(todo) == 1)):
+            region = todo.popleft()
+            buffer = self._take_buffer(0, 0, region)
+        else:
+            parts = [tail] if tail is not None else []
+            if tail is not None and todo and len(todo[0]) > max_size:
+                piece = todo.popleft()
+                joined = len(tail)
+                parts.append(piece[: max(max_size + 1 - joined, 1)])  # the join's first chunk is final
+            else:
+                total = len(tail) if tail is not None else 0
+                while todo and len(todo[0]) <= max_size and total + len(todo[0]) <= self._capacity:
+                    total += len(todo[0])
+                    parts.append(todo.popleft())
+            size = sum(map(len, parts))
+            capacity = self._join if piece is not None else 0 if final and not todo else self._capacity
+            buffer = self._take_buffer(size, capacity)
+            assert buffer.data is not None
+            data = memoryview(buffer.data)  # a view's slice assignment copies once (a
+            pos = 0  # bytearray's would first copy a non-bytearray value into a new one)
+            for part in parts:
+                data[pos : pos + len(part)] = part
+                pos += len(part)
+            region = data[:pos]
+            self._release(tail_buffer)
+        last = final and not todo and (piece is None or len(piece) <= len(region) - joined)
+        chunks: list[_Cut] = []
         consumed = 0
         held: tuple[int, int] | None = None  # the last cut: final only if another follows
-        for cut in self._chunker.cut_buf(segment):
+        assert self._chunker is not None
+        for cut in self._chunker.cut_buf(region):
             if held is not None:
-                consumed = self._hash_chunk(segment, held, chunks)
+                consumed = self._add_chunk(region, held, chunks)
+                if 0 <= joined <= consumed:
+                    break  # the tail's chunk is cut: the rest is cut in the piece itself
             held = (cut.offset, cut.length)
-        if held is not None and final:
-            consumed = self._hash_chunk(segment, held, chunks)
-        if inline:
-            self._hasher.update(segment[:consumed])
-        elif consumed:
-            self._hash_later(segment[:consumed], buffer)
-        if not final and consumed < len(segment):
-            self._tail = segment[consumed:]
-            self._tail_buffer = buffer
-            if buffer is not None:
+        else:
+            if held is not None and last:
+                consumed = self._add_chunk(region, held, chunks)
+        if piece is not None:
+            rest = piece[consumed - joined :] if consumed >= joined else piece[len(region) - joined :]
+            if rest:
+                todo.appendleft(rest)
+            if consumed < joined:  # the join ended no chunk past the tail (rare): a new tail
+                self._keep_tail(region[consumed:], buffer)
+        elif not last and consumed < len(region):
+            self._keep_tail(region[consumed:], buffer)
+        if inline:  # one job does it all, in order
+            self._hasher.update(region[:consumed])
+            if chunks:
                 with self._lock:
                     buffer.refs += 1
-        if chunks:
-            if buffer is not None:
-                with self._lock:
+                self._store_job([(chunks, buffer)])
+        else:  # handed on by message (:meth:`_flush`): fewer jobs, locks and wake-ups
+            with self._lock:
+                if consumed:
                     buffer.refs += 1
-            self._store(chunks, buffer, inline)
+                    self._batch_hash.append((region[:consumed], buffer))
+                if chunks:
+                    buffer.refs += 1
+                    self._batch.append((chunks, buffer))
         self._release(buffer)  # the cut's reference
 
-    def _hash_later(self, view: memoryview, buffer: _Buffer | None) -> None:
-        """Feed ``view`` to the blob's hash beside the cutter, in order: one job at a time
-        takes every segment queued (the cutter's own work stays short)."""
+    def _keep_tail(self, view: memoryview, buffer: _Buffer) -> None:
+        self._tail, self._tail_buffer = view, buffer
         with self._lock:
-            if buffer is not None:
-                buffer.refs += 1
-            self._to_hash.append((view, buffer))
+            buffer.refs += 1
+
+    def _flush(self) -> None:
+        """Hand the regions cut so far on: their bytes to the blob's hash, their chunks to one
+        store job."""
+        views, groups = self._batch_hash, self._batch
+        self._batch_hash, self._batch = [], []
+        if views:
+            self._hash_later(views)
+        if groups:
+            self._store(groups)
+
+    def _hash_later(self, views: list[tuple[memoryview, _Buffer]]) -> None:
+        """Feed ``views`` (their holders' references taken) to the blob's hash beside the
+        cutter, in order: one job at a time takes every view queued."""
+        with self._lock:
+            self._to_hash.extend(views)
             if self._hashing:
                 return
             self._hashing = True
@@ -687,38 +761,41 @@ class _ObjectStoreBlobWriter(BlobWriter):
             finally:
                 self._release(buffer)
 
-    def _hash_chunk(self, segment: memoryview, cut: tuple[int, int], chunks: list[_Chunk]) -> int:
-        """Hash one chunk (its digest); the end of the chunk."""
+    def _add_chunk(self, segment: memoryview, cut: tuple[int, int], chunks: list[_Cut]) -> int:
+        """Give one chunk its slot in the blob's chunk list; the end of the chunk."""
         offset, length = cut
-        view = segment[offset : offset + length]
-        digest = blake3_digest(view)
-        self._digests.append(digest)
-        chunks.append((digest, view))
+        chunks.append((len(self._sizes), segment[offset : offset + length]))
         self._sizes.append(length)
+        self._digests.append(None)
         return offset + length
 
-    def _store(self, chunks: list[_Chunk], buffer: _Buffer | None, inline: bool) -> None:
-        if not self._in_process:
-            self._to_loop(self._start_uploads, chunks, buffer)
-        elif inline:
-            self._store_job(chunks, buffer)
-        else:
-            with self._lock:
-                while self._store_jobs >= self._max_in_flight and not self._stop.is_set():
-                    self._lock.wait()
-                if self._stop.is_set():
+    def _hash_chunk(self, index: int, view: memoryview) -> B3Digest:
+        digest = self._digests[index] = blake3_digest(view)
+        return digest
+
+    def _store(self, groups: list[_Group]) -> None:
+        if not self._in_process:  # remote: hashed here, uploaded by tasks on the event loop
+            for chunks, buffer in groups:
+                hashed = [(self._hash_chunk(i, view), view) for i, view in chunks]
+                self._to_loop(self._start_uploads, hashed, buffer)
+            return
+        with self._lock:
+            while self._store_jobs >= self._max_in_flight and not self._stop.is_set():
+                self._lock.wait()
+            if self._stop.is_set():
+                for _chunks, buffer in groups:
                     self._release_locked(buffer)
-                    raise _Stopped
-                job = worker_pool().submit(self._store_job, chunks, buffer)
-                self._jobs.add(job)
-                self._store_jobs += 1
-            job.add_done_callback(self._store_job_done)
+                raise _Stopped
+            job = worker_pool().submit(self._store_job, groups)
+            self._jobs.add(job)
+            self._store_jobs += 1
+        job.add_done_callback(self._store_job_done)
 
     def _release_locked(self, buffer: _Buffer | None) -> None:
         if buffer is not None:
             buffer.refs -= 1
             if buffer.refs == 0:
-                self._buffers_used -= 1
+                self._charged -= buffer.cost
                 self._lock.notify_all()
 
     def _job_done(self, job: concurrent.futures.Future[None]) -> None:
@@ -733,20 +810,25 @@ class _ObjectStoreBlobWriter(BlobWriter):
 
     # -- store jobs (worker threads) -----------------------------------------------------------
 
-    def _store_job(self, chunks: list[_Chunk], buffer: _Buffer | None) -> None:
-        """Check, compress and put chunks with blocking requests."""
+    def _store_job(self, groups: list[_Group]) -> None:
+        """Hash, check, compress and put chunks with blocking requests."""
         access = self._svc.access
+        done = 0
         try:
-            for digest, chunk in chunks:
-                if self._stop.is_set():
-                    return
-                key = _chunk_key(digest)
-                uploaded = not access.exists_sync(key) and access.put_new_sync(key, zstd_compress(chunk))
-                self._count(uploaded)
+            for chunks, buffer in groups:
+                for index, chunk in chunks:
+                    if self._stop.is_set():
+                        return
+                    key = _chunk_key(self._hash_chunk(index, chunk))
+                    uploaded = not access.exists_sync(key) and access.put_new_sync(key, zstd_compress_chunk(chunk))
+                    self._count(uploaded)
+                done += 1
+                self._release(buffer)
         except BaseException as e:
             self._fail(e)
         finally:
-            self._release(buffer)
+            for _chunks, buffer in groups[done:]:
+                self._release(buffer)
 
 
 @attrs.frozen(kw_only=True)

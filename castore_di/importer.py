@@ -922,7 +922,7 @@ async def ingest_path(
     skip_special: bool = False,
     warn: Callable[[str], None] | None = None,
     cache: ImportCache | None = None,
-    workers: Workers = "auto",
+    workers: Workers = "threads",
 ) -> tuple[bytes, Node]:
     """Import ``path`` and return its name (the basename, as bytes) and its root node.
 
@@ -943,10 +943,12 @@ async def ingest_path(
             the blob service confirms it has, are not read; an unchanged tree whose
             root directory the directory service has is not rebuilt. Recorded again
             after a successful import.
-        workers: who reads small files: ``"threads"`` of this process, ``"processes"``
-            (worker processes, :mod:`castore_di._importworker`, when the blob service
-            offers a :meth:`~castore_di.blobservice.base.BlobService.preparer`; else
-            threads), or ``"auto"`` (the default): processes for a large first import
+        workers: who reads small files: ``"threads"`` of this process (the default: a
+            library starts no processes unless asked), ``"processes"`` (worker processes,
+            :mod:`castore_di._importworker`, fresh ``sys.executable -I`` interpreters,
+            when the blob service offers a
+            :meth:`~castore_di.blobservice.base.BlobService.preparer`; else threads), or
+            ``"auto"`` (the ``castore`` command's default): processes for a large first import
             (``PROCESS_MIN_FILES`` small files or ``PROCESS_MIN_BYTES``; with a ``cache``,
             none for a root it knows) on a machine with at least
             ``AUTO_PROCESSES_MIN_CPUS`` CPUs, else threads.

@@ -371,9 +371,35 @@ async def test_auto_starts_workers_during_the_walk_of_a_large_first_import(
             pass
 
     cache = ImportCache(directory=str(tmp_path / "cache"), racy_ns=0)
-    _n, first = await ingest_path(stores.blob, stores.dirs, tmp_path / "src", progress=AtStart(), cache=cache)
+    _n, first = await ingest_path(stores.blob, stores.dirs, tmp_path / "src", progress=AtStart(), cache=cache,
+                                  workers="auto")
     (tmp_path / "src" / "d0" / "new").write_bytes(b"new")
-    _n, second = await ingest_path(stores.blob, stores.dirs, tmp_path / "src", progress=AtStart(), cache=cache)
+    _n, second = await ingest_path(stores.blob, stores.dirs, tmp_path / "src", progress=AtStart(), cache=cache,
+                                   workers="auto")
     assert seen[0] and not seen[1]
     assert first != second and _children() <= before
+    await stores.close()
+
+
+async def test_the_library_starts_no_processes_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ingest_path`` without ``workers`` reads in threads even where ``"auto"`` would start
+    processes (the ``castore`` command's default is ``auto``)."""
+    from castore_di import importer
+
+    monkeypatch.setattr(importer, "AUTO_PROCESSES_MIN_CPUS", 1)
+    monkeypatch.setattr(importer, "PROCESS_MIN_FILES", 50)
+    _tree(tmp_path / "src", n=200)
+    stores = _Stores(tmp_path / "store")
+    before = _children()
+    seen: list[set[int]] = []
+
+    class During:
+        def start(self, files: int, nbytes: int) -> None:
+            seen.append(_children() - before)
+
+        def advance(self, nbytes: int) -> None:
+            seen.append(_children() - before)
+
+    await ingest_path(stores.blob, stores.dirs, tmp_path / "src", progress=During())
+    assert seen and not any(seen)
     await stores.close()

@@ -291,7 +291,7 @@ def _digest_of_key(area: str, key: str) -> B3Digest | None:
 
 
 _SEGMENT = 1024 * 1024  # data cut at once, at least (and at least 8 average chunks)
-_BUFFERS = 4  # a writer's regions in flight take at most this many cut buffers' worth of bytes
+_BUFFERS = 3  # a writer's regions in flight take at most this many cut buffers' worth of bytes
 _CUTTER_POLL = 5.0  # seconds between the cutter's checks that its writer still exists
 _QUEUED = 2  # segments handed to the cutter and not yet copied out of the caller's bytes
 
@@ -363,7 +363,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
 
     Every byte is hashed once as part of the blob and once as part of its chunk. Memory is
     bounded: the regions in flight hold at most ``_BUFFERS`` cut buffers' worth of bytes (a
-    buffer is one segment plus one maximum chunk: 4 × 2.5 MiB at the default 256 KiB; a
+    buffer is one segment plus one maximum chunk: 3 × 2.5 MiB at the default 256 KiB; a
     join's buffer is one maximum chunk, a piece cut in place counts its length), plus
     ``_QUEUED + 1`` segments of written data and the compressed chunks in flight. A failed
     store job stops the pipeline: ``close`` raises :class:`StorageError` and writes no

@@ -45,6 +45,7 @@ __all__ = [
     "run",
     "main",
     "read_message",
+    "MAX_MESSAGE",
     "write_message",
 ]
 
@@ -218,15 +219,25 @@ def run(
 
 
 _LENGTH: Final = struct.Struct("<Q")
+# Far above any message: a job names files; an answer holds one batch (a few MiB) or one
+# whole file (at most the importer's ``WHOLE_IN_WORKER``, 64 MiB), encoded.
+MAX_MESSAGE: Final = 256 << 20
 
 
-def read_message(f: io.FileIO) -> bytearray | None:
-    """One message from a pipe (``None`` at its end, also inside a message)."""
+def read_message(f: io.FileIO, limit: int = MAX_MESSAGE) -> bytearray | None:
+    """One message from a pipe (``None`` at its end, also inside a message).
+
+    Raises:
+        StorageError: the message announces more than ``limit`` bytes (nothing is allocated).
+    """
     header = bytearray(_LENGTH.size)
     body: bytearray | None = None
     for buf in (header, None):
         if buf is None:
-            body = buf = bytearray(_LENGTH.unpack(header)[0])
+            (length,) = _LENGTH.unpack(header)
+            if length > limit:
+                raise StorageError(f"an import worker message of {length} bytes exceeds {limit}")
+            body = buf = bytearray(length)
         view = memoryview(buf)
         done = 0
         while done < len(buf):

@@ -128,3 +128,20 @@ def test_the_command_reuses_the_parse_and_words_errors_as_before(tmp_path: pathl
     proc = subprocess.run([sys.executable, "-m", "castore_di.cli", "--config", str(config), "ls",
                            "b3:" + "A" * 43 + "="], capture_output=True, env=env, timeout=120)
     assert proc.returncode == 1 and b"not found" in proc.stderr
+
+
+def test_a_cache_file_far_larger_than_its_text_is_not_read() -> None:
+    """What is read from the cache is bounded by the text's size (tiny list items give the
+    largest marshal/text ratio, and stay within it); a larger file is not read."""
+    import marshal
+
+    parse = _Counting()
+    text = "x: [" + ", ".join(["1"] * 2000) + "]\n"
+    cached_parse(text, parse)
+    assert cached_parse(text, parse) == _yaml_load(text) and parse.calls == 1  # within the bound
+    [name] = _files()
+    path = os.path.join(cache_dir(), name)
+    raw = pathlib.Path(path).read_bytes()
+    key, _data = marshal.loads(raw[len(parsecache._MAGIC) + parsecache._SUM_LEN:])
+    assert parsecache._load(path, key, len(raw)) is not None
+    assert parsecache._load(path, key, len(raw) - 1) is None

@@ -87,7 +87,9 @@ def cached_parse(text: str, parse: Callable[[str], Any]) -> Any:
         return parse(text)
     key = blake3.blake3(_FORMAT + b"\0" + identity + b"\0" + text.encode("utf-8", "surrogatepass")).digest()
     path = os.path.join(cache_dir(), key.hex()[:40])
-    found = _load(path, key)
+    # A plain document's marshal form is a few times its text (a 2-byte list item takes 5): a
+    # cache file far larger than that is not read.
+    found = _load(path, key, 16 * len(text) + 4096)
     if found is not None:
         return found[0]
     data = parse(text)
@@ -96,11 +98,13 @@ def cached_parse(text: str, parse: Callable[[str], Any]) -> Any:
     return data
 
 
-def _load(path: str, key: bytes) -> tuple[Any] | None:
+def _load(path: str, key: bytes, limit: int) -> tuple[Any] | None:
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(limit + 1)
     except OSError:
+        return None
+    if len(raw) > limit:
         return None
     head = len(_MAGIC) + _SUM_LEN
     if raw[: len(_MAGIC)] != _MAGIC or blake3.blake3(raw[head:]).digest() != raw[len(_MAGIC) : head]:

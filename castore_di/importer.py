@@ -507,8 +507,15 @@ class _Workers:
     """Worker processes that read, hash and encode batches of files
     (:func:`castore_di._importworker.run`); started per import, stopped at its end."""
 
-    def __init__(self, root: str, dev: int, ino: int, preparer: Any, processes: int = WORKER_PROCESSES) -> None:
-        loop = asyncio.get_running_loop()
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        root: str,
+        dev: int,
+        ino: int,
+        preparer: Any,
+        processes: int = WORKER_PROCESSES,
+    ) -> None:
         self._workers: list[_Worker] = []
         try:
             for _ in range(processes):
@@ -544,6 +551,8 @@ class _Pool:
         )
         self._preparer = blob.preparer() if usable else None
         self._args = (root, dev, ino)
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()  # start and close: one at a time, close last
         self.workers: _Workers | None = None
         self._closed = False
         # The import cache knows this root: most files are likely present (a re-import,
@@ -552,27 +561,35 @@ class _Pool:
         self.imported_before = False
 
     def start(self) -> None:
-        """Start the processes (on the event loop's thread) unless done or unusable."""
-        if self.workers is None and self._preparer is not None and not self._closed:
-            try:
-                self.workers = _Workers(*self._args, self._preparer)
-            except OSError:  # no processes to be had (a process limit): threads do it all
-                self._preparer = None
+        """Start the processes unless done or unusable; blocks on ``fork``/``exec`` (the walk's
+        thread or a worker thread calls it, never the event loop; not two at once)."""
+        with self._lock:
+            if self.workers is None and self._preparer is not None and not self._closed:
+                try:
+                    self.workers = _Workers(self._loop, *self._args, self._preparer)
+                except OSError:  # no processes to be had (a process limit): threads do it all
+                    self._preparer = None
 
-    def for_files(self, files: int, nbytes: int) -> _Workers | None:
-        """The processes for reading ``files`` small files (started now if they pay)."""
-        if self.mode == "processes" or (
+    async def for_files(self, files: int, nbytes: int) -> _Workers | None:
+        """The processes for reading ``files`` small files (started now, in a thread, if they pay)."""
+        if self.workers is None and (self.mode == "processes" or (
             not self.imported_before and (files >= PROCESS_MIN_FILES or nbytes >= PROCESS_MIN_BYTES)
-        ):
-            self.start()
+        )):
+            await asyncio.to_thread(self.start)
         return self.workers
 
     async def aclose(self) -> None:
-        """Stop the processes, if any (waits for them, also when cancelled meanwhile)."""
-        self._closed = True
-        workers, self.workers = self.workers, None
-        if workers is not None:
-            await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, workers.shutdown))
+        """Stop the processes, if any (waits for them, also when cancelled meanwhile, and
+        for a start still under way in another thread: none begins after this)."""
+
+        def close() -> None:
+            with self._lock:
+                self._closed = True
+                workers, self.workers = self.workers, None
+            if workers is not None:
+                workers.shutdown()
+
+        await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, close))
 
 
 class _Importer:
@@ -1055,18 +1072,15 @@ async def _ingest(
             raise StorageError(f"{root} was replaced while it was imported")
         return fd
 
-    loop = asyncio.get_running_loop()
     pool = _Pool(blob, workers, root, st.st_dev, st.st_ino)
 
     def walk() -> tuple[bytes, CacheState | None]:
         # Worker processes start during the walk, for a first import only (see _Pool).
         state = cache.load(root, warn) if cache is not None else None
 
-        def on_big() -> None:
-            loop.call_soon_threadsafe(pool.start)
-
         pool.imported_before = cache is not None and os.path.exists(cache.path_for(root))
-        _walk(tree, open_root(), matcher, skip_special, warn, warnings, None if pool.imported_before else on_big)
+        # Started from this thread: creating processes (fork, exec) stays off the event loop.
+        _walk(tree, open_root(), matcher, skip_special, warn, warnings, None if pool.imported_before else pool.start)
         if cache is None or tree.sig is None:
             return b"", None
         # The walk's fingerprint; none when a file was too recent to be keyed.
@@ -1149,7 +1163,7 @@ async def _import_files(
         workers = None
         if pool is not None:
             small = [files[i].size for i in rest if files[i].size <= SMALL_FILE]
-            workers = pool.for_files(len(small), sum(small))
+            workers = await pool.for_files(len(small), sum(small))
         read = await _Importer(blob, tree, fds, concurrency, stats, progress, workers).run(
             None if len(rest) == len(files) else rest
         )

@@ -403,3 +403,53 @@ async def test_the_library_starts_no_processes_unless_asked(tmp_path: Path, monk
     await ingest_path(stores.blob, stores.dirs, tmp_path / "src", progress=During())
     assert seen and not any(seen)
     await stores.close()
+
+
+def test_a_worker_message_is_bounded_before_it_is_read(tmp_path: Path) -> None:
+    """A message header announcing more than the limit is refused before any allocation;
+    the limit is far above the largest answer (one whole file in a worker)."""
+    import io
+    import os
+    import struct
+
+    from castore_di import _importworker, importer
+    from castore_di.errors import StorageError
+
+    assert 2 * importer.WHOLE_IN_WORKER <= _importworker.MAX_MESSAGE
+    r, w = os.pipe()
+    _importworker.write_message(w, b"x" * 1000)
+    os.write(w, struct.pack("<Q", 1 << 60))
+    os.close(w)
+    with io.FileIO(r, "rb", closefd=True) as f:
+        assert _importworker.read_message(f, limit=1000) == b"x" * 1000
+        with pytest.raises(StorageError, match="exceeds 1000"):
+            _importworker.read_message(f, limit=1000)
+
+
+@pytest.mark.parametrize("workers", ["auto", "processes"])
+async def test_worker_processes_are_created_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: str
+) -> None:
+    """fork/exec blocks: the walk's thread (``auto``, during the walk) or a worker thread
+    (``processes``, after it) creates the processes, never the event loop's thread."""
+    import threading
+
+    from castore_di import importer
+
+    monkeypatch.setattr(importer, "AUTO_PROCESSES_MIN_CPUS", 1)
+    monkeypatch.setattr(importer, "PROCESS_MIN_FILES", 50)
+    where: list[threading.Thread] = []
+    real = importer._Worker.__init__
+
+    def spy(self: Any, *args: Any) -> None:
+        where.append(threading.current_thread())
+        real(self, *args)
+
+    monkeypatch.setattr(importer._Worker, "__init__", spy)
+    _tree(tmp_path / "src", n=200)
+    stores = _Stores(tmp_path / "store")
+    before = _children()
+    await ingest_path(stores.blob, stores.dirs, tmp_path / "src", workers=workers)  # type: ignore[arg-type]
+    assert where and threading.current_thread() not in where
+    assert _children() <= before
+    await stores.close()

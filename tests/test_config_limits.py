@@ -324,3 +324,19 @@ def test_hostile_documents_only_ever_get_config_errors() -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["examples"] >= 150 and summary["config_errors"] > 0
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json", ".toml"])
+def test_a_config_file_over_the_size_limit_is_refused_before_parsing(tmp_path: pathlib.Path, suffix: str) -> None:
+    """Hundreds of megabytes of YAML (a long string written out under each of a few aliases'
+    parents) would take PyYAML minutes and gigabytes: the file is refused by its size."""
+    from castore_di.composition.loader import MAX_CONFIG_BYTES, read_config
+
+    path = tmp_path / f"c{suffix}"
+    empty = "{}" if suffix == ".json" else ""  # an empty config, padded with blanks
+    path.write_text(empty + " " * MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ConfigError, match=f"larger than {MAX_CONFIG_BYTES} bytes") as info:
+        read_config(path)
+    assert str(path) in str(info.value)
+    path.write_text(empty + " " * (MAX_CONFIG_BYTES - 100) + "\n")  # just under: parsed as usual
+    assert read_config(path) == {}

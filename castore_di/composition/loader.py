@@ -9,7 +9,9 @@ config), keys are strings, nesting is at most :data:`MAX_DEPTH` levels, no value
 itself, and values shared through YAML aliases (or shared objects in a mapping given from
 Python) stand for at most :data:`MAX_ALIAS_EXPANSION` more units than the document holds
 (a unit: one node, or 64 characters of a string). A YAML document may use at most
-:data:`MAX_ALIASES` aliases. So a "billion laughs" file is refused in microseconds.
+:data:`MAX_ALIASES` aliases. So a "billion laughs" file is refused in microseconds. A
+config file larger than :data:`MAX_CONFIG_BYTES` is refused before it is parsed (PyYAML
+would take minutes and gigabytes over a file of hundreds of megabytes).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "check_structure",
     "ConfigSource",
     "MAX_DEPTH",
+    "MAX_CONFIG_BYTES",
     "MAX_ALIASES",
     "MAX_ALIAS_EXPANSION",
 ]
@@ -35,6 +38,7 @@ __all__ = [
 ConfigSource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
 MAX_DEPTH = 32
+MAX_CONFIG_BYTES = 1 << 20  # a config file is read (and parsed) only up to this size
 """Deepest nesting of mappings and lists a config may have (the root counts as level 1)."""
 MAX_ALIASES = 10_000
 """Most YAML aliases (``*name``) one document may use."""
@@ -175,9 +179,15 @@ def _yaml_load(text: str) -> Any:
 
 def _parse_file(path: pathlib.Path, cache: bool = False) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read config: {e.strerror or e}", path=str(path)) from e
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"larger than {MAX_CONFIG_BYTES} bytes (a config names services; data goes elsewhere)",
+                          path=str(path))
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 text (byte {e.start})", path=str(path)) from e
     suffix = path.suffix.lower()

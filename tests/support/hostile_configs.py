@@ -17,7 +17,7 @@ from collections import Counter
 from typing import Any
 
 import yaml
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from castore_di import ConfigError, load_graph
@@ -48,6 +48,13 @@ def shared(draw: st.DrawFn) -> Any:
         fan = draw(st.integers(1, 12))
         node = [node] * fan if draw(st.booleans()) else {f"k{i}": node for i in range(fan)}
     return node
+
+
+def _fanned(leaf: Any, fan: int, levels: int) -> list[Any]:
+    node: Any = leaf
+    for _ in range(levels):
+        node = [node] * fan
+    return node  # type: ignore[no-any-return]
 
 
 def deep(depth: int, mapping: bool) -> Any:
@@ -106,19 +113,34 @@ TEXTS = st.one_of(
 
 
 def _expanded(value: Any, memo: dict[int, int]) -> int:
-    """Nodes of ``value`` with shared parts counted each time (what JSON would write)."""
-    if not isinstance(value, (dict, list)) or len(memo) > 100_000:
-        return 1
+    """About the bytes JSON would write for ``value``: shared parts counted each time, long
+    strings by their length (a few strings of megabytes under shared lists of a dozen
+    entries would expand to gigabytes)."""
+    if isinstance(value, (str, bytes)):
+        return len(value) + 2
+    if not isinstance(value, (dict, list)):
+        return 8
+    if len(memo) > 100_000:
+        return _JSON_LIMIT  # too many containers to count: as good as too large
     if id(value) not in memo:
-        memo[id(value)] = 1  # a cycle counts once
-        children = value.values() if isinstance(value, dict) else value
-        memo[id(value)] = 1 + sum(_expanded(v, memo) for v in children)
+        memo[id(value)] = 2  # a cycle counts once
+        total = 2
+        for k, v in (value.items() if isinstance(value, dict) else ((None, v) for v in value)):
+            total += _expanded(v, memo) + (len(k) + 4 if isinstance(k, str) else 2)
+            if total >= _JSON_LIMIT:
+                break
+        memo[id(value)] = total
     return memo[id(value)]
+
+
+# Larger JSON is refused by its size alone (MAX_CONFIG_BYTES), and dumping it could exhaust the
+# child's 2 GiB: such a document is tried as a mapping and as YAML (which writes aliases).
+_JSON_LIMIT = 8 << 20
 
 
 def _dump(doc: Any, fmt: str) -> str | None:
     try:
-        if fmt == ".json" and _expanded(doc, {}) > 100_000:
+        if fmt == ".json" and _expanded(doc, {}) >= _JSON_LIMIT:
             return None  # JSON has no aliases: such a document is only tried as a mapping and as YAML
         if fmt == ".yaml":
             return yaml.safe_dump(doc)
@@ -151,6 +173,9 @@ def _load(source: Any) -> None:
 @settings(max_examples=150, deadline=datetime.timedelta(seconds=60), database=None,
           suppress_health_check=list(HealthCheck), phases=PHASES)
 @given(st.composite(lambda draw: Boxed(draw(documents())))(), st.sampled_from(["mapping", ".yaml", ".json"]))
+# A long string under shared lists: few containers, but gigabytes as JSON (it once exhausted
+# this child's memory in json.dumps, before the loader saw anything).
+@example(Boxed({"blobservices": {"a": _fanned("x" * 100_000, 5, 7)}}), ".json")
 def hostile_structures(boxed: Boxed, fmt: str) -> None:
     doc = boxed.value
     text = None if fmt == "mapping" else _dump(doc, fmt)

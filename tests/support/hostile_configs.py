@@ -119,23 +119,43 @@ def _expanded(value: Any, memo: dict[int, int]) -> int:
     if isinstance(value, (str, bytes)):
         return len(value) + 2
     if not isinstance(value, (dict, list)):
-        return 8
+        return 24  # a number (a float's repr is about this long), a date, ...
     if len(memo) > 100_000:
         return _JSON_LIMIT  # too many containers to count: as good as too large
     if id(value) not in memo:
         memo[id(value)] = 2  # a cycle counts once
         total = 2
         for k, v in (value.items() if isinstance(value, dict) else ((None, v) for v in value)):
-            total += _expanded(v, memo) + (len(k) + 4 if isinstance(k, str) else 2)
+            total += _expanded(v, memo) + (len(k) + 4 if isinstance(k, str) else 24)
             if total >= _JSON_LIMIT:
                 break
         memo[id(value)] = total
     return memo[id(value)]
 
 
-# Larger JSON is refused by its size alone (MAX_CONFIG_BYTES), and dumping it could exhaust the
-# child's 2 GiB: such a document is tried as a mapping and as YAML (which writes aliases).
-_JSON_LIMIT = 8 << 20
+def _written_once(value: Any, seen: set[int]) -> int:
+    """About the bytes YAML would write for ``value``: a shared list or mapping once (an
+    alias after that), every string where it appears."""
+    if isinstance(value, (str, bytes)):
+        return len(value) + 2
+    if not isinstance(value, (dict, list)) or id(value) in seen:
+        return 24
+    seen.add(id(value))
+    total = 2
+    for k, v in (value.items() if isinstance(value, dict) else ((None, v) for v in value)):
+        total += _written_once(v, seen) + (len(k) + 4 if isinstance(k, str) else 24)
+        if total >= _TEXT_LIMIT:
+            break
+    return total
+
+
+# A larger text is refused by its size alone (MAX_CONFIG_BYTES, tested on its own), while
+# writing it costs the harness: JSON could exhaust the child's 2 GiB, and PyYAML's Python
+# emitter takes about a second per MB (a few strings of 9 MB once took the run past its
+# 120 s of CPU). Such a document is tried as a mapping only.
+_TEXT_LIMIT = 2 << 20
+_JSON_LIMIT = _TEXT_LIMIT
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def _dump(doc: Any, fmt: str) -> str | None:
@@ -143,7 +163,9 @@ def _dump(doc: Any, fmt: str) -> str | None:
         if fmt == ".json" and _expanded(doc, {}) >= _JSON_LIMIT:
             return None  # JSON has no aliases: such a document is only tried as a mapping and as YAML
         if fmt == ".yaml":
-            return yaml.safe_dump(doc)
+            if _written_once(doc, set()) >= _TEXT_LIMIT:
+                return None
+            return yaml.dump(doc, Dumper=_YAML_DUMPER)
         if fmt == ".json":
             return json.dumps(doc)
     except (TypeError, ValueError, yaml.YAMLError, RecursionError):
@@ -176,6 +198,8 @@ def _load(source: Any) -> None:
 # A long string under shared lists: few containers, but gigabytes as JSON (it once exhausted
 # this child's memory in json.dumps, before the loader saw anything).
 @example(Boxed({"blobservices": {"a": _fanned("x" * 100_000, 5, 7)}}), ".json")
+# Strings of 9 MB, each written out: over 100 s in PyYAML's Python emitter.
+@example(Boxed({"blobservices": {"a": ["memory://" * 1_000_000] * 4}}), ".yaml")
 def hostile_structures(boxed: Boxed, fmt: str) -> None:
     doc = boxed.value
     text = None if fmt == "mapping" else _dump(doc, fmt)

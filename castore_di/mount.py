@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -56,37 +57,81 @@ def require_fuse() -> Any:
 def _notify_closing(fd: int) -> None:
     import pyfuse3.asyncio as compat
 
+    _forget(fd)
     for future in compat._read_futures.get(fd, ()):
         if not future.done():
             future.set_exception(compat.ClosedResourceError())
 
 
+# Descriptors with a reader registered: their loop, a poll object for checking readiness, and
+# how many readiness events in a row found no task waiting (see _wait_readable).
+_watched: dict[int, tuple[asyncio.AbstractEventLoop, "select.poll", list[int]]] = {}
+_IDLE_EVENTS = 2
+
+
+def _readable(fd: int) -> None:
+    import pyfuse3.asyncio as compat
+
+    _loop, poll, idle = _watched[fd]
+    waiting = [f for f in compat._read_futures.get(fd, ()) if not f.done()]
+    if waiting:
+        # An event selected before a task read the request may run after that task began
+        # waiting again: wake it only if a request is there now, or its blocking read would
+        # stop the loop (and with it the reply the kernel waits for).
+        if poll.poll(0):
+            waiting[0].set_result(None)
+            idle[0] = 0
+        return
+    # Nobody waits: the woken task has not read its request yet, or every task is busy. The
+    # reader stays for an event or two, then goes (level-triggered readiness would otherwise
+    # wake the loop for nothing until a task reads).
+    idle[0] += 1
+    if idle[0] > _IDLE_EVENTS:
+        _forget(fd)
+
+
 async def _wait_readable(fd: int) -> None:
-    """pyfuse3.asyncio's ``wait_readable`` without its race.
+    """pyfuse3.asyncio's ``wait_readable``, without its race and with fewer system calls.
 
     The stock version removes the reader in a done-callback, which runs a loop iteration
     later: a second readiness event in between calls ``set_result`` twice and logs
-    ``InvalidStateError`` (``notify_closing`` has the same race). Here the callbacks ignore
-    a finished future and the reader is removed as soon as the wait ends.
+    ``InvalidStateError`` (``notify_closing`` has the same race). It also adds and removes
+    the reader around every request: two ``epoll_ctl`` calls per FUSE request. Here the
+    reader wakes a waiting task when a request is there (finished futures are ignored) and
+    stays registered while requests keep coming; it goes after a few readiness events that
+    find no task waiting (:func:`_readable`), when pyfuse3 is told the descriptor closes,
+    and when the mount ends.
     """
     import pyfuse3.asyncio as compat
 
     loop = asyncio.get_running_loop()
     future: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        if not future.done():
-            future.set_result(None)
-
     compat._read_futures[fd].add(future)
     try:
-        loop.add_reader(fd, readable)
+        if fd not in _watched:
+            poll = select.poll()
+            poll.register(fd, select.POLLIN)
+            loop.add_reader(fd, _readable, fd)
+            _watched[fd] = (loop, poll, [0])
         await future
     finally:
-        loop.remove_reader(fd)
         compat._read_futures[fd].discard(future)
         if not compat._read_futures[fd]:
             del compat._read_futures[fd]
+
+
+def _forget(fd: int) -> None:
+    """Stop watching ``fd`` (on its loop's thread)."""
+    entry = _watched.pop(fd, None)
+    if entry is not None and not entry[0].is_closed():
+        entry[0].remove_reader(fd)
+
+
+def _forget_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Stop watching every descriptor ``loop`` watches (before the session closes them)."""
+    for fd, (owner, _poll, _idle) in list(_watched.items()):
+        if owner is loop:
+            _forget(fd)
 
 
 async def mount_tree(
@@ -144,6 +189,7 @@ async def mount_tree(
         for sig in watched:
             loop.remove_signal_handler(sig)
         await ops.close_all()
+        _forget_loop(loop)  # before the session's descriptor closes
         pyfuse3.close(unmount=True)
 
 

@@ -278,3 +278,28 @@ def test_corrupted_chunk_reads_as_eio(big_tree: Any) -> None:
             assert info.value.errno == 5  # EIO
     finally:
         mount.stop()
+
+
+async def test_a_stale_readiness_event_wakes_no_one() -> None:
+    """The session reader stays registered between requests, so an event selected before a
+    task read its request can run after that task waits again: it must not wake the task
+    (whose blocking read would stop the loop) unless a request is there."""
+    compat = pytest.importorskip("pyfuse3.asyncio")
+    from castore_di import mount
+
+    r, w = os.pipe()
+    try:
+        waiter = asyncio.ensure_future(mount._wait_readable(r))
+        await asyncio.sleep(0)  # registered and waiting; the pipe is empty
+        assert r in mount._watched
+        mount._readable(r)  # a stale event
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        os.write(w, b"x")
+        await asyncio.wait_for(waiter, 5)  # a real one wakes it
+        assert not compat._read_futures.get(r)
+    finally:
+        mount._forget(r)
+        os.close(r)
+        os.close(w)
+    assert r not in mount._watched

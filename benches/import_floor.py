@@ -67,7 +67,8 @@ def _init(codec: str, db: str | None) -> None:
     _env = lmdb.open(db, map_size=1 << 36, sync=False, metasync=False) if db else None
 
 
-def _work(paths: list[str]) -> list[tuple[bytes, bytes]] | int:
+def _encode(paths: list[str], compress: Callable[[bytes], bytes] | None) -> list[tuple[bytes, bytes]]:
+    """Each file read whole, hashed, and compressed by the store's rule: ``(digest, value)``."""
     out: list[tuple[bytes, bytes]] = []
     for p in paths:
         fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
@@ -75,13 +76,17 @@ def _work(paths: list[str]) -> list[tuple[bytes, bytes]] | int:
             data = os.read(fd, os.fstat(fd).st_size + 1)
         finally:
             os.close(fd)
-        digest = blake3.blake3(data).digest()
         value = b"\0" + data
-        if _compress is not None and len(data) >= 512:
-            packed = _compress(data)
+        if compress is not None and len(data) >= 512:
+            packed = compress(data)
             if len(packed) <= len(data) - (len(data) >> 3):
                 value = b"\1" + packed
-        out.append((digest, value))
+        out.append((blake3.blake3(data).digest(), value))
+    return out
+
+
+def _work(paths: list[str]) -> list[tuple[bytes, bytes]] | int:
+    out = _encode(paths, _compress)
     if _env is not None:  # direct: commit here, answer with a count
         with _env.begin(write=True) as txn:
             txn.cursor().putmulti(out)
@@ -116,28 +121,14 @@ def floor_import(tree: str, db: str, codec: str, processes: int, direct: bool, t
         local = threading.local()
 
         def work(paths: list[str]) -> list[tuple[bytes, bytes]]:
-            global _compress
             if not hasattr(local, "codec"):
                 local.codec = _codec(codec)
-            out: list[tuple[bytes, bytes]] = []
-            for p in paths:
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    data = os.read(fd, os.fstat(fd).st_size + 1)
-                finally:
-                    os.close(fd)
-                value = b"\0" + data
-                if local.codec is not None and len(data) >= 512:
-                    packed = local.codec(data)
-                    if len(packed) <= len(data) - (len(data) >> 3):
-                        value = b"\1" + packed
-                out.append((blake3.blake3(data).digest(), value))
-            return out
+            return _encode(paths, local.codec)
 
         with concurrent.futures.ThreadPoolExecutor(processes + 1) as ex:
-            for result in ex.map(work, batches):
+            for pairs in ex.map(work, batches):
                 with env.begin(write=True) as txn:
-                    txn.cursor().putmulti(result)
+                    txn.cursor().putmulti(pairs)
         env.sync(True)
         env.close()
         return time.perf_counter() - t0
